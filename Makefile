@@ -1,0 +1,32 @@
+# Two commands a new user needs: `make demo` (the main job end to end) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cctl-installed
+
+.PHONY: install demo test test-all clean
+
+$(STAMP): requirements/cpu.txt setup.cfg
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/cpu.txt
+	$(BIN)/python -m pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/cctl-rec doctor
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Generates the small synthetic two-domain data, trains CCTL on 2 CPU ranks through torchx,
+# prints the result table.
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs data

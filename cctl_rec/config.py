@@ -1,0 +1,312 @@
+"""Typed configuration: frozen dataclasses, a strict YAML loader and ``a.b=value`` overrides.
+
+Unknown keys are refused with their dotted path; every value is type-checked; ranges are checked
+in ``__post_init__``. The resolved config is written into every run directory.
+
+Example::
+
+    cfg = load_config("configs/cctl_tiny.yaml", ["selector.alpha=0.5", "run.steps=200"])
+    cfg.selector.alpha  # 0.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+SelectorMode = Literal["paper", "bernoulli", "influence", "fixed", "oracle", "supervised"]
+ModelName = Literal["cctl", "dnn"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = "data/tiny"
+    """Dataset root written by `cctl-rec datagen` or `cctl-rec convert` (holds manifest.json)."""
+    batch_size: int = 512
+    """Target samples per step and rank."""
+    src_ratio: float = 4.0
+    """Source samples per target sample in a step (source batch = round(batch_size * src_ratio))."""
+    epochs: int = 1
+    """Passes over the target train split. 1 = the paper's one-pass streaming regime, where the
+    in-batch reward (Eq. 5) is unbiased."""
+    max_seq_len: int = 20
+    """Behaviour sequences longer than this are truncated to their most recent items."""
+    eval_batch_size: int = 4096
+    long_seq: Literal["truncate", "fail"] = "truncate"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        _check(self.src_ratio >= 0, f"data.src_ratio must be >= 0, got {self.src_ratio}")
+        _check(self.epochs > 0, f"data.epochs must be > 0, got {self.epochs}")
+        _check(self.max_seq_len > 0, f"data.max_seq_len must be > 0, got {self.max_seq_len}")
+        _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: ModelName = "cctl"
+    """cctl: SCN + IFN + REN. dnn: the target-only single tower (the paper's DNN baseline)."""
+    embedding_dim: int = 8
+    tower: tuple[int, ...] = (256, 128, 32)
+    """Hidden widths of the SCN towers (mixed and pure identical); a 1-wide output layer follows.
+    The paper: (1024, 512, 128) industrial, (256, 128, 32) public."""
+    san_hidden: tuple[int, ...] = (32,)
+    """Hidden widths of each SAN token MLP (Eq. 7)."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """Eq. 3/4 write sums; mean (per domain) keeps the scale independent of the batch size."""
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim > 0, f"model.embedding_dim must be > 0, got {self.embedding_dim}")
+        _check(len(self.tower) > 0, "model.tower must list at least one hidden width, got []")
+        _check(all(h > 0 for h in self.tower), f"model.tower widths must be > 0, got {list(self.tower)}")
+        _check(all(h > 0 for h in self.san_hidden), f"model.san_hidden widths must be > 0, got {list(self.san_hidden)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectorConfig:
+    mode: SelectorMode = "paper"
+    """paper: soft weights p_i, REINFORCE on grad log p_i (Eq. 8-9). bernoulli: a_i ~ Bernoulli(p_i)
+    used as the weight, grad of the action's log-likelihood (DVRL). influence: per-sample
+    first-order influence on the target loss (not in the paper). fixed: every weight 1 (CCTL w/o
+    IFN). oracle: weight 1 on clean, 0 on harmful samples (needs is_harmful; analysis only).
+    supervised: the selector fitted to the is_harmful flag (a plumbing check; analysis only)."""
+    hidden: tuple[int, ...] = (64, 32)
+    alpha: float = 1.0
+    """Scale of the REINFORCE update (Eq. 9); 0 = plain multi-domain training."""
+    gamma: float = 0.8
+    """Discount of the accumulated reward r_accu = sum_j gamma^j r_{k+j}."""
+    update_every: int = 1000
+    """Steps between two selector updates (the paper: 1000)."""
+    lr: float = 1e-3
+    """Learning rate of the selector's own optimizer in influence/supervised modes."""
+    logit_clamp: float = 8.0
+    """|logit| bound of the selector: keeps p in [sigmoid(-c), sigmoid(c)] so REINFORCE cannot
+    diverge when rewards keep one sign."""
+    reward_norm: bool = False
+    """Divide each reward by its running RMS so alpha does not depend on the reward's scale."""
+    ema_baseline: float = 0.0
+    """If > 0, subtract an EMA (this decay) of the reward from each reward (variance reduction)."""
+    causal_credit: bool = False
+    """Credit step t's reward only to earlier steps' choices (the paper's r_accu includes r_k)."""
+    init_bias: float = 0.0
+    """Initial bias of the sigmoid layer (0 -> p = 0.5 at start)."""
+    influence_target: Literal["train_batch", "heldout_batch"] = "heldout_batch"
+    influence_ema: float = 0.0
+    """influence mode: EMA decay of the per-sample influence target across steps (0 = none)."""
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0, f"selector.alpha must be >= 0, got {self.alpha}")
+        _check(0.0 <= self.gamma <= 1.0, f"selector.gamma must be in [0, 1], got {self.gamma}")
+        _check(self.update_every > 0, f"selector.update_every must be > 0, got {self.update_every}")
+        _check(self.lr > 0, f"selector.lr must be > 0, got {self.lr}")
+        _check(self.logit_clamp > 0, f"selector.logit_clamp must be > 0, got {self.logit_clamp}")
+        _check(0.0 <= self.ema_baseline < 1.0, f"selector.ema_baseline must be in [0, 1), got {self.ema_baseline}")
+        _check(0.0 <= self.influence_ema < 1.0, f"selector.influence_ema must be in [0, 1), got {self.influence_ema}")
+        _check(all(h > 0 for h in self.hidden), f"selector.hidden widths must be > 0, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SCNConfig:
+    sync_every: int = 1000
+    """k of §2.3.5: steps between two copies of the mixed network into the pure network."""
+    sync_optimizer_state: bool = True
+    """Copy the optimizer state (dense Adam moments, fused TBE Adagrad state) along with the weights."""
+    reward_source: Literal["train_batch", "heldout_batch"] = "train_batch"
+    """train_batch: Eq. 5 on the step's own target batch (the paper). heldout_batch: on a batch of
+    the target valid split, scored by both towers (unbiased when data is revisited)."""
+
+    def __post_init__(self) -> None:
+        _check(self.sync_every > 0, f"scn.sync_every must be > 0, got {self.sync_every}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RENConfig:
+    enabled: bool = True
+    weight: float = 0.1
+    """lambda_ren: weight of Eq. 12 in the mixed objective."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, f"ren.weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    dense_lr: float = 1e-3
+    """Adam for towers and SAN (the paper's optimizer)."""
+    sparse_lr: float = 0.05
+    sparse_optimizer: Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"] = "exact_rowwise_adagrad"
+    """Fused into fbgemm's TBE. fbgemm's CPU TBE has no Adam: adam is for CUDA only."""
+
+    def __post_init__(self) -> None:
+        _check(self.dense_lr > 0, f"optim.dense_lr must be > 0, got {self.dense_lr}")
+        _check(self.sparse_lr > 0, f"optim.sparse_lr must be > 0, got {self.sparse_lr}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    sharding: Literal["auto", "data_parallel", "table_wise", "column_wise", "table_column_wise",
+                      "row_wise", "table_row_wise"] = "auto"
+    """Restricts the planner to one sharding type (auto: the planner chooses among those the
+    device supports). row_wise / table_row_wise need CUDA."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    seed: int = 0
+    steps: int = 0
+    """Stop after this many steps (0 = when the target train split is exhausted)."""
+    log_every: int = 100
+    eval_every: int = 0
+    """Evaluate on target valid every N steps (0 = only at the end)."""
+    max_eval_rows: int = 0
+    """Evaluate on at most this many rows per split (0 = all)."""
+    threads: int = 0
+    """torch intra-op threads per rank (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
+        _check(self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}")
+        _check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    scn: SCNConfig = field(default_factory=SCNConfig)
+    ren: RENConfig = field(default_factory=RENConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is tuple:
+        if isinstance(value, (list, tuple)):
+            elem = args[0]
+            return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
+        raise TypeError(f"{path} must be a list, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{path} must be a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{path} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"{path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{path} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{path} must be a string, got {value!r}")
+    raise TypeError(f"{path}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: Any, d: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``d``; unknown keys and wrong types raise with their path."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ValueError(f"unknown config key '{path}'; valid: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r} has an empty key part")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return d
+
+
+def load_yaml(path: Optional[str]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    from iopath.common.file_io import g_pathmgr
+
+    if not g_pathmgr.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with g_pathmgr.open(path, "r") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ValueError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None, cls: Any = TrainConfig) -> Any:
+    """Loads a YAML config file (or the defaults when ``path`` is None) with overrides applied."""
+    d = apply_overrides(load_yaml(path), list(overrides or []))
+    return from_dict(cls, d)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,117 @@
+"""Paired source/target streams -> :class:`CCTLBatch`, and evaluation batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional
+
+import torch
+
+from cctl_rec.config import DataConfig
+from cctl_rec.data.batch import CCTLBatch
+from cctl_rec.data.manifest import read_manifest, shard_paths
+from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, column_ids, features,
+                                  labels, make_kjt)
+from cctl_rec.schema import DomainSchema
+
+logger = logging.getLogger(__name__)
+
+
+class Dataset:
+    """A dataset root (its ``manifest.json``): schemas and split files.
+
+    Args:
+        root: directory or URI written by ``cctl-rec datagen`` / ``cctl-rec convert``.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.manifest = read_manifest(root)
+        self.schemas = {d: DomainSchema.from_json(self.manifest["schema"][d]) for d in ("src", "tgt")}
+        self.has_harmful = bool(self.manifest.get("stats", {}).get("harmful_share") is not None)
+
+    def paths(self, split: str) -> list[str]:
+        return shard_paths(self.root, self.manifest, split)
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.manifest["splits"].get(split))
+
+
+def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, DomainSchema],
+                cfg: DataConfig) -> CCTLBatch:
+    """Target rows (+ source rows) -> one :class:`CCTLBatch` (see its docstring for the layout)."""
+    ts, ss = schemas["tgt"], schemas["src"]
+    tgt_feats = features(tgt, ts, cfg.max_seq_len, cfg.long_seq)
+    seq_len = tgt_feats[ts.prefix + "seq"][1]
+    other_v, other_l = column_ids(tgt, "other_seq", ss.feature("item_id").cardinality, cfg.max_seq_len,
+                                  cfg.long_seq)
+    user_in = bool_column(tgt, "user_in_other")
+    batch = CCTLBatch(
+        tgt=make_kjt(ts.keys, [tgt_feats], [len(tgt)]),
+        tgt_label=labels(tgt),
+        user_in_other=user_in,
+        item_in_other=bool_column(tgt, "item_in_other"),
+        seq_mask=user_in & torch.from_numpy((seq_len > 0) & (other_l > 0)),
+    )
+    if src is not None:
+        ren = {ss.prefix + "user_id": tgt_feats[ts.prefix + "user_id"],
+               ss.prefix + "item_id": tgt_feats[ts.prefix + "item_id"],
+               ss.prefix + "seq": (other_v, other_l)}
+        for key in ("user_id", "item_id"):
+            _ = column_ids(tgt, key, ss.feature(key).cardinality, cfg.max_seq_len)  # range check vs source tables
+        batch.src = make_kjt(ss.keys, [features(src, ss, cfg.max_seq_len, cfg.long_seq), ren], [len(src), len(tgt)])
+        batch.src_label = labels(src)
+        batch.src_harmful = bool_column(src, "is_harmful")
+    return batch
+
+
+class TrainStream:
+    """Target train batches paired with source train batches (the source stream cycles).
+
+    Args:
+        data: the dataset.
+        cfg: data settings (batch size, source ratio, epochs, sequence length).
+        rank, world_size: this rank's share.
+        with_source: False for target-only models.
+    """
+
+    def __init__(self, data: Dataset, cfg: DataConfig, rank: int, world_size: int, with_source: bool = True
+                 ) -> None:
+        self.data, self.cfg, self.rank, self.world_size = data, cfg, rank, world_size
+        self.tgt = ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], cfg.batch_size, rank, world_size)
+        self.src_batch = int(round(cfg.batch_size * cfg.src_ratio))
+        self.src = None
+        if with_source and self.src_batch > 0:
+            self.src = ParquetStream(data.paths("src/train"), data.schemas["src"], self.src_batch, rank,
+                                     world_size, cycle=True)
+
+    def steps_per_epoch(self) -> int:
+        return self.tgt.num_batches()
+
+    def __iter__(self) -> Iterator[CCTLBatch]:
+        src_it = iter(self.src) if self.src is not None else None
+        for _ in range(self.cfg.epochs):
+            for t in self.tgt:
+                s = next(src_it) if src_it is not None else None
+                yield build_batch(t, s, self.data.schemas, self.cfg)
+
+
+def eval_batches(data: Dataset, split: str, cfg: DataConfig, rank: int, world_size: int,
+                 max_rows: int = 0, cycle: bool = False) -> Iterator[CCTLBatch]:
+    """Target-only batches of ``split`` (``tgt/valid`` or ``tgt/test``), last batch kept."""
+    stream = ParquetStream(data.paths(split), data.schemas["tgt"], cfg.eval_batch_size, rank, world_size,
+                           drop_last=False, cycle=cycle)
+    seen = 0
+    for rows in stream:
+        if max_rows and seen >= max_rows // world_size:
+            return
+        seen += len(rows)
+        yield build_batch(rows, None, data.schemas, cfg)
+
+
+def heldout_batches(data: Dataset, cfg: DataConfig, rank: int, world_size: int) -> Iterator[CCTLBatch]:
+    """Endless target batches of ``tgt/valid`` at the training batch size (held-out reward)."""
+    stream = ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], cfg.batch_size, rank, world_size,
+                           cycle=True)
+    for rows in stream:
+        yield build_batch(rows, None, data.schemas, cfg)

@@ -1,0 +1,263 @@
+"""Parquet -> KeyedJaggedTensor: rank-partitioned streams of one domain's split.
+
+Rows of a split are taken in file order; rank ``r`` of ``W`` reads the contiguous row range
+``[r * N // W, (r + 1) * N // W)`` so every rank yields the same number of batches (collective
+embedding lookups need that). Schemas, nulls, id ranges and labels are checked with a one-line
+error naming the file, the column and the value.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from iopath.common.file_io import g_pathmgr
+from torchrec import KeyedJaggedTensor
+
+from cctl_rec.schema import DomainSchema
+
+logger = logging.getLogger(__name__)
+
+LIST_COLUMNS = ("seq", "other_seq")
+BOOL_COLUMNS = ("user_in_other", "item_in_other")
+OPTIONAL_COLUMNS = ("is_harmful",)
+
+
+def _open(path: str) -> pq.ParquetFile:
+    if not g_pathmgr.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        return pq.ParquetFile(g_pathmgr.get_local_path(path))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"data file {path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_meta: bool = True) -> None:
+    """Raises ValueError when ``path`` lacks a column or has a wrong type; warns on extra columns."""
+    arrow = pf.schema_arrow
+    need = list(schema.columns) + (["label", "other_seq", "user_in_other", "item_in_other"] if with_meta else [])
+    have = set(arrow.names)
+    missing = [c for c in need if c not in have]
+    if missing:
+        raise ValueError(f"data file {path} lacks column(s) {missing} of the {schema.domain} schema "
+                         f"(has {sorted(have)}); is it a {'source' if schema.domain == 'tgt' else 'target'} file?")
+    for c in need:
+        t = arrow.field(c).type
+        if c in LIST_COLUMNS:
+            ok = pa.types.is_list(t) or pa.types.is_large_list(t)
+            ok = ok and pa.types.is_integer(t.value_type)
+            want = "list<int>"
+        elif c in BOOL_COLUMNS:
+            ok, want = pa.types.is_boolean(t), "bool"
+        else:
+            ok, want = pa.types.is_integer(t), "integer"
+        if not ok:
+            raise ValueError(f"data file {path}: column {c!r} has type {t}, expected {want}")
+    extra = sorted(have - set(need) - {"ts", *OPTIONAL_COLUMNS})
+    if extra:
+        logger.warning("data file %s: ignoring extra column(s) %s", path, extra)
+
+
+@dataclass
+class DomainRows:
+    """One batch of a domain's rows, as numpy arrays/Arrow columns ready for KJT building."""
+
+    table: pa.Table
+    path: str
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+def _list_values(col: pa.ChunkedArray, max_len: int, path: str, name: str, long_seq: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, lengths) of a list column, keeping the newest ``max_len`` items per row."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count:
+        raise ValueError(f"data file {path}: column {name!r} has {arr.null_count} null row(s); expected lists (empty allowed)")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten()
+    if values.null_count:
+        raise ValueError(f"data file {path}: column {name!r} holds null ids")
+    values = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if lengths.size and lengths.max() > max_len:
+        if long_seq == "fail":
+            raise ValueError(f"data file {path}: column {name!r} has a sequence of length {int(lengths.max())}, "
+                             f"longer than data.max_seq_len={max_len}")
+        keep_len = np.minimum(lengths, max_len)
+        ends = np.cumsum(lengths)
+        starts_keep = np.repeat(ends - keep_len, keep_len)
+        within = np.arange(keep_len.sum()) - np.repeat(np.cumsum(keep_len) - keep_len, keep_len)
+        values = values[starts_keep + within]
+        lengths = keep_len
+    return values, lengths
+
+
+def _int_column(table: pa.Table, name: str, path: str) -> np.ndarray:
+    col = table.column(name)
+    if col.null_count:
+        raise ValueError(f"data file {path}: column {name!r} has {col.null_count} null value(s); expected ids")
+    return col.to_numpy().astype(np.int64, copy=False)
+
+
+def _check_range(values: np.ndarray, card: int, path: str, name: str) -> None:
+    if values.size == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0:
+        raise ValueError(f"data file {path}: column {name!r} has negative id {lo}; expected ids in [0, {card})")
+    if hi >= card:
+        raise ValueError(f"data file {path}: column {name!r} has id {hi} >= table size {card}; "
+                         f"expected ids in [0, {card})")
+
+
+def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_seq: str = "truncate"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of one id column, range-checked against ``card``; list columns are
+    truncated to their newest ``max_seq_len`` items."""
+    if name in LIST_COLUMNS:
+        v, l = _list_values(rows.table.column(name), max_seq_len, rows.path, name, long_seq)
+    else:
+        v, l = _int_column(rows.table, name, rows.path), np.ones(len(rows), dtype=np.int64)
+    _check_range(v, card, rows.path, name)
+    return v, l
+
+
+def features(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq: str = "truncate"
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """KJT key -> (values, lengths) of every feature of ``schema``."""
+    return {key: column_ids(rows, f.name, f.cardinality, max_seq_len, long_seq)
+            for key, f in zip(schema.keys, schema.features)}
+
+
+def make_kjt(keys: list[str], parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], sizes: list[int]
+             ) -> KeyedJaggedTensor:
+    """One KJT stacking row blocks: block ``j`` has ``sizes[j]`` rows and the (values, lengths) of
+    ``parts[j]``; a key missing from a block gives empty bags there."""
+    vals, lens = [], []
+    for k in keys:
+        for part, n in zip(parts, sizes):
+            v, l = part.get(k, (np.empty(0, np.int64), np.zeros(n, np.int64)))
+            vals.append(v)
+            lens.append(l)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.from_numpy(np.concatenate(vals)),
+        lengths=torch.from_numpy(np.concatenate(lens)))
+
+
+def features_kjt(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq: str = "truncate"
+                 ) -> KeyedJaggedTensor:
+    """KJT of every feature of ``schema`` (keys ``schema.keys``): single ids have length 1,
+    ``seq`` its (truncated) length."""
+    return make_kjt(schema.keys, [features(rows, schema, max_seq_len, long_seq)], [len(rows)])
+
+
+def labels(rows: DomainRows) -> torch.Tensor:
+    y = _int_column(rows.table, "label", rows.path)
+    if y.size and (y.min() < 0 or y.max() > 1):
+        bad = y[(y < 0) | (y > 1)][0]
+        raise ValueError(f"data file {rows.path}: column 'label' has value {int(bad)}; expected 0 or 1")
+    return torch.from_numpy(y.astype(np.float32))
+
+
+def bool_column(rows: DomainRows, name: str) -> torch.Tensor:
+    if name not in rows.table.column_names:
+        return torch.zeros(len(rows), dtype=torch.bool)
+    col = rows.table.column(name)
+    if col.null_count:
+        raise ValueError(f"data file {rows.path}: column {name!r} has {col.null_count} null value(s)")
+    return torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.bool_))
+
+
+class ParquetStream:
+    """Batches of one split for one rank.
+
+    Args:
+        paths: the split's Parquet files, in order.
+        schema: the domain's schema (checked against every file on open).
+        batch_size: rows per batch.
+        rank, world_size: this rank's share of the rows.
+        drop_last: drop the last partial batch (training); keep it for evaluation.
+        cycle: restart at the end (the source stream runs as long as the target stream).
+        row_counts: rows per file if known (the manifest's), else read from Parquet metadata.
+
+    Example::
+
+        for rows in ParquetStream(paths, schemas["tgt"], 512, rank=0, world_size=2):
+            kjt = features_kjt(rows, schemas["tgt"], max_seq_len=20)  # 512 rows
+    """
+
+    def __init__(self, paths: list[str], schema: DomainSchema, batch_size: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, cycle: bool = False,
+                 with_meta: bool = True) -> None:
+        if not paths:
+            raise ValueError(f"no data files given for the {schema.domain} stream")
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be > 0, got {batch_size}")
+        self.paths, self.schema, self.batch_size = list(paths), schema, batch_size
+        self.drop_last, self.cycle = drop_last, cycle
+        self.files = [_open(p) for p in self.paths]
+        for p, pf in zip(self.paths, self.files):
+            check_file_schema(p, pf, schema, with_meta)
+        self.file_rows = [pf.metadata.num_rows for pf in self.files]
+        total = sum(self.file_rows)
+        per = total // world_size
+        if per == 0:
+            raise ValueError(f"the {schema.domain} split has {total} rows: too few for {world_size} ranks")
+        if drop_last and per < batch_size:
+            raise ValueError(f"the {schema.domain} split gives {per} rows per rank, fewer than one batch of "
+                             f"{batch_size}; lower data.batch_size or use fewer ranks")
+        self.start, self.stop = rank * per, (rank + 1) * per
+        self.columns = [c for c in self.files[0].schema_arrow.names]
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.stop - self.start
+
+    def num_batches(self) -> int:
+        n = self.rows_per_rank
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _chunks(self) -> Iterator[tuple[pa.RecordBatch, str]]:
+        offset = 0
+        for path, pf, n in zip(self.paths, self.files, self.file_rows):
+            if offset + n <= self.start:
+                offset += n
+                continue
+            if offset >= self.stop:
+                return
+            for rg in range(pf.metadata.num_row_groups):
+                rg_rows = pf.metadata.row_group(rg).num_rows
+                lo, hi = max(self.start, offset), min(self.stop, offset + rg_rows)
+                if lo < hi:
+                    rb = pf.read_row_group(rg)
+                    yield rb.slice(lo - offset, hi - lo), path
+                offset += rg_rows
+                if offset >= self.stop:
+                    return
+
+    def _once(self) -> Iterator[DomainRows]:
+        buf: list[pa.Table] = []
+        have, path = 0, self.paths[0]
+        for chunk, path in self._chunks():
+            buf.append(chunk)
+            have += chunk.num_rows
+            while have >= self.batch_size:
+                table = pa.concat_tables(buf) if len(buf) > 1 else buf[0]
+                yield DomainRows(table.slice(0, self.batch_size), path)
+                rest = table.slice(self.batch_size)
+                buf, have = ([rest] if rest.num_rows else []), rest.num_rows
+        if have and not self.drop_last:
+            yield DomainRows(pa.concat_tables(buf), path)
+
+    def __iter__(self) -> Iterator[DomainRows]:
+        while True:
+            yield from self._once()
+            if not self.cycle:
+                return

@@ -1,0 +1,59 @@
+"""Process group and device: nccl + cuda:LOCAL_RANK when CUDA is there, gloo + CPU otherwise.
+
+Under torchrun the usual RANK / WORLD_SIZE / MASTER_ADDR variables are read; a plain process
+gets a 1-rank gloo group on a file store, so every run goes through DistributedModelParallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def resolve_device(device: str = "auto", backend: str = "auto") -> tuple[torch.device, str]:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ValueError("dist.device=cuda but CUDA is not available on this machine; use dist.device=cpu")
+    use_cuda = device == "cuda" or (device == "auto" and cuda)
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("dist.backend=nccl needs CUDA; use dist.backend=gloo on CPU")
+    return dev, backend
+
+
+def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
+    """Initialises the default process group (once) and returns this rank's environment."""
+    dev, backend = resolve_device(device, backend)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            fd, path = tempfile.mkstemp(prefix="cctl-pg-")
+            os.close(fd)
+            os.unlink(path)
+            dist.init_process_group(backend=backend, init_method=f"file://{path}", rank=0, world_size=1)
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dev,
+                  backend)
+    logger.info("rank %d of %d on %s (%s)", env.rank, env.world_size, dev, backend)
+    return env

@@ -1,0 +1,167 @@
+"""Sharding CCTL's tables with TorchRec's planner and DistributedModelParallel.
+
+- The sparse optimizer is fused into fbgemm's TBE (``apply_optimizer_in_backward`` before DMP);
+  fbgemm's CPU TBE has no Adam.
+- On CPU the planner may only use data_parallel, table_wise, column_wise, table_column_wise;
+  row_wise / table_row_wise need CUDA and are refused with a clear message.
+- The mixed and pure target tables get ONE plan (the mixed one's, mirrored), so the k-step sync
+  is a shard-local copy; :func:`mirror_plan` enforces it and fails loudly otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+logger = logging.getLogger(__name__)
+
+CPU_SHARDING = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING = CPU_SHARDING + ("row_wise", "table_row_wise")
+
+
+def sharding_types(requested: str, device_type: str) -> list[str]:
+    """The sharding types the planner may use for ``requested`` on ``device_type``."""
+    allowed = GPU_SHARDING if device_type == "cuda" else CPU_SHARDING
+    if requested == "auto":
+        return list(allowed)
+    if requested not in GPU_SHARDING:
+        raise ValueError(f"dist.sharding={requested!r} is not a sharding type; expected auto or one of "
+                         f"{list(GPU_SHARDING)}")
+    if requested not in allowed:
+        raise ValueError(f"dist.sharding={requested} needs CUDA (fbgemm's CPU kernels do not support it); "
+                         f"on CPU use one of {list(CPU_SHARDING)}")
+    return [requested]
+
+
+def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, device_type: str) -> None:
+    """Fuses the sparse optimizer into every EmbeddingBagCollection's backward (TBE)."""
+    if name == "adam" and device_type != "cuda":
+        raise ValueError("optim.sparse_optimizer=adam is not supported by fbgemm's CPU TBE; "
+                         "use exact_rowwise_adagrad (default) on CPU")
+    cls, kwargs = {
+        "exact_rowwise_adagrad": (RowWiseAdagrad, {"lr": lr}),
+        "exact_adagrad": (torch.optim.Adagrad, {"lr": lr}),
+        "exact_sgd": (torch.optim.SGD, {"lr": lr}),
+        "adam": (torch.optim.Adam, {"lr": lr}),
+    }[name]
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            apply_optimizer_in_backward(cls, m.parameters(), kwargs)
+
+
+def table_names(model: nn.Module) -> list[str]:
+    names = []
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            names += [c.name for c in m.embedding_bag_configs()]
+    return sorted(set(names))
+
+
+def mirror_plan(plan: ShardingPlan, src: str = "mixed_tgt", dst: str = "pure_tgt") -> ShardingPlan:
+    """Gives ``dst`` exactly ``src``'s per-table sharding (ranks, type, shard offsets)."""
+    if src in plan.plan:
+        if dst not in plan.plan:
+            raise RuntimeError(f"the sharding plan has {src} but not {dst}")
+        plan.plan[dst] = copy.deepcopy(plan.plan[src])
+    return plan
+
+
+def check_mirrored(plan: ShardingPlan, a: str = "mixed_tgt", b: str = "pure_tgt") -> None:
+    if a not in plan.plan:
+        return
+    pa_, pb = plan.plan[a], plan.plan.get(b)
+    if pb is None or set(pa_.keys()) != set(pb.keys()):
+        raise RuntimeError(f"{a} and {b} are not planned over the same tables")
+    for t in pa_:
+        x, y = pa_[t], pb[t]
+        if (x.sharding_type, x.ranks, str(x.sharding_spec)) != (y.sharding_type, y.ranks, str(y.sharding_spec)):
+            raise RuntimeError(f"table {t}: {a} is sharded {x.sharding_type} on ranks {x.ranks} but {b} is "
+                               f"{y.sharding_type} on ranks {y.ranks}; the sync needs one plan for both")
+
+
+def make_plan(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
+              pg: Optional[dist.ProcessGroup] = None, hbm_cap: Optional[int] = None,
+              ddr_cap: Optional[int] = None) -> ShardingPlan:
+    """Runs TorchRec's planner on ``model`` (built on meta) and mirrors mixed -> pure."""
+    types = sharding_types(sharding, device_type)
+    constraints = {t: ParameterConstraints(sharding_types=types) for t in table_names(model)}
+    topology = Topology(world_size=world_size, compute_device=device_type, hbm_cap=hbm_cap, ddr_cap=ddr_cap)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
+    plan = mirror_plan(plan)
+    check_mirrored(plan)
+    return plan
+
+
+def shard(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:
+    """DistributedModelParallel over the default group; dense parts go to DDP."""
+    env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, env=env, device=device, plan=plan,
+                                    sharders=[EmbeddingBagCollectionSharder()],
+                                    data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
+
+
+class DataParallelTables:
+    """The optimizer of data_parallel tables.
+
+    TorchRec 1.8 on CPU leaves data_parallel table weights without their in-backward (fused)
+    optimizer and outside DDP: their gradients would never be applied. This keeps them trained
+    like DDP parameters: gradients averaged over ranks, then the sparse optimizer's rule.
+
+    Args:
+        module: the DMP-wrapped module (``dmp.module``).
+        name, lr: the sparse optimizer (``optim.sparse_optimizer``) and its learning rate.
+    """
+
+    def __init__(self, module: nn.Module, name: str, lr: float) -> None:
+        from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+        self.params: dict[str, nn.Parameter] = {}
+        for mname, m in module.named_modules():
+            if isinstance(m, ShardedEmbeddingBagCollection):
+                for pname, p in m.named_parameters():
+                    if not hasattr(p, "_in_backward_optimizers") and p.numel() > 0:
+                        self.params[f"{mname}.{pname}"] = p
+        cls = {"exact_rowwise_adagrad": RowWiseAdagrad, "exact_adagrad": torch.optim.Adagrad,
+               "exact_sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+        self.opt = cls(list(self.params.values()), lr=lr) if self.params else None
+
+    def step(self) -> None:
+        if self.opt is None:
+            return
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if grads and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def copy_state(self, src_prefix: str, dst_prefix: str) -> None:
+        """Optimizer state of ``src_prefix.*`` tables -> ``dst_prefix.*`` (the SCN sync)."""
+        if self.opt is None:
+            return
+        for name, p in self.params.items():
+            if name.startswith(src_prefix + "."):
+                q = self.params.get(dst_prefix + name[len(src_prefix):])
+                if q is not None and p in self.opt.state:
+                    self.opt.state[q] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
+                                         for k, v in self.opt.state[p].items()}

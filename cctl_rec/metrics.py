@@ -1,0 +1,54 @@
+"""Target AUC / logloss, reduced across ranks (torchmetrics), and selector diagnostics."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+
+class BinaryMetrics:
+    """AUC and logloss over batches; ``compute()`` syncs across ranks."""
+
+    def __init__(self) -> None:
+        self.auc = BinaryAUROC()
+        self.logloss = MeanMetric()
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+        self.auc.update(torch.sigmoid(logits), labels.long())
+        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+    def compute(self) -> dict[str, float]:
+        return {"auc": float(self.auc.compute()), "logloss": float(self.logloss.compute())}
+
+
+def harmful_auc(p: torch.Tensor, harmful: torch.Tensor) -> Optional[float]:
+    """AUROC of (1 - p) separating harmful from clean source samples; None without both classes."""
+    h = harmful.long()
+    if h.numel() == 0 or h.min() == h.max():
+        return None
+    m = BinaryAUROC()
+    m.update(1.0 - p.float(), h)
+    return float(m.compute())
+
+
+def selector_stats(p: torch.Tensor, harmful: Optional[torch.Tensor], has_truth: bool) -> dict:
+    """p mean/std, mean p on clean vs harmful rows, and harmful AUROC (null without ground truth)."""
+    out: dict = {"p_mean": float(p.mean()), "p_std": float(p.std()) if p.numel() > 1 else 0.0,
+                 "harmful_auc": None, "p_clean": None, "p_harmful": None, "rows": int(p.numel())}
+    if has_truth and harmful is not None:
+        out["harmful_auc"] = harmful_auc(p, harmful)
+        if (~harmful).any():
+            out["p_clean"] = float(p[~harmful].mean())
+        if harmful.any():
+            out["p_harmful"] = float(p[harmful].mean())
+    return out
+
+
+def fmt(x: Optional[float], nd: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"

@@ -1,0 +1,136 @@
+"""CCTL's trainable networks: SCN (mixed + pure towers with their target tables), SAN and REN.
+
+The IFN selector is kept outside this module: it is trained by REINFORCE (or the influence
+signal), never by the tower loss, and is not wrapped in DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from cctl_rec.config import ModelConfig
+from cctl_rec.data.batch import CCTLBatch
+from cctl_rec.modules.embedding import build_ebc
+from cctl_rec.modules.san import SemanticAlign
+from cctl_rec.modules.tower import Tower
+from cctl_rec.schema import TOKENS, DomainSchema
+
+
+@dataclass
+class CCTLOutput:
+    """What one forward gives the trainer.
+
+    Attributes:
+        logit_tgt: B_t logits of the mixed tower on the target rows.
+        logit_pure: B_t logits of the pure tower on the same rows.
+        logit_src: B_s logits of the mixed tower on the SAN-aligned source rows (None: no source).
+        x_tgt: B_t X W_t target representation through the mixed tables.
+        x_src: B_s X W_t SAN-aligned source representation (the selector's input, not detached).
+        ren_id_s, ren_id_t: 2B_t X D id embeddings (users then items) in source / target tables.
+        ren_seq_s, ren_seq_t: B_t X D mean-pooled other-domain / own-domain sequences.
+    """
+
+    logit_tgt: Optional[torch.Tensor]
+    logit_pure: torch.Tensor
+    logit_src: Optional[torch.Tensor] = None
+    x_tgt: Optional[torch.Tensor] = None
+    x_src: Optional[torch.Tensor] = None
+    ren_id_s: Optional[torch.Tensor] = None
+    ren_id_t: Optional[torch.Tensor] = None
+    ren_seq_s: Optional[torch.Tensor] = None
+    ren_seq_t: Optional[torch.Tensor] = None
+
+
+def _tokens(pooled: dict[str, torch.Tensor], schema: DomainSchema, rows: slice) -> dict[str, torch.Tensor]:
+    """token -> B X (n_token_features * D), features in schema order."""
+    return {t: torch.cat([pooled[k][rows] for k in schema.token_features(t)], dim=1) for t in TOKENS}
+
+
+class CCTL(nn.Module):
+    """SCN + SAN + REN over TorchRec EmbeddingBagCollections.
+
+    - ``mixed_tgt`` / ``pure_tgt``: the target ID tables of the mixed and the pure network (same
+      tables, same sharding plan, so the k-step sync is a shard-local copy);
+    - ``src``: the source ID tables (REN keeps them separate from the target's);
+    - ``san``: one MLP per token mapping source tokens to the target token widths (Eq. 7);
+    - ``mixed_tower`` / ``pure_tower``: identical MLPs (Eq. 3 / Eq. 4).
+
+    With ``with_source=False`` only the pure network exists: the target-only DNN baseline.
+    Only the pure network (``pure_tgt`` + ``pure_tower``) is served.
+
+    Args:
+        schemas: {"src": ..., "tgt": ...}.
+        cfg: model settings.
+        with_source: build the mixed network, SAN and source tables.
+        device: where the tables are built (meta: DistributedModelParallel materialises them).
+
+    Example::
+
+        model = CCTL(data.schemas, ModelConfig(), device=torch.device("cpu"))
+        out = model(batch)  # out.logit_pure: B_t
+    """
+
+    def __init__(self, schemas: dict[str, DomainSchema], cfg: ModelConfig, with_source: bool = True,
+                 device: torch.device = torch.device("meta")) -> None:
+        super().__init__()
+        self.schemas, self.cfg, self.with_source = schemas, cfg, with_source
+        ts, ss, d = schemas["tgt"], schemas["src"], cfg.embedding_dim
+        self.tgt_dims = {t: ts.token_width(t, d) for t in TOKENS}
+        width = sum(self.tgt_dims.values())
+        self.pure_tgt = build_ebc(ts, d, device)
+        self.pure_tower = Tower(width, cfg.tower)
+        if with_source:
+            self.mixed_tgt = build_ebc(ts, d, device)
+            self.src = build_ebc(ss, d, device)
+            src_dims = {t: ss.token_width(t, d) for t in TOKENS}
+            same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
+                             [k[2:] for k in ts.token_features(t)])
+            self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
+            self.mixed_tower = Tower(width, cfg.tower)
+
+    @property
+    def width(self) -> int:
+        return sum(self.tgt_dims.values())
+
+    def target_repr(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
+        """v^t of Eq. 2 through the ``network``'s target tables: B_t X W_t."""
+        ebc = self.pure_tgt if network == "pure" else self.mixed_tgt
+        tok = _tokens(ebc(kjt).to_dict(), self.schemas["tgt"], slice(None))
+        return torch.cat([tok[t] for t in TOKENS], dim=1)
+
+    def predict(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
+        """Logits of the ``network`` ("pure" or "mixed") on target rows: B_t."""
+        tower = self.pure_tower if network == "pure" else self.mixed_tower
+        return tower(self.target_repr(kjt, network))
+
+    def source_repr(self, src_pooled: dict[str, torch.Tensor], n_src: int) -> torch.Tensor:
+        """SAN-aligned source representation of the first ``n_src`` rows: B_s X W_t."""
+        aligned = self.san(_tokens(src_pooled, self.schemas["src"], slice(0, n_src)))
+        return torch.cat([aligned[t] for t in TOKENS], dim=1)
+
+    def forward(self, batch: CCTLBatch) -> CCTLOutput:
+        ts, ss = self.schemas["tgt"], self.schemas["src"]
+        x_pure = self.target_repr(batch.tgt, "pure")
+        logit_pure = self.pure_tower(x_pure)
+        if not self.with_source:
+            return CCTLOutput(logit_tgt=None, logit_pure=logit_pure)
+        mixed = self.mixed_tgt(batch.tgt).to_dict()
+        tok = _tokens(mixed, ts, slice(None))
+        x_tgt = torch.cat([tok[t] for t in TOKENS], dim=1)                  # B_t X W_t
+        n_s, n_t = batch.num_src, x_tgt.shape[0]
+        src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
+        x_src = self.source_repr(src, n_s)                                    # B_s X W_t
+        logits = self.mixed_tower(torch.cat([x_tgt, x_src], dim=0))           # one pass, B_t + B_s
+        ren = slice(n_s, n_s + n_t)
+        p = ss.prefix
+        return CCTLOutput(
+            logit_tgt=logits[:n_t], logit_pure=logit_pure, logit_src=logits[n_t:], x_tgt=x_tgt, x_src=x_src,
+            ren_id_s=torch.cat([src[p + "user_id"][ren], src[p + "item_id"][ren]], dim=0),
+            ren_id_t=torch.cat([mixed[ts.prefix + "user_id"], mixed[ts.prefix + "item_id"]], dim=0),
+            ren_seq_s=src[p + "seq"][ren], ren_seq_t=mixed[ts.prefix + "seq"],
+        )

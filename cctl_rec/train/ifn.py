@@ -1,0 +1,180 @@
+"""Training the IFN selector: the paper's REINFORCE and the analysis / influence modes.
+
+Modes (``selector.mode``):
+
+- ``paper``: w_i = p_i (soft weights); REINFORCE on grad sum_i log p_i with r_accu (Eq. 9).
+- ``bernoulli``: a_i ~ Bernoulli(p_i) is the weight; REINFORCE on the action log-likelihood (DVRL).
+- ``fixed``: w_i = 1 (CCTL without IFN; the naive mix).
+- ``oracle``: w_i = 1 - is_harmful_i (needs the ground truth; an upper bound for analysis).
+- ``supervised``: the selector is fitted to 1 - is_harmful (a check that its inputs suffice).
+- ``influence``: the selector follows a per-sample influence signal (not in the paper, see
+  :func:`per_sample_influence`): a meta-gradient step of Learning-to-Reweight / Meta-Weight-Net
+  form, grad_phi sum_i z_i p_i(phi) with z_i the normalised influence of sample i.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cctl_rec.config import SelectorConfig
+from cctl_rec.modules.selector import Selector
+from cctl_rec.train.reinforce import Reinforce, RewardShaper
+
+logger = logging.getLogger(__name__)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Averages tensors across ranks in place (one all_reduce)."""
+    ws = _world()
+    if ws == 1 or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= ws
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Tensor, x_eval: torch.Tensor,
+                         y_eval: torch.Tensor) -> torch.Tensor:
+    """First-order influence of each source sample on the target loss through one SGD step of the
+    tower's dense parameters theta:
+
+        infl_i = grad_theta L(y_i^s, f(x_i^s)) . grad_theta L_eval        (B_s values)
+
+    positive when a step on sample i lowers the target loss. Computed for the whole batch with
+    the double-backward trick (no loop over samples): with per-sample weights eps (zeros),
+    infl = d/d eps [ grad_theta(sum_i eps_i l_i) . g_eval ]. Inputs are detached: the lookahead
+    covers the dense tower only, not the embedding tables.
+
+    Args:
+        tower: the mixed tower (B X W -> B logits).
+        x_src: B_s X W aligned source rows; y_src: B_s labels.
+        x_eval: B_e X W target rows; y_eval: B_e labels.
+    """
+    params = [p for p in tower.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        l_eval = F.binary_cross_entropy_with_logits(tower(x_eval.detach()), y_eval)
+        g_eval = torch.autograd.grad(l_eval, params)
+        eps = torch.zeros(x_src.shape[0], dtype=x_src.dtype, requires_grad=True)
+        l_src = F.binary_cross_entropy_with_logits(tower(x_src.detach()), y_src, reduction="none")
+        g_src = torch.autograd.grad((eps * l_src).sum(), params, create_graph=True)
+        dot = sum((a * b).sum() for a, b in zip(g_src, g_eval))
+        (infl,) = torch.autograd.grad(dot, eps)
+    return infl.detach()
+
+
+class IFN:
+    """The selector and its training rule.
+
+    Args:
+        cfg: selector settings.
+        in_dim: width of the SAN-aligned source representation.
+    """
+
+    def __init__(self, cfg: SelectorConfig, in_dim: int) -> None:
+        self.cfg = cfg
+        self.selector = Selector(in_dim, cfg.hidden, cfg.logit_clamp, cfg.init_bias)
+        if _world() > 1:  # one selector: identical on every rank
+            for p in self.selector.parameters():
+                dist.broadcast(p.data, src=0)
+        self.params = list(self.selector.parameters())
+        self.rl: Optional[Reinforce] = None
+        self.opt: Optional[torch.optim.Optimizer] = None
+        if cfg.mode in ("paper", "bernoulli"):
+            self.rl = Reinforce(self.params, cfg.alpha, cfg.gamma, cfg.update_every, cfg.causal_credit)
+        elif cfg.mode in ("influence", "supervised"):
+            self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.shaper = RewardShaper(cfg.ema_baseline, cfg.reward_norm)
+        self.infl_scale: Optional[float] = None
+
+    @property
+    def needs_influence(self) -> bool:
+        return self.cfg.mode == "influence"
+
+    def weights(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(weights for Eq. 3, the selector's logits with graph, actions or None) for B_s rows."""
+        logits = self.selector.logits(x_src.detach())
+        p = torch.sigmoid(logits)
+        mode = self.cfg.mode
+        if mode == "fixed":
+            return torch.ones_like(p), logits, None
+        if mode == "oracle":
+            if harmful is None:
+                raise ValueError("selector.mode=oracle needs the is_harmful column in the source data")
+            return (~harmful).to(p.dtype), logits, None
+        if mode == "bernoulli":
+            a = torch.bernoulli(p.detach())
+            return a, logits, a
+        return p.detach(), logits, None
+
+    def step(self, step: int, logits: torch.Tensor, reward: float, actions: Optional[torch.Tensor],
+             harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """Trains the selector after one SCN step; returns what it logs."""
+        mode, out = self.cfg.mode, {}
+        if self.rl is not None:
+            if mode == "paper":
+                s = F.logsigmoid(logits).sum()                                     # sum_i log p_i
+            else:
+                s = (actions * F.logsigmoid(logits) + (1 - actions) * F.logsigmoid(-logits)).sum()
+            grads = torch.autograd.grad(s, self.params)
+            r = self.shaper(reward)
+            self.rl.observe(list(grads), r, logits.numel())
+            out["reward_shaped"] = r
+            if self.rl.maybe_update(step):
+                out["selector_update"] = 1.0
+        elif mode == "supervised":
+            assert self.opt is not None
+            if harmful is None:
+                raise ValueError("selector.mode=supervised needs the is_harmful column in the source data")
+            loss = F.binary_cross_entropy_with_logits(logits, (~harmful).to(logits.dtype))
+            self._apply(loss)
+            out["selector_loss"] = float(loss)
+        elif mode == "influence":
+            assert self.opt is not None and influence is not None
+            # Normalise by a running scale of |influence| so the step does not depend on the
+            # loss scale; clip so a few outliers cannot dominate.
+            scale = float(influence.abs().mean()) + 1e-12
+            self.infl_scale = scale if self.infl_scale is None else 0.99 * self.infl_scale + 0.01 * scale
+            z = (influence / self.infl_scale).clamp(-5, 5)
+            loss = -(z * torch.sigmoid(logits)).mean()
+            self._apply(loss)
+            out["influence_pos_frac"] = float((influence > 0).float().mean())
+        return out
+
+    def _apply(self, loss: torch.Tensor) -> None:
+        assert self.opt is not None
+        self.opt.zero_grad(set_to_none=False)
+        grads = torch.autograd.grad(loss, self.params)
+        for p, g in zip(self.params, grads):
+            p.grad = g.clone()
+        allreduce_mean_([p.grad for p in self.params])
+        self.opt.step()
+
+    def state_dict(self) -> dict:
+        return {"selector": self.selector.state_dict(),
+                "rl": self.rl.state_dict() if self.rl else None,
+                "opt": self.opt.state_dict() if self.opt else None,
+                "shaper": self.shaper.state_dict(), "infl_scale": self.infl_scale}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.selector.load_state_dict(s["selector"])
+        if self.rl and s["rl"]:
+            self.rl.load_state_dict(s["rl"])
+        if self.opt and s["opt"]:
+            self.opt.load_state_dict(s["opt"])
+        self.shaper.load_state_dict(s["shaper"])
+        self.infl_scale = s["infl_scale"]

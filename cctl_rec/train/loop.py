@@ -1,0 +1,276 @@
+"""The CCTL training loop, top to bottom.
+
+One step (per rank; B_t target rows, B_s = src_ratio * B_t source rows):
+
+1. forward the DMP-sharded model: mixed tower on target + SAN-aligned source rows, pure tower on
+   the same target rows, REN lookups;
+2. the selector scores the source rows (input detached) -> weights p_i (or actions a_i);
+3. Loss_mixed = mean_i p_i L_i^s + mean_j L_j^t + lambda Loss_ren (Eq. 3, 12); Loss_pure (Eq. 4);
+4. one backward of Loss_mixed + Loss_pure (their parameters are disjoint); the fused TBE optimizer
+   updates tables inside backward; Adam updates towers and SAN;
+5. reward r = Loss_pure - Loss_tgt (Eq. 5), averaged over ranks so every selector sees one r;
+6. the IFN trains the selector (REINFORCE every ``update_every`` steps in paper mode);
+7. every k steps the mixed network is copied into the pure network (§2.3.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cctl_rec import __version__
+from cctl_rec.config import TrainConfig, dump_yaml, to_dict
+from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches
+from cctl_rec.data.reader import ParquetStream, features_kjt
+from cctl_rec.distributed.env import init_distributed
+from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
+from cctl_rec.metrics import BinaryMetrics, selector_stats
+from cctl_rec.models.cctl import CCTL
+from cctl_rec.train.ifn import IFN, per_sample_influence
+from cctl_rec.train.losses import scn_losses
+from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
+from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
+
+logger = logging.getLogger(__name__)
+
+LOG_KEYS = ("loss_mixed", "loss_pure", "loss_tgt", "loss_src", "loss_ren", "reward", "cos_id", "cos_seq",
+            "p_mean", "p_clean", "p_harmful")
+
+
+def _allreduce_mean(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    ws = dist.get_world_size()
+    if ws == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(ws)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+class _PlannerLog(logging.Handler):
+    """Captures the planner's stats table (it logs it) for the run directory."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@torch.no_grad()
+def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: int, world: int,
+             networks: tuple[str, ...] = ("pure",)) -> dict[str, dict[str, float]]:
+    """AUC / logloss of each network on a target split, reduced across ranks."""
+    meters = {n: BinaryMetrics() for n in networks}
+    for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows):
+        for n in networks:
+            meters[n].update(module.predict(b.tgt, n), b.tgt_label)
+    return {n: m.compute() for n, m in meters.items()}
+
+
+@torch.no_grad()
+def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: int, world: int,
+                 rows: int = 32768) -> dict:
+    """Selector statistics on the first ``rows`` source train rows (all ranks together)."""
+    ss = data.schemas["src"]
+    stream = ParquetStream(data.paths("src/train"), ss, cfg.data.eval_batch_size, rank, world, drop_last=False)
+    ps, hs, seen = [], [], 0
+    for r in stream:
+        if seen >= rows // world:
+            break
+        seen += len(r)
+        kjt = features_kjt(r, ss, cfg.data.max_seq_len, cfg.data.long_seq)
+        x = module.source_repr(module.src(kjt).to_dict(), len(r))
+        ps.append(ifn.selector(x))
+        h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
+            else None
+        hs.append(torch.from_numpy(h.astype(bool)) if h is not None else torch.zeros(len(r), dtype=torch.bool))
+    p, h = _gather(torch.cat(ps)), _gather(torch.cat(hs))
+    return selector_stats(p, h, data.has_harmful)
+
+
+def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
+    """Trains CCTL (or the target-only DNN) and returns the metrics written to metrics.json."""
+    env = init_distributed(cfg.dist.device, cfg.dist.backend)
+    rank, world, device = env.rank, env.world_size, env.device
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    data = Dataset(cfg.data.path)
+    if rank == 0:
+        prepare_run_dir(run_dir)
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
+    with_source = cfg.model.name == "cctl"
+    if with_source and not data.has_split("src/train"):
+        raise ValueError(f"model.name=cctl needs a src/train split in {cfg.data.path}")
+    for split in ("tgt/train", "tgt/valid", "tgt/test"):
+        if not data.has_split(split):
+            raise ValueError(f"dataset {cfg.data.path} has no {split} split")
+    stream = TrainStream(data, cfg.data, rank, world, with_source)
+
+    # --- model: tables on meta, sparse optimizer fused, planned, sharded
+    torch.manual_seed(cfg.run.seed)
+    model = CCTL(data.schemas, cfg.model, with_source=with_source)
+    apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device.type)
+    cap = _PlannerLog()
+    plog = logging.getLogger("torchrec.distributed.planner.stats")
+    plog.addHandler(cap)
+    try:
+        plan = make_plan(model, world, device.type, cfg.dist.sharding, cfg.data.batch_size,
+                         pg=dist.GroupMember.WORLD)
+    finally:
+        plog.removeHandler(cap)
+    dmp = shard(model, plan, device)
+    module: CCTL = dmp.module
+    if rank == 0:
+        atomic_write_json(os.path.join(run_dir, "plan.json"), plan_to_json(plan))
+        atomic_write_text(os.path.join(run_dir, "plan.txt"), str(plan) + "\n\n" + "\n".join(cap.lines) + "\n")
+    dense = [p for name in ("mixed_tower", "san", "pure_tower") if hasattr(module, name)
+             for p in getattr(module, name).parameters()]
+    dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
+    dp_tables = DataParallelTables(module, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr)
+    torch.manual_seed(cfg.run.seed + 1000 + rank)  # per-rank randomness (Bernoulli actions)
+    ifn: Optional[IFN] = None
+    if with_source:
+        check_same_layout(module.mixed_tgt, module.pure_tgt)
+        ifn = IFN(cfg.selector, module.width)
+        sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
+    heldout = heldout_batches(data, cfg.data, rank, world) if with_source and (
+        cfg.scn.reward_source == "heldout_batch" or
+        (cfg.selector.mode == "influence" and cfg.selector.influence_target == "heldout_batch")) else None
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    total = stream.steps_per_epoch() * cfg.data.epochs
+    if cfg.run.steps:
+        total = min(total, cfg.run.steps)
+    logger.info("training %s: %d steps of %d target (+%d source) rows per rank, %d rank(s)",
+                cfg.model.name, total, cfg.data.batch_size, stream.src_batch if with_source else 0, world)
+    history: list[dict] = []
+    window = {k: 0.0 for k in LOG_KEYS}
+    n_in_window, syncs, t0, t_last = 0, 0, time.perf_counter(), time.perf_counter()
+    step = 0
+    bar = tqdm(total=total, disable=rank != 0, mininterval=5, desc="train", unit="step")
+    for batch in stream:
+        step += 1
+        if step > total:
+            break
+        batch = batch.to(device)
+        out = dmp(batch)
+        weights = logits = actions = None
+        if with_source:
+            assert ifn is not None
+            weights, logits, actions = ifn.weights(out.x_src, batch.src_harmful)
+        losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
+                            cfg.ren.weight if cfg.ren.enabled else 0.0)
+        reward = float(losses.reward)
+        hb = next(heldout) if heldout is not None else None
+        if with_source and cfg.scn.reward_source == "heldout_batch":
+            assert hb is not None
+            with torch.no_grad():
+                y = hb.tgt_label
+                reward = float(F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "pure"), y) -
+                               F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "mixed"), y))
+        infl = None
+        if ifn is not None and ifn.needs_influence:
+            if cfg.selector.influence_target == "heldout_batch":
+                assert hb is not None
+                with torch.no_grad():
+                    x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
+            else:
+                x_eval, y_eval = out.x_tgt, batch.tgt_label
+            infl = per_sample_influence(module.mixed_tower, out.x_src, batch.src_label, x_eval, y_eval)
+
+        dense_opt.zero_grad(set_to_none=True)
+        (losses.mixed + losses.pure).backward()
+        dense_opt.step()
+        dp_tables.step()
+
+        p = torch.sigmoid(logits.detach()) if logits is not None else None
+        h = batch.src_harmful
+        local = [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()), float(losses.src.detach()),
+                 float(losses.ren.detach()), reward, float(losses.cos_id), float(losses.cos_seq),
+                 float(p.mean()) if p is not None else 0.0,
+                 float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
+                 float(p[h].mean()) if p is not None and h.any() else 0.0]
+        glob = dict(zip(LOG_KEYS, _allreduce_mean(local)))
+        extra = {}
+        if ifn is not None:
+            extra = ifn.step(step, logits, glob["reward"], actions, h, infl)
+        if with_source and step % cfg.scn.sync_every == 0:
+            sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
+            syncs += 1
+            if writer:
+                writer.add_scalar("scn/sync", syncs, step)
+        for k in LOG_KEYS:
+            window[k] += glob[k]
+        n_in_window += 1
+        bar.update(1)
+        if step % cfg.run.log_every == 0 or step == total:
+            now = time.perf_counter()
+            avg = {k: v / n_in_window for k, v in window.items()}
+            exs = n_in_window * cfg.data.batch_size * world / (now - t_last)
+            row = {"step": step, **avg, "ex_per_s": exs, **extra}
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+                row["valid_auc"] = evaluate(module, data, "tgt/valid", cfg, rank, world)["pure"]["auc"]
+            history.append(row)
+            logger.info("step=%d loss=%.4f loss_pure=%.4f reward=%.5f p_mean=%.3f p_clean=%.3f p_harm=%.3f "
+                        "ren=%.4f ex/s=%.1fk%s", step, avg["loss_mixed"], avg["loss_pure"], avg["reward"],
+                        avg["p_mean"], avg["p_clean"], avg["p_harmful"], avg["loss_ren"], exs / 1e3,
+                        f" auc/valid={row['valid_auc']:.4f}" if "valid_auc" in row else "")
+            if writer:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        writer.add_scalar(f"train/{k}", v, step)
+                if p is not None:
+                    writer.add_histogram("selector/p", p, step)
+            window = {k: 0.0 for k in LOG_KEYS}
+            n_in_window, t_last = 0, now
+    bar.close()
+    steps = min(step, total)
+    elapsed = time.perf_counter() - t0
+
+    if with_source:  # final sync: what is served is the pure network
+        sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
+    valid = evaluate(module, data, "tgt/valid", cfg, rank, world)
+    test = evaluate(module, data, "tgt/test", cfg, rank, world)
+    sel = score_source(module, ifn, data, cfg, rank, world) if ifn is not None else None
+    metrics = {
+        "model": cfg.model.name if not with_source else f"cctl/{cfg.selector.mode}",
+        "steps": steps, "world_size": world, "tower": "pure",
+        "target_test": test["pure"], "target_valid": valid["pure"],
+        "selector": sel, "syncs": syncs + (1 if with_source else 0),
+        "selector_updates": ifn.rl.updates if ifn is not None and ifn.rl is not None else 0,
+        "train_samples_per_s": steps * cfg.data.batch_size * world / max(elapsed, 1e-9),
+        "train_seconds": elapsed, "data": cfg.data.path, "version": __version__,
+        "history": history,
+    }
+    if rank == 0:
+        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        if writer:
+            writer.add_scalar("eval/target_test_auc", test["pure"]["auc"], steps)
+            writer.add_scalar("eval/target_valid_auc", valid["pure"]["auc"], steps)
+            writer.close()
+        logger.info("done: %d steps in %.1fs; target test auc=%.4f logloss=%.4f (pure tower)%s", steps, elapsed,
+                    test["pure"]["auc"], test["pure"]["logloss"],
+                    "" if sel is None else f"; selector p_mean={sel['p_mean']:.3f} harmful_auc="
+                    f"{sel['harmful_auc'] if sel['harmful_auc'] is None else round(sel['harmful_auc'], 4)}")
+    dist.barrier()
+    return metrics

@@ -1,0 +1,112 @@
+"""Parquet -> KJT: layout, rank partitioning, truncation, and one-line errors on bad files."""
+
+import glob
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cctl_rec.config import DataConfig
+from cctl_rec.data.loader import build_batch
+from cctl_rec.data.reader import ParquetStream, features_kjt
+from cctl_rec.schema import synthetic_schemas
+from tests.tinydata import N_BRAND, N_CAT, N_ITEMS, N_USERS
+
+SCHEMAS = synthetic_schemas(N_USERS, N_ITEMS, N_CAT, N_BRAND, n_cities=30)
+
+
+def _files(root, split):
+    return sorted(glob.glob(f"{root}/{split}/*.parquet"))
+
+
+def test_kjt_layout_and_truncation(tiny_data):
+    ts = SCHEMAS["tgt"]
+    rows = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), ts, 16)))
+    kjt = features_kjt(rows, ts, max_seq_len=5)
+    assert kjt.keys() == ts.keys and kjt.stride() == 16
+    d = kjt.to_dict()
+    np.testing.assert_array_equal(d["t_user_id"].values().numpy(), rows.table.column("user_id").to_numpy())
+    seqs = rows.table.column("seq").to_pylist()
+    lens = d["t_seq"].lengths().tolist()
+    assert lens == [min(len(s), 5) for s in seqs]
+    got = d["t_seq"].values().tolist()
+    want = [x for s in seqs for x in s[-5:]]  # the newest 5 items
+    assert got == want
+
+
+def test_batch_holds_ren_rows_after_the_source_rows(tiny_data):
+    t = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 8)))
+    s = next(iter(ParquetStream(_files(tiny_data, "src/train"), SCHEMAS["src"], 24)))
+    b = build_batch(t, s, SCHEMAS, DataConfig(max_seq_len=20))
+    assert b.src.stride() == 24 + 8 and b.num_src == 24
+    d = b.src.to_dict()
+    np.testing.assert_array_equal(d["s_user_id"].values()[24:].numpy(), t.table.column("user_id").to_numpy())
+    assert int(d["s_age"].lengths()[24:].sum()) == 0           # other source features empty for REN rows
+    other = t.table.column("other_seq").to_pylist()
+    assert d["s_seq"].lengths()[24:].tolist() == [len(o) for o in other]
+    assert torch.equal(b.seq_mask, b.user_in_other & torch.tensor([len(x) > 0 and len(o) > 0 for x, o in
+                                                                    zip(t.table.column("seq").to_pylist(), other)]))
+
+
+def test_ranks_get_disjoint_equal_row_ranges(tiny_data):
+    files = _files(tiny_data, "tgt/valid")
+    parts = [[r.table.column("ts").to_pylist() for r in ParquetStream(files, SCHEMAS["tgt"], 100, rank, 2,
+                                                                      drop_last=False)] for rank in (0, 1)]
+    a = [x for b in parts[0] for x in b]
+    b = [x for b in parts[1] for x in b]
+    assert len(a) == len(b) and not set(zip(a, [0] * len(a))) & set(zip(b, [1] * len(b)))
+    assert len(parts[0]) == len(parts[1])
+
+
+def _write(path, table):
+    pq.write_table(table, path)
+    return str(path)
+
+
+def _tgt_table(tiny_data):
+    return pq.read_table(_files(tiny_data, "tgt/train")[0]).slice(0, 64)
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda t: t.drop_columns(["device"]), "lacks column(s) ['device'] of the tgt schema"),
+    (lambda t: t.set_column(t.schema.get_field_index("label"), "label", pa.array(np.full(64, 2, np.int8))),
+     "column 'label' has value 2; expected 0 or 1"),
+    (lambda t: t.set_column(t.schema.get_field_index("user_id"), "user_id", pa.array(np.full(64, -3))),
+     "column 'user_id' has negative id -3"),
+    (lambda t: t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(np.full(64, 10 ** 9))),
+     f"column 'item_id' has id 1000000000 >= table size {N_ITEMS}"),
+    (lambda t: t.set_column(t.schema.get_field_index("gender"), "gender", pa.array([None] * 64, pa.int64())),
+     "column 'gender' has 32 null value(s)"),
+    (lambda t: t.set_column(t.schema.get_field_index("hour"), "hour", pa.array(np.zeros(64, np.float32))),
+     "column 'hour' has type float, expected integer"),
+])
+def test_bad_rows_fail_with_one_line(tiny_data, tmp_path, mutate, msg):
+    path = _write(tmp_path / "bad.parquet", mutate(_tgt_table(tiny_data)))
+    with pytest.raises(ValueError) as e:
+        rows = next(iter(ParquetStream([path], SCHEMAS["tgt"], 32)))
+        build_batch(rows, None, SCHEMAS, DataConfig())
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    assert path in str(e.value)
+
+
+def test_source_file_given_as_target(tiny_data):
+    with pytest.raises(ValueError, match="lacks column"):
+        ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["src"], 32)
+
+
+def test_missing_empty_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ParquetStream([str(tmp_path / "nope.parquet")], SCHEMAS["tgt"], 8)
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 this is not parquet")
+    for name in ("empty.parquet", "junk.parquet"):
+        with pytest.raises(ValueError, match="is not a readable Parquet file"):
+            ParquetStream([str(tmp_path / name)], SCHEMAS["tgt"], 8)
+
+
+def test_long_sequences_fail_when_asked(tiny_data):
+    rows = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 64)))
+    with pytest.raises(ValueError, match="longer than data.max_seq_len=3"):
+        features_kjt(rows, SCHEMAS["tgt"], 3, long_seq="fail")

@@ -1,0 +1,120 @@
+"""Each paper equation pinned against a hand computation on a toy batch."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cctl_rec.data.batch import CCTLBatch
+from cctl_rec.models.cctl import CCTLOutput
+from cctl_rec.modules.ren import ren_loss
+from cctl_rec.modules.selector import Selector
+from cctl_rec.train.losses import scn_losses
+from cctl_rec.train.reinforce import Reinforce, RewardShaper
+
+
+def _bce(z, y):
+    p = 1 / (1 + math.exp(-z))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def _toy(weights_req_grad=False):
+    out = CCTLOutput(logit_tgt=torch.tensor([0.5, -1.0]), logit_pure=torch.tensor([0.2, -0.3]),
+                     logit_src=torch.tensor([2.0, -0.5, 0.1]))
+    from torchrec import KeyedJaggedTensor
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a"], values=torch.tensor([0, 1]), lengths=torch.tensor([1, 1]))
+    b = CCTLBatch(tgt=kjt, tgt_label=torch.tensor([1.0, 0.0]), user_in_other=torch.tensor([True, False]),
+                  item_in_other=torch.tensor([False, False]), seq_mask=torch.tensor([False, False]),
+                  src_label=torch.tensor([1.0, 1.0, 0.0]))
+    w = torch.tensor([0.9, 0.2, 0.5], requires_grad=weights_req_grad)
+    return out, b, w
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_eq3_eq4_eq5_against_hand_computation(reduction):
+    out, b, w = _toy()
+    L = scn_losses(out, b, w, reduction)
+    red = (lambda xs: sum(xs)) if reduction == "sum" else (lambda xs: sum(xs) / len(xs))
+    tgt = red([_bce(0.5, 1), _bce(-1.0, 0)])
+    src = red([0.9 * _bce(2.0, 1), 0.2 * _bce(-0.5, 1), 0.5 * _bce(0.1, 0)])
+    pure = red([_bce(0.2, 1), _bce(-0.3, 0)])
+    assert float(L.tgt) == pytest.approx(tgt, rel=1e-6)
+    assert float(L.src) == pytest.approx(src, rel=1e-6)
+    assert float(L.mixed) == pytest.approx(src + tgt, rel=1e-6)   # Eq. 3
+    assert float(L.pure) == pytest.approx(pure, rel=1e-6)         # Eq. 4
+    assert float(L.reward) == pytest.approx(pure - tgt, rel=1e-6)  # Eq. 5
+
+
+def test_tower_loss_never_trains_the_selector():
+    torch.manual_seed(0)
+    sel = Selector(4, (8,))
+    x = torch.randn(3, 4, requires_grad=True)
+    p = sel(x)
+    out, b, _ = _toy()
+    out.logit_src = out.logit_src.clone().requires_grad_(True)
+    L = scn_losses(out, b, p, "mean")
+    L.mixed.backward()
+    assert all(q.grad is None for q in sel.parameters())  # p is detached in Eq. 3
+    assert out.logit_src.grad is not None and out.logit_src.grad.abs().sum() > 0
+
+
+def test_eq12_ren_against_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 4.0]])
+    id_mask = torch.tensor([True, True, False])
+    s1 = torch.tensor([[1.0, 2.0], [2.0, 0.0]])
+    s2 = torch.tensor([[2.0, 4.0], [0.0, 1.0]])
+    seq_mask = torch.tensor([True, True])
+    loss, cid, cseq = ren_loss(a, b, id_mask, s1, s2, seq_mask)
+    want_id = (0.0 + 1 / math.sqrt(2)) / 2          # third pair masked out
+    want_seq = (1.0 + 0.0) / 2
+    assert float(cid) == pytest.approx(want_id, abs=1e-6)
+    assert float(cseq) == pytest.approx(want_seq, abs=1e-6)
+    assert float(loss) == pytest.approx(want_id - want_seq, abs=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_eq9_discounted_return_matches_brute_force(causal):
+    rng = np.random.default_rng(0)
+    n, gamma, alpha, n_src = 7, 0.8, 0.5, 5
+    g = [rng.normal(size=(3, 2)) for _ in range(n)]
+    r = rng.normal(size=n)
+    theta0 = rng.normal(size=(3, 2))
+    p = torch.nn.Parameter(torch.tensor(theta0))
+    rl = Reinforce([p], alpha=alpha, gamma=gamma, update_every=n, causal=causal)
+    for t in range(n):
+        rl.observe([torch.tensor(g[t])], float(r[t]), n_src)
+        assert rl.maybe_update(t + 1) == (t + 1 == n)
+    # brute force: sum_k g_k * r_accu_k, r_accu_k = sum_{j>=0} gamma^j r_{k+j}; causal: the first
+    # reward after step k (r_{k+1}) gets weight 1, r_accu_k = sum_{j>=1} gamma^(j-1) r_{k+j}
+    G = np.zeros((3, 2))
+    for k in range(n):
+        if causal:
+            racc = sum(gamma ** (t - k - 1) * r[t] for t in range(k + 1, n))
+        else:
+            racc = sum(gamma ** (t - k) * r[t] for t in range(k, n))
+        G += g[k] * racc
+    want = theta0 + alpha * G / (n * n_src)
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-10, atol=1e-12)
+    assert all(float(t.abs().sum()) == 0 for t in rl.trace + rl.acc)  # a new window starts
+
+
+def test_selector_logits_are_clamped_and_p_in_bounds():
+    sel = Selector(2, (4,), logit_clamp=3.0)
+    with torch.no_grad():
+        for q in sel.parameters():
+            q.fill_(100.0)
+    p = sel(torch.ones(5, 2))
+    assert torch.all(p <= torch.sigmoid(torch.tensor(3.0)) + 1e-7)
+
+
+def test_reward_shaper_baseline_and_norm():
+    s = RewardShaper(ema_baseline=0.5)
+    assert s(1.0) == 0.0          # first reward is its own baseline
+    assert s(3.0) == pytest.approx(2.0)   # baseline was 1.0, becomes 2.0
+    assert s(2.0) == pytest.approx(0.0)
+    n = RewardShaper(normalize=True)
+    assert n(4.0) == pytest.approx(1.0)
+    assert abs(n(-4.0)) == pytest.approx(1.0)

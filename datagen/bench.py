@@ -1,0 +1,135 @@
+"""Throughput and memory of the generator: rows/s per worker and peak RSS.
+
+``bench_datagen`` generates ``rows`` rows in shard-sized blocks (both domains, in the preset's
+source/target mix), first in memory only, then with the Parquet write to a temp directory, and
+extrapolates the time of the full ``meituan`` preset on a given number of cores.
+
+Run::
+
+    python -m datagen.bench --preset small --rows 2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+MEITUAN_ROWS = 250_000_000 + 1_200_000_000
+
+
+def _blocks(params: Any, rows: int) -> list[tuple[str, int]]:
+    """(domain, rows) blocks of at most shard_rows, interleaved in the preset's domain mix."""
+    per = min(int(params.knobs["shard_rows"]), rows)
+    share_src = params.src.samples / (params.src.samples + params.tgt.samples)
+    out, done, src_done = [], 0, 0
+    while done < rows:
+        n = min(per, rows - done)
+        d = "src" if src_done < share_src * (done + n) else "tgt"
+        src_done += n if d == "src" else 0
+        out.append((d, n))
+        done += n
+    return out
+
+
+def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, float]:
+    from datagen.generator import DAY, T0, Generator, calibrate
+    from datagen.pipeline import cardinalities, schemas_of
+    from datagen.presets import resolve
+    from datagen.writer import write_table
+
+    params = calibrate(resolve(preset, seed=seed))
+    gen = Generator(params)
+    schemas = schemas_of(params)
+    cols = {d: s.columns for d, s in schemas.items()}
+    card = {d: cardinalities(s) for d, s in schemas.items()}
+    rg = int(params.knobs["row_group_rows"])
+    blocks = _blocks(params, rows)
+    n_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="cctl-bench-") as tmp:
+        t0 = time.perf_counter()
+        for i, (d, n) in enumerate(blocks):
+            table = gen.shard_table(d, "train", i, n, T0, T0 + 24 * DAY, cols[d])
+            if write:
+                path = os.path.join(tmp, f"part-{i:05d}.parquet")
+                with open(path, "wb") as f:
+                    write_table(table, f, rg, card[d])
+                n_bytes += os.path.getsize(path)
+                os.remove(path)
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "rows": float(rows), "bytes": float(n_bytes),
+            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def _measure(preset: str, rows: int, workers: int, write: bool, seed: int) -> dict[str, float]:
+    """Runs the workers in fresh spawned processes, so RSS is the generator's alone."""
+    from datagen.pipeline import light_children
+
+    per = -(-rows // workers)
+    with light_children():
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    with pool:
+        res = list(pool.map(_one_worker, [preset] * workers, [per] * workers, [write] * workers,
+                            [seed + i for i in range(workers)]))
+    return {"seconds": max(r["seconds"] for r in res), "rows": float(per * workers),
+            "bytes": sum(r["bytes"] for r in res), "rss_mib": max(r["rss_mib"] for r in res)}
+
+
+def bench_datagen(preset: str = "small", rows: int = 2_000_000, workers: int = 1,
+                  cores: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Measures generator throughput.
+
+    Args:
+        preset: preset whose id spaces and knobs are used (``meituan`` proves memory stays flat).
+        rows: rows to generate per measurement (split over the workers).
+        workers: processes; rates are reported per worker.
+        cores: core count for the meituan extrapolation (one worker per core).
+        seed: dataset seed.
+
+    Returns:
+        dict with ``gen_rows_per_s_per_worker``, ``gen_write_rows_per_s_per_worker``,
+        ``bytes_per_row``, ``peak_rss_mib`` (max over the worker processes, each a fresh
+        spawned interpreter, so the caller's own imports do not count) and
+        ``meituan_minutes_on_<cores>_cores`` (gen + write, ideal scaling).
+    """
+    if workers < 1 or rows < 1:
+        raise ValueError(f"workers and rows must be >= 1, got workers={workers} rows={rows}")
+    gen = _measure(preset, rows, workers, False, seed)
+    full = _measure(preset, rows, workers, True, seed)
+    g_rate = gen["rows"] / gen["seconds"] / workers
+    w_rate = full["rows"] / full["seconds"] / workers
+    rss = max(gen["rss_mib"], full["rss_mib"])
+    out = {"preset": preset, "rows": int(full["rows"]), "workers": workers,
+           "gen_rows_per_s_per_worker": round(g_rate),
+           "gen_write_rows_per_s_per_worker": round(w_rate),
+           "bytes_per_row": round(full["bytes"] / full["rows"], 1),
+           "peak_rss_mib": round(rss, 1),
+           f"meituan_minutes_on_{cores}_cores": round(MEITUAN_ROWS / (w_rate * cores) / 60, 1)}
+    logger.info("datagen bench: %s", out)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datagen.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cores", type=int, default=64)
+    args = p.parse_args(argv)
+    print(json.dumps(bench_datagen(args.preset, args.rows, args.workers, args.cores)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,14 +104,21 @@ class DomainSchema:
         """KJT keys (domain-prefixed), same order as :attr:`columns`."""
         return [self.prefix + f.name for f in self.features]
 
-    def tables(self) -> list[tuple[str, int, list[str]]]:
-        """(table name, rows, KJT feature keys) per table, in first-use order."""
+    def tables(self, exclude: tuple[str, ...] = ()) -> list[tuple[str, int, list[str]]]:
+        """(table name, rows, KJT feature keys) per table, in first-use order; features named in
+        ``exclude`` (looked up in another domain's tables) are left out."""
         out: dict[str, tuple[int, list[str]]] = {}
         for f in self.features:
+            if f.name in exclude:
+                continue
             card = self.feature(f.table).cardinality if f.is_seq else f.cardinality
             rows, keys = out.setdefault(self.prefix + f.table, (card, []))
             keys.append(self.prefix + f.name)
         return [(name, rows, keys) for name, (rows, keys) in out.items()]
+
+    def keys_without(self, exclude: tuple[str, ...]) -> list[str]:
+        """KJT keys of the features not in ``exclude``."""
+        return [self.prefix + f.name for f in self.features if f.name not in exclude]
 
     def token_features(self, token: str) -> list[str]:
         """KJT keys of a token, in order; ``seq`` belongs to the user token."""
@@ -133,6 +140,28 @@ class DomainSchema:
             return DomainSchema(str(d["domain"]), feats)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed domain schema in manifest: missing {e}") from None
+
+
+ID_FEATURES = ("user_id", "item_id", SEQ_COLUMN)
+
+
+def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:
+    """Source features looked up in the target's (mixed network's) tables: same name, token and
+    cardinality in both domains, and not an ID feature. REN keeps the ID tables (user_id, item_id
+    and the sequences over item ids) separate per domain; attributes such as category or device
+    mean the same thing in both domains, so the mixed network shares their tables (switch:
+    ``model.share_attributes``)."""
+    out = []
+    for f in src.features:
+        if f.name in ID_FEATURES:
+            continue
+        try:
+            g = tgt.feature(f.name)
+        except KeyError:
+            continue
+        if g.token == f.token and g.cardinality == f.cardinality:
+            out.append(f.name)
+    return tuple(out)
 
 
 def synthetic_schemas(n_users: int, n_items: int, n_categories: int, n_brands: int,

@@ -39,8 +39,13 @@ def test_kjt_layout_and_truncation(tiny_data):
 def test_batch_holds_ren_rows_after_the_source_rows(tiny_data):
     t = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 8)))
     s = next(iter(ParquetStream(_files(tiny_data, "src/train"), SCHEMAS["src"], 24)))
-    b = build_batch(t, s, SCHEMAS, DataConfig(max_seq_len=20))
+    b = build_batch(t, s, SCHEMAS, DataConfig(max_seq_len=20), shared=("gender", "category"))
     assert b.src.stride() == 24 + 8 and b.num_src == 24
+    assert "s_gender" not in b.src.keys() and "s_age" in b.src.keys()
+    m = b.mixed.to_dict()   # target rows, then the source rows' shared attributes in target keys
+    assert b.mixed.stride() == 8 + 24 and b.mixed.keys() == SCHEMAS["tgt"].keys
+    np.testing.assert_array_equal(m["t_category"].values()[8:].numpy(), s.table.column("category").to_numpy())
+    assert int(m["t_user_id"].lengths()[8:].sum()) == 0
     d = b.src.to_dict()
     np.testing.assert_array_equal(d["s_user_id"].values()[24:].numpy(), t.table.column("user_id").to_numpy())
     assert int(d["s_age"].lengths()[24:].sum()) == 0           # other source features empty for REN rows

@@ -87,13 +87,14 @@ def _tiny_batch(root, rank, world, with_src=True):
     from cctl_rec.data.loader import build_batch
     from cctl_rec.data.reader import ParquetStream
     from tests.tinydata import N_BRAND, N_CAT, N_ITEMS, N_USERS
-    from cctl_rec.schema import synthetic_schemas
+    from cctl_rec.schema import shared_attributes, synthetic_schemas
 
     schemas = synthetic_schemas(N_USERS, N_ITEMS, N_CAT, N_BRAND, n_cities=30)
     cfg = DataConfig(batch_size=32, src_ratio=2)
     t = next(iter(ParquetStream(sorted(glob.glob(f"{root}/tgt/train/*.parquet")), schemas["tgt"], 32, rank, world)))
     s = next(iter(ParquetStream(sorted(glob.glob(f"{root}/src/train/*.parquet")), schemas["src"], 64, rank, world)))
-    return schemas, build_batch(t, s if with_src else None, schemas, cfg)
+    shared = shared_attributes(schemas["src"], schemas["tgt"])
+    return schemas, build_batch(t, s if with_src else None, schemas, cfg, shared)
 
 
 def _cctl_rank(rank, world, root, sharding):

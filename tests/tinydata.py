@@ -68,7 +68,7 @@ def write_tiny(root: str, n_tgt: int = 4096, n_src: int = 16384, seed: int = 0, 
         splits[split] = entries
     manifest = {"format": "cctl-rec/v1", "schema": {d: s.to_json() for d, s in schemas.items()},
                 "splits": splits, "split_rule": "test fixture", "max_seq_len": 20, "preset": "test",
-                "params": {}, "seed": seed, "version": "test", "stats": {"harmful_share": 0.34}}
+                "params": {}, "seed": seed, "version": "test", "stats": {}}
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return root

@@ -24,9 +24,12 @@ class CCTLBatch(Pipelineable):
         user_in_other, item_in_other: ``B_t`` bools, the target row's user / item exists in the
             source domain (REN id mask).
         seq_mask: ``B_t`` bools, both of the user's sequences are non-empty (REN sequence mask).
-        src: source features, ``B_s + B_t`` rows, keys ``s_*``: first the ``B_s`` source samples,
-            then, for REN, the target rows' user_id / item_id / other_seq looked up in the source
-            tables (other keys empty). ``None`` for target-only models.
+        src: source features with their own tables, ``B_s + B_t`` rows, keys ``s_*``: first the
+            ``B_s`` source samples, then, for REN, the target rows' user_id / item_id / other_seq
+            looked up in the source tables (other keys empty). ``None`` for target-only models.
+        mixed: the mixed network's target-table input, ``B_t + B_s`` rows, keys ``t_*``: the target
+            rows, then the source rows' shared attributes (other keys empty). ``None`` when no
+            source attribute is shared: the mixed network then reads ``tgt``.
         src_label: ``B_s`` float labels.
         src_harmful: ``B_s`` bools (ground truth, analysis only; all False when unknown).
     """
@@ -37,6 +40,7 @@ class CCTLBatch(Pipelineable):
     item_in_other: torch.Tensor
     seq_mask: torch.Tensor
     src: Optional[KeyedJaggedTensor] = None
+    mixed: Optional[KeyedJaggedTensor] = None
     src_label: Optional[torch.Tensor] = None
     src_harmful: Optional[torch.Tensor] = None
 

@@ -10,7 +10,7 @@ import torch
 from cctl_rec.config import DataConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import read_manifest, shard_paths
-from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, column_ids, features,
+from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, column_ids, features,
                                   labels, make_kjt)
 from cctl_rec.schema import DomainSchema
 
@@ -28,7 +28,9 @@ class Dataset:
         self.root = root
         self.manifest = read_manifest(root)
         self.schemas = {d: DomainSchema.from_json(self.manifest["schema"][d]) for d in ("src", "tgt")}
-        self.has_harmful = bool(self.manifest.get("stats", {}).get("harmful_share") is not None)
+        src = self.paths("src/train") if self.has_split("src/train") else []
+        self.has_harmful = bool(src) and "is_harmful" in _open(src[0]).schema_arrow.names
+        """The source rows carry the ground-truth ``is_harmful`` column (synthetic data)."""
 
     def paths(self, split: str) -> list[str]:
         return shard_paths(self.root, self.manifest, split)
@@ -38,8 +40,9 @@ class Dataset:
 
 
 def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, DomainSchema],
-                cfg: DataConfig) -> CCTLBatch:
-    """Target rows (+ source rows) -> one :class:`CCTLBatch` (see its docstring for the layout)."""
+                cfg: DataConfig, shared: tuple[str, ...] = ()) -> CCTLBatch:
+    """Target rows (+ source rows) -> one :class:`CCTLBatch` (see its docstring for the layout).
+    ``shared``: source attributes looked up in the target tables (``schema.shared_attributes``)."""
     ts, ss = schemas["tgt"], schemas["src"]
     tgt_feats = features(tgt, ts, cfg.max_seq_len, cfg.long_seq)
     seq_len = tgt_feats[ts.prefix + "seq"][1]
@@ -59,7 +62,12 @@ def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, D
                ss.prefix + "seq": (other_v, other_l)}
         for key in ("user_id", "item_id"):
             _ = column_ids(tgt, key, ss.feature(key).cardinality, cfg.max_seq_len)  # range check vs source tables
-        batch.src = make_kjt(ss.keys, [features(src, ss, cfg.max_seq_len, cfg.long_seq), ren], [len(src), len(tgt)])
+        src_feats = features(src, ss, cfg.max_seq_len, cfg.long_seq)
+        own = ss.keys_without(shared)
+        batch.src = make_kjt(own, [{k: src_feats[k] for k in own}, ren], [len(src), len(tgt)])
+        if shared:
+            as_tgt = {ts.prefix + n: src_feats[ss.prefix + n] for n in shared}
+            batch.mixed = make_kjt(ts.keys, [tgt_feats, as_tgt], [len(tgt), len(src)])
         batch.src_label = labels(src)
         batch.src_harmful = bool_column(src, "is_harmful")
     return batch
@@ -73,11 +81,13 @@ class TrainStream:
         cfg: data settings (batch size, source ratio, epochs, sequence length).
         rank, world_size: this rank's share.
         with_source: False for target-only models.
+        shared: source attributes looked up in the target tables.
     """
 
-    def __init__(self, data: Dataset, cfg: DataConfig, rank: int, world_size: int, with_source: bool = True
-                 ) -> None:
+    def __init__(self, data: Dataset, cfg: DataConfig, rank: int, world_size: int, with_source: bool = True,
+                 shared: tuple[str, ...] = ()) -> None:
         self.data, self.cfg, self.rank, self.world_size = data, cfg, rank, world_size
+        self.shared = shared
         self.tgt = ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], cfg.batch_size, rank, world_size)
         self.src_batch = int(round(cfg.batch_size * cfg.src_ratio))
         self.src = None
@@ -93,7 +103,7 @@ class TrainStream:
         for _ in range(self.cfg.epochs):
             for t in self.tgt:
                 s = next(src_it) if src_it is not None else None
-                yield build_batch(t, s, self.data.schemas, self.cfg)
+                yield build_batch(t, s, self.data.schemas, self.cfg, self.shared)
 
 
 def eval_batches(data: Dataset, split: str, cfg: DataConfig, rank: int, world_size: int,

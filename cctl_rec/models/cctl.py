@@ -18,7 +18,7 @@ from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.modules.embedding import build_ebc
 from cctl_rec.modules.san import SemanticAlign
 from cctl_rec.modules.tower import Tower
-from cctl_rec.schema import TOKENS, DomainSchema
+from cctl_rec.schema import ID_FEATURES, TOKENS, DomainSchema, shared_attributes
 
 
 @dataclass
@@ -84,9 +84,13 @@ class CCTL(nn.Module):
         width = sum(self.tgt_dims.values())
         self.pure_tgt = build_ebc(ts, d, device)
         self.pure_tower = Tower(width, cfg.tower)
+        shared = shared_attributes(ss, ts) if cfg.share_attributes else ()
+        if cfg.share_ids:
+            shared = tuple(f.name for f in ss.features if f.name in ID_FEATURES) + shared
+        self.shared: tuple[str, ...] = shared if with_source else ()
         if with_source:
             self.mixed_tgt = build_ebc(ts, d, device)
-            self.src = build_ebc(ss, d, device)
+            self.src = build_ebc(ss, d, device, exclude=self.shared)
             src_dims = {t: ss.token_width(t, d) for t in TOKENS}
             same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
                              [k[2:] for k in ts.token_features(t)])
@@ -108,10 +112,33 @@ class CCTL(nn.Module):
         tower = self.pure_tower if network == "pure" else self.mixed_tower
         return tower(self.target_repr(kjt, network))
 
-    def source_repr(self, src_pooled: dict[str, torch.Tensor], n_src: int) -> torch.Tensor:
-        """SAN-aligned source representation of the first ``n_src`` rows: B_s X W_t."""
-        aligned = self.san(_tokens(src_pooled, self.schemas["src"], slice(0, n_src)))
+    def source_repr(self, src_pooled: dict[str, torch.Tensor], n_src: int,
+                    shared_pooled: Optional[dict[str, torch.Tensor]] = None, shared_rows: slice = slice(None)
+                    ) -> torch.Tensor:
+        """SAN-aligned source representation: B_s X W_t. Own-table features come from the first
+        ``n_src`` rows of ``src_pooled``; shared attributes from ``shared_pooled[shared_rows]``
+        (the mixed target tables' output, keys ``t_*``)."""
+        ss, tp = self.schemas["src"], self.schemas["tgt"].prefix
+        tokens = {}
+        for t in TOKENS:
+            parts = []
+            for key in ss.token_features(t):
+                name = key[len(ss.prefix):]
+                if name in self.shared:
+                    assert shared_pooled is not None
+                    parts.append(shared_pooled[tp + name][shared_rows])
+                else:
+                    parts.append(src_pooled[key][:n_src])
+            tokens[t] = torch.cat(parts, dim=1)
+        aligned = self.san(tokens)
         return torch.cat([aligned[t] for t in TOKENS], dim=1)
+
+    def score_source(self, src_kjt: KeyedJaggedTensor, shared_kjt: Optional[KeyedJaggedTensor], n_src: int
+                     ) -> torch.Tensor:
+        """SAN-aligned representation of source-only KJTs (own tables; shared attributes in the
+        target layout), for scoring source rows outside training: B_s X W_t."""
+        shared = self.mixed_tgt(shared_kjt).to_dict() if shared_kjt is not None else None
+        return self.source_repr(self.src(src_kjt).to_dict(), n_src, shared)
 
     def forward(self, batch: CCTLBatch) -> CCTLOutput:
         ts, ss = self.schemas["tgt"], self.schemas["src"]
@@ -119,18 +146,24 @@ class CCTL(nn.Module):
         logit_pure = self.pure_tower(x_pure)
         if not self.with_source:
             return CCTLOutput(logit_tgt=None, logit_pure=logit_pure)
-        mixed = self.mixed_tgt(batch.tgt).to_dict()
-        tok = _tokens(mixed, ts, slice(None))
+        n_t = batch.tgt_label.shape[0]
+        mixed = self.mixed_tgt(batch.mixed if batch.mixed is not None else batch.tgt).to_dict()  # B_t (+ B_s) rows
+        tok = _tokens(mixed, ts, slice(0, n_t))
         x_tgt = torch.cat([tok[t] for t in TOKENS], dim=1)                  # B_t X W_t
-        n_s, n_t = batch.num_src, x_tgt.shape[0]
+        if batch.src is None:  # no source rows this step (data.src_ratio=0)
+            return CCTLOutput(logit_tgt=self.mixed_tower(x_tgt), logit_pure=logit_pure, x_tgt=x_tgt)
+        n_s = batch.num_src
         src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
-        x_src = self.source_repr(src, n_s)                                    # B_s X W_t
+        x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
         logits = self.mixed_tower(torch.cat([x_tgt, x_src], dim=0))           # one pass, B_t + B_s
         ren = slice(n_s, n_s + n_t)
         p = ss.prefix
+        if self.cfg.share_ids:  # one ID table per entity: nothing for REN to compare
+            return CCTLOutput(logit_tgt=logits[:n_t], logit_pure=logit_pure, logit_src=logits[n_t:],
+                              x_tgt=x_tgt, x_src=x_src)
         return CCTLOutput(
             logit_tgt=logits[:n_t], logit_pure=logit_pure, logit_src=logits[n_t:], x_tgt=x_tgt, x_src=x_src,
             ren_id_s=torch.cat([src[p + "user_id"][ren], src[p + "item_id"][ren]], dim=0),
-            ren_id_t=torch.cat([mixed[ts.prefix + "user_id"], mixed[ts.prefix + "item_id"]], dim=0),
-            ren_seq_s=src[p + "seq"][ren], ren_seq_t=mixed[ts.prefix + "seq"],
+            ren_id_t=torch.cat([mixed[ts.prefix + "user_id"][:n_t], mixed[ts.prefix + "item_id"][:n_t]], dim=0),
+            ren_seq_s=src[p + "seq"][ren], ren_seq_t=mixed[ts.prefix + "seq"][:n_t],
         )

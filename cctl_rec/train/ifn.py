@@ -122,7 +122,8 @@ class IFN:
         return p.detach(), logits, None
 
     def step(self, step: int, logits: torch.Tensor, reward: float, actions: Optional[torch.Tensor],
-             harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None) -> dict[str, float]:
+             harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None,
+             labels: Optional[torch.Tensor] = None) -> dict[str, float]:
         """Trains the selector after one SCN step; returns what it logs."""
         mode, out = self.cfg.mode, {}
         if self.rl is not None:
@@ -144,7 +145,15 @@ class IFN:
             self._apply(loss)
             out["selector_loss"] = float(loss)
         elif mode == "influence":
-            assert self.opt is not None and influence is not None
+            assert self.opt is not None and influence is not None and labels is not None
+            if self.cfg.influence_norm == "per_label":
+                # centre within each label class: removes the part every negative (or positive)
+                # sample shares, mostly the output bias, which carries no information on harm
+                influence = influence.clone()
+                for y in (0.0, 1.0):
+                    m = labels == y
+                    if m.any():
+                        influence[m] -= influence[m].mean()
             # Normalise by a running scale of |influence| so the step does not depend on the
             # loss scale; clip so a few outliers cannot dominate.
             scale = float(influence.abs().mean()) + 1e-12

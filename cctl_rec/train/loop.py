@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml, to_dict
 from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches
-from cctl_rec.data.reader import ParquetStream, features_kjt
+from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import init_distributed
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.metrics import BinaryMetrics, selector_stats
@@ -94,8 +94,12 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
         if seen >= rows // world:
             break
         seen += len(r)
-        kjt = features_kjt(r, ss, cfg.data.max_seq_len, cfg.data.long_seq)
-        x = module.source_repr(module.src(kjt).to_dict(), len(r))
+        feats = features(r, ss, cfg.data.max_seq_len, cfg.data.long_seq)
+        own = ss.keys_without(module.shared)
+        tp = data.schemas["tgt"]
+        shared_kjt = make_kjt(tp.keys, [{tp.prefix + n: feats[ss.prefix + n] for n in module.shared}], [len(r)]) \
+            if module.shared else None
+        x = module.score_source(make_kjt(own, [{k: feats[k] for k in own}], [len(r)]), shared_kjt, len(r))
         ps.append(ifn.selector(x))
         h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
             else None
@@ -115,16 +119,17 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         prepare_run_dir(run_dir)
         atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
     with_source = cfg.model.name == "cctl"
+    if with_source and cfg.data.src_ratio == 0:
+        raise ValueError("model.name=cctl needs source rows (data.src_ratio > 0); for target only use model.name=dnn")
     if with_source and not data.has_split("src/train"):
         raise ValueError(f"model.name=cctl needs a src/train split in {cfg.data.path}")
     for split in ("tgt/train", "tgt/valid", "tgt/test"):
         if not data.has_split(split):
             raise ValueError(f"dataset {cfg.data.path} has no {split} split")
-    stream = TrainStream(data, cfg.data, rank, world, with_source)
-
     # --- model: tables on meta, sparse optimizer fused, planned, sharded
     torch.manual_seed(cfg.run.seed)
     model = CCTL(data.schemas, cfg.model, with_source=with_source)
+    stream = TrainStream(data, cfg.data, rank, world, with_source, model.shared)
     apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device.type)
     cap = _PlannerLog()
     plog = logging.getLogger("torchrec.distributed.planner.stats")
@@ -166,7 +171,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     history: list[dict] = []
     window = {k: 0.0 for k in LOG_KEYS}
     n_in_window, syncs, t0, t_last = 0, 0, time.perf_counter(), time.perf_counter()
-    step = 0
+    step, reward_sum = 0, 0.0
     bar = tqdm(total=total, disable=rank != 0, mininterval=5, desc="train", unit="step")
     for batch in stream:
         step += 1
@@ -175,7 +180,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         batch = batch.to(device)
         out = dmp(batch)
         weights = logits = actions = None
-        if with_source:
+        if with_source and out.x_src is not None:
             assert ifn is not None
             weights, logits, actions = ifn.weights(out.x_src, batch.src_harmful)
         losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
@@ -189,7 +194,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                 reward = float(F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "pure"), y) -
                                F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "mixed"), y))
         infl = None
-        if ifn is not None and ifn.needs_influence:
+        if ifn is not None and ifn.needs_influence and out.x_src is not None:
             if cfg.selector.influence_target == "heldout_batch":
                 assert hb is not None
                 with torch.no_grad():
@@ -212,13 +217,14 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                  float(p[h].mean()) if p is not None and h.any() else 0.0]
         glob = dict(zip(LOG_KEYS, _allreduce_mean(local)))
         extra = {}
-        if ifn is not None:
-            extra = ifn.step(step, logits, glob["reward"], actions, h, infl)
+        if ifn is not None and logits is not None:
+            extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label)
         if with_source and step % cfg.scn.sync_every == 0:
             sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
             syncs += 1
             if writer:
                 writer.add_scalar("scn/sync", syncs, step)
+        reward_sum += glob["reward"]
         for k in LOG_KEYS:
             window[k] += glob[k]
         n_in_window += 1
@@ -256,7 +262,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         "model": cfg.model.name if not with_source else f"cctl/{cfg.selector.mode}",
         "steps": steps, "world_size": world, "tower": "pure",
         "target_test": test["pure"], "target_valid": valid["pure"],
-        "selector": sel, "syncs": syncs + (1 if with_source else 0),
+        "selector": sel, "reward_mean": reward_sum / max(steps, 1) if with_source else None,
+        "reward_source": cfg.scn.reward_source, "syncs": syncs + (1 if with_source else 0),
         "selector_updates": ifn.rl.updates if ifn is not None and ifn.rl is not None else 0,
         "train_samples_per_s": steps * cfg.data.batch_size * world / max(elapsed, 1e-9),
         "train_seconds": elapsed, "data": cfg.data.path, "version": __version__,

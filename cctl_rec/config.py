@@ -189,11 +189,20 @@ class RunConfig:
     """Evaluate on at most this many rows per split (0 = all)."""
     threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default)."""
+    checkpoint_every: int = 0
+    """Write a DCP checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    save_predictions: bool = False
+    """Write the pure tower's target test logits (row order) to predictions-tgt-test.parquet."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in the run directory, if there is one."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
         _check(self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}")
         _check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
+        _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True, kw_only=True)

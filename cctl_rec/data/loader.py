@@ -99,9 +99,16 @@ class TrainStream:
         return self.tgt.num_batches()
 
     def __iter__(self) -> Iterator[CCTLBatch]:
-        src_it = iter(self.src) if self.src is not None else None
-        for _ in range(self.cfg.epochs):
-            for t in self.tgt:
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0) -> Iterator[CCTLBatch]:
+        """Batches from step ``start_step`` on (a resumed run reads on where it stopped)."""
+        per_epoch = self.steps_per_epoch()
+        src_it = self.src.iterate(start_step * self.src_batch) if self.src is not None else None
+        first_epoch, within = divmod(start_step, per_epoch)
+        for epoch in range(first_epoch, self.cfg.epochs):
+            skip = within * self.cfg.batch_size if epoch == first_epoch else 0
+            for t in self.tgt.iterate(skip):
                 s = next(src_it) if src_it is not None else None
                 yield build_batch(t, s, self.data.schemas, self.cfg, self.shared)
 
@@ -119,9 +126,10 @@ def eval_batches(data: Dataset, split: str, cfg: DataConfig, rank: int, world_si
         yield build_batch(rows, None, data.schemas, cfg)
 
 
-def heldout_batches(data: Dataset, cfg: DataConfig, rank: int, world_size: int) -> Iterator[CCTLBatch]:
+def heldout_batches(data: Dataset, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0
+                    ) -> Iterator[CCTLBatch]:
     """Endless target batches of ``tgt/valid`` at the training batch size (held-out reward)."""
     stream = ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], cfg.batch_size, rank, world_size,
                            cycle=True)
-    for rows in stream:
+    for rows in stream.iterate(start_step * cfg.batch_size):
         yield build_batch(rows, None, data.schemas, cfg)

@@ -224,17 +224,17 @@ class ParquetStream:
         n = self.rows_per_rank
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _chunks(self) -> Iterator[tuple[pa.RecordBatch, str]]:
-        offset = 0
+    def _chunks(self, skip: int = 0) -> Iterator[tuple[pa.RecordBatch, str]]:
+        offset, start = 0, self.start + skip
         for path, pf, n in zip(self.paths, self.files, self.file_rows):
-            if offset + n <= self.start:
+            if offset + n <= start:
                 offset += n
                 continue
             if offset >= self.stop:
                 return
             for rg in range(pf.metadata.num_row_groups):
                 rg_rows = pf.metadata.row_group(rg).num_rows
-                lo, hi = max(self.start, offset), min(self.stop, offset + rg_rows)
+                lo, hi = max(start, offset), min(self.stop, offset + rg_rows)
                 if lo < hi:
                     rb = pf.read_row_group(rg)
                     yield rb.slice(lo - offset, hi - lo), path
@@ -242,10 +242,10 @@ class ParquetStream:
                 if offset >= self.stop:
                     return
 
-    def _once(self) -> Iterator[DomainRows]:
+    def _once(self, skip: int = 0) -> Iterator[DomainRows]:
         buf: list[pa.Table] = []
         have, path = 0, self.paths[0]
-        for chunk, path in self._chunks():
+        for chunk, path in self._chunks(skip):
             buf.append(chunk)
             have += chunk.num_rows
             while have >= self.batch_size:
@@ -257,7 +257,14 @@ class ParquetStream:
             yield DomainRows(pa.concat_tables(buf), path)
 
     def __iter__(self) -> Iterator[DomainRows]:
+        return self.iterate()
+
+    def iterate(self, skip_rows: int = 0) -> Iterator[DomainRows]:
+        """Batches from ``skip_rows`` rows into this rank's range (wrapping when cycling): the
+        read position a resumed run continues from."""
+        skip = skip_rows % self.rows_per_rank if self.cycle else skip_rows
         while True:
-            yield from self._once()
+            yield from self._once(skip)
+            skip = 0
             if not self.cycle:
                 return

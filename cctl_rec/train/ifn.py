@@ -173,6 +173,17 @@ class IFN:
         allreduce_mean_([p.grad for p in self.params])
         self.opt.step()
 
+    def meta(self) -> dict:
+        """The non-tensor state (for trainer.json)."""
+        return {"n": self.rl.n if self.rl else 0.0, "updates": self.rl.updates if self.rl else 0,
+                "shaper": self.shaper.state_dict(), "infl_scale": self.infl_scale}
+
+    def load_meta(self, m: dict) -> None:
+        if self.rl:
+            self.rl.n, self.rl.updates = float(m["n"]), int(m["updates"])
+        self.shaper.load_state_dict(m["shaper"])
+        self.infl_scale = m["infl_scale"]
+
     def state_dict(self) -> dict:
         return {"selector": self.selector.state_dict(),
                 "rl": self.rl.state_dict() if self.rl else None,

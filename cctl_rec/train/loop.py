@@ -35,6 +35,8 @@ from cctl_rec.metrics import BinaryMetrics, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
+from cctl_rec.data.manifest import atomic_write_bytes
+from cctl_rec.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
 
@@ -61,6 +63,18 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
+    """What a checkpoint must agree on to be loaded: model, training rule and data layout."""
+    import json
+
+    d = to_dict(cfg)
+    return {"model": json.dumps(d["model"], sort_keys=True), "selector": json.dumps(d["selector"], sort_keys=True),
+            "scn": json.dumps(d["scn"], sort_keys=True), "ren": json.dumps(d["ren"], sort_keys=True),
+            "optim": json.dumps(d["optim"], sort_keys=True),
+            "data": json.dumps({k: d["data"][k] for k in ("batch_size", "src_ratio", "max_seq_len", "epochs")}),
+            "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True)}
+
+
 class _PlannerLog(logging.Handler):
     """Captures the planner's stats table (it logs it) for the run directory."""
 
@@ -74,13 +88,27 @@ class _PlannerLog(logging.Handler):
 
 @torch.no_grad()
 def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: int, world: int,
-             networks: tuple[str, ...] = ("pure",)) -> dict[str, dict[str, float]]:
-    """AUC / logloss of each network on a target split, reduced across ranks."""
+             networks: tuple[str, ...] = ("pure",), keep_logits: bool = False) -> dict[str, Any]:
+    """AUC / logloss of each network on a target split, reduced across ranks (and, with
+    ``keep_logits``, the first network's logits of every rank in row order under "logits")."""
     meters = {n: BinaryMetrics() for n in networks}
+    kept = []
     for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows):
         for n in networks:
-            meters[n].update(module.predict(b.tgt, n), b.tgt_label)
-    return {n: m.compute() for n, m in meters.items()}
+            z = module.predict(b.tgt, n)
+            meters[n].update(z, b.tgt_label)
+            if keep_logits and n == networks[0]:
+                kept.append(z)
+    out: dict[str, Any] = {n: m.compute() for n, m in meters.items()}
+    if keep_logits:
+        z = torch.cat(kept) if kept else torch.zeros(0)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([z.numel()]))
+        n_max = int(max(s.item() for s in sizes))
+        parts = [torch.zeros(n_max) for _ in range(world)]
+        dist.all_gather(parts, torch.cat([z, torch.zeros(n_max - z.numel())]))
+        out["logits"] = torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    return out
 
 
 @torch.no_grad()
@@ -154,9 +182,27 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         check_same_layout(module.mixed_tgt, module.pure_tgt)
         ifn = IFN(cfg.selector, module.width)
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
-    heldout = heldout_batches(data, cfg.data, rank, world) if with_source and (
+
+    # --- resume from the newest complete checkpoint of this run directory
+    state = TrainState(dmp, dense_opt, dp_tables, ifn)
+    fingerprint = _fingerprint(cfg, data)
+    start, meta = 0, {}
+    ckpts = list_checkpoints(run_dir) if cfg.run.resume else []
+    if ckpts:
+        meta = load_checkpoint(ckpts[-1][1], state, fingerprint)
+        # keep the rows consumed when the world size changed (same world size: same step)
+        start = meta["step"] * meta["world_size"] // world
+        if ifn is not None:
+            ifn.load_meta(meta["ifn"])
+        logger.info("resumed from %s at step %d", ckpts[-1][1], start)
+    heldout = heldout_batches(data, cfg.data, rank, world, start) if with_source and (
         cfg.scn.reward_source == "heldout_batch" or
         (cfg.selector.mode == "influence" and cfg.selector.influence_target == "heldout_batch")) else None
+
+    def checkpoint(at: int) -> None:
+        save_checkpoint(run_dir, at, state, {
+            "fingerprint": fingerprint, "syncs": syncs, "reward_sum": reward_sum, "history": history,
+            "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints)
 
     writer = None
     if rank == 0:
@@ -168,12 +214,13 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         total = min(total, cfg.run.steps)
     logger.info("training %s: %d steps of %d target (+%d source) rows per rank, %d rank(s)",
                 cfg.model.name, total, cfg.data.batch_size, stream.src_batch if with_source else 0, world)
-    history: list[dict] = []
+    history: list[dict] = list(meta.get("history", []))
     window = {k: 0.0 for k in LOG_KEYS}
-    n_in_window, syncs, t0, t_last = 0, 0, time.perf_counter(), time.perf_counter()
-    step, reward_sum = 0, 0.0
-    bar = tqdm(total=total, disable=rank != 0, mininterval=5, desc="train", unit="step")
-    for batch in stream:
+    n_in_window, t0, t_last = 0, time.perf_counter(), time.perf_counter()
+    syncs, reward_sum = int(meta.get("syncs", 0)), float(meta.get("reward_sum", 0.0))
+    step = start
+    bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
+    for batch in stream.iterate(start) if start < total else ():
         step += 1
         if step > total:
             break
@@ -249,14 +296,18 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                     writer.add_histogram("selector/p", p, step)
             window = {k: 0.0 for k in LOG_KEYS}
             n_in_window, t_last = 0, now
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
+            checkpoint(step)
     bar.close()
     steps = min(step, total)
     elapsed = time.perf_counter() - t0
+    if steps > start or not ckpts:
+        checkpoint(steps)  # before the final sync, so a longer rerun continues the same run
 
     if with_source:  # final sync: what is served is the pure network
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
     valid = evaluate(module, data, "tgt/valid", cfg, rank, world)
-    test = evaluate(module, data, "tgt/test", cfg, rank, world)
+    test = evaluate(module, data, "tgt/test", cfg, rank, world, keep_logits=cfg.run.save_predictions)
     sel = score_source(module, ifn, data, cfg, rank, world) if ifn is not None else None
     metrics = {
         "model": cfg.model.name if not with_source else f"cctl/{cfg.selector.mode}",
@@ -265,11 +316,21 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         "selector": sel, "reward_mean": reward_sum / max(steps, 1) if with_source else None,
         "reward_source": cfg.scn.reward_source, "syncs": syncs + (1 if with_source else 0),
         "selector_updates": ifn.rl.updates if ifn is not None and ifn.rl is not None else 0,
-        "train_samples_per_s": steps * cfg.data.batch_size * world / max(elapsed, 1e-9),
+        "train_samples_per_s": (steps - start) * cfg.data.batch_size * world / max(elapsed, 1e-9),
+        "resumed_from_step": start if ckpts else None,
         "train_seconds": elapsed, "data": cfg.data.path, "version": __version__,
         "history": history,
     }
     if rank == 0:
+        if cfg.run.save_predictions:
+            import io
+
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            buf = io.BytesIO()
+            pq.write_table(pa.table({"logit": pa.array(test["logits"].numpy())}), buf)
+            atomic_write_bytes(os.path.join(run_dir, "predictions-tgt-test.parquet"), buf.getvalue())
         atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
         if writer:
             writer.add_scalar("eval/target_test_auc", test["pure"]["auc"], steps)

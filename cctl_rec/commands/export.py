@@ -1,0 +1,45 @@
+"""``cctl-rec export``: the served pure network of a finished run, unsharded, for CPU serving.
+
+Reads the run's newest checkpoint (written before the final sync): for CCTL the mixed network,
+which the final sync copies into the pure network; for the DNN the pure network. Writes
+``model.pt`` (weights only), ``program.pt2`` (``torch.export``) and ``serving.json``. Nothing of
+the source side (source tables, SAN, selector, REN) is in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the served (pure) network of a run", description=__doc__)
+    p.add_argument("--run-dir", required=True, help="a finished training run directory")
+    p.add_argument("--out", required=True, help="directory for the serving artifact")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cctl_rec.config import load_config
+    from cctl_rec.data.loader import Dataset
+    from cctl_rec.export import load_network_from_checkpoint, save_artifact
+    from cctl_rec.train.checkpoint import list_checkpoints
+
+    cfg_path = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{args.run_dir} has no config.yaml; is it a cctl-rec run directory?")
+    cfg = load_config(cfg_path)
+    ckpts = list_checkpoints(args.run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"{args.run_dir} holds no complete checkpoint to export")
+    step, ckpt = ckpts[-1]
+    schema = Dataset(cfg.data.path).schemas["tgt"]
+    network = "mixed" if cfg.model.name == "cctl" else "pure"
+    model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network)
+    meta = save_artifact(model, args.out, {"run_dir": os.path.abspath(args.run_dir), "step": step,
+                                           "model": cfg.model.name,
+                                           "network": "pure (mixed copied by the final sync)" if network == "mixed"
+                                           else "pure"}, cfg.data.max_seq_len)
+    print(json.dumps({"out": args.out, "step": step, "bytes": meta["bytes"], "program": meta["program"]}))
+    return 0

@@ -1,0 +1,154 @@
+"""The serving artifact: the pure network only (§3.4), unsharded, in plain PyTorch.
+
+``ServingModel`` needs neither TorchRec nor fbgemm: one ``nn.EmbeddingBag``-equivalent table per
+target table and the SCN tower, fed padded id tensors, so it exports with ``torch.export``.
+The artifact directory holds ``model.pt`` (a state dict of tensors, loaded with
+``weights_only=True``), ``program.pt2`` (the ``torch.export`` program) and ``serving.json``
+(written last: schema, sizes, where it came from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from cctl_rec.data.manifest import atomic_write_bytes
+from cctl_rec.modules.tower import Tower
+from cctl_rec.schema import TOKENS, DomainSchema
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cctl-rec-serving/v1"
+FILES = ("model.pt", "serving.json")
+
+
+class ServingModel(nn.Module):
+    """The pure network: target tables + SCN tower. ``forward(ids, seq, seq_len) -> logits``.
+
+    Args:
+        schema: the target domain's schema.
+        dim: embedding width.
+        tower: the tower's hidden widths.
+
+    Inputs:
+        ids: B X F_single int64, the single-id features in ``single_features`` order.
+        seq: B X L int64, the behaviour sequence, left-aligned, padded with any valid id.
+        seq_len: B int64, the number of valid items in each row (mean pooling; 0 -> zeros).
+    """
+
+    def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...]) -> None:
+        super().__init__()
+        self.schema, self.dim = schema, dim
+        self.tables = nn.ParameterDict({name[2:]: nn.Parameter(torch.zeros(rows, dim))
+                                        for name, rows, _ in schema.tables()})
+        self.single_features = [f.name for f in schema.features if not f.is_seq]
+        self.table_of = {f.name: f.table for f in schema.features}
+        self.order = [k[len(schema.prefix):] for t in TOKENS for k in schema.token_features(t)]
+        self.tower = Tower(dim * len(self.order), tower)
+
+    def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        pooled = {}
+        for j, name in enumerate(self.single_features):
+            pooled[name] = self.tables[self.table_of[name]][ids[:, j]]                        # B X D
+        emb = self.tables[self.table_of["seq"]][seq]                                          # B X L X D
+        mask = (torch.arange(seq.shape[1]).unsqueeze(0) < seq_len.unsqueeze(1)).to(emb.dtype)  # B X L
+        pooled["seq"] = (emb * mask.unsqueeze(-1)).sum(1) / seq_len.clamp_min(1).unsqueeze(1).to(emb.dtype)
+        return self.tower(torch.cat([pooled[n] for n in self.order], dim=1))
+
+
+def load_network_from_checkpoint(ckpt: str, schema: DomainSchema, dim: int, tower: tuple[int, ...],
+                                 network: str) -> ServingModel:
+    """Reads one network's target tables and tower (``network`` = "mixed" or "pure") out of a DCP
+    training checkpoint into an unsharded :class:`ServingModel` (no process group needed)."""
+    model = ServingModel(schema, dim, tower)
+    flat: dict[str, torch.Tensor] = {}
+    for name, _, _ in schema.tables():
+        flat[f"model/{network}_tgt.embedding_bags.{name}.weight"] = model.tables[name[2:]].data
+    for k, v in model.tower.state_dict().items():
+        flat[f"model/{network}_tower.{k}"] = v
+    try:
+        dcp.load(flat, checkpoint_id=ckpt, no_dist=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {ckpt} does not hold the {network} network of this model "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    model.tower.load_state_dict({k[len(f"model/{network}_tower."):]: v for k, v in flat.items()
+                                 if k.startswith(f"model/{network}_tower.")})
+    return model.eval()
+
+
+def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+    """Writes model.pt, program.pt2 and (last) serving.json into ``out``; returns serving.json."""
+    os.makedirs(out, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, buf)
+    atomic_write_bytes(os.path.join(out, "model.pt"), buf.getvalue())
+    program = None
+    try:
+        b = 4
+        ex = (torch.zeros(b, len(model.single_features), dtype=torch.long),
+              torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
+        batch = torch.export.Dim("batch", min=1)
+        ep = torch.export.export(model, ex, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        atomic_write_bytes(os.path.join(out, "program.pt2"), buf.getvalue())
+        program = "program.pt2"
+    except Exception as e:  # the state dict stays the artifact; say why the program is missing
+        logger.warning("torch.export failed, serving program not written: %s", str(e).splitlines()[0])
+    meta = {"format": FORMAT, "schema": model.schema.to_json(), "embedding_dim": model.dim,
+            "tower": list(_tower_hidden(model)), "max_seq_len": max_seq_len,
+            "single_features": model.single_features, "program": program,
+            "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in ("model.pt", "program.pt2")
+                      if os.path.exists(os.path.join(out, f))}, **info}
+    atomic_write_bytes(os.path.join(out, "serving.json"), (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
+
+
+def _tower_hidden(model: ServingModel) -> tuple[int, ...]:
+    return tuple(m.out_features for m in model.tower.net if isinstance(m, nn.Linear))[:-1]
+
+
+def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
+    """Loads an export directory (state dict with ``weights_only=True``; no pickled objects)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"model directory {path} lacks {missing}; is it a `cctl-rec export` output?")
+    with open(os.path.join(path, "serving.json")) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}/serving.json is not valid JSON ({e.msg})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/serving.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+    schema = DomainSchema.from_json(meta["schema"])
+    model = ServingModel(schema, int(meta["embedding_dim"]), tuple(meta["tower"]))
+    state = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def padded_inputs(table, schema: DomainSchema, single: list[str], max_seq_len: int, path: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pyarrow table of target rows -> (ids B X F, seq B X L, seq_len B), range-checked."""
+    from cctl_rec.data.reader import DomainRows, column_ids
+
+    rows = DomainRows(table, path)
+    n = len(rows)
+    ids = np.stack([column_ids(rows, name, schema.feature(name).cardinality, max_seq_len)[0]
+                    for name in single], axis=1) if single else np.zeros((n, 0), np.int64)
+    v, lens = column_ids(rows, "seq", schema.feature("seq").cardinality, max_seq_len)
+    seq = np.zeros((n, max_seq_len), np.int64)
+    pos = np.arange(v.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    seq[np.repeat(np.arange(n), lens), pos] = v
+    return torch.from_numpy(ids), torch.from_numpy(seq), torch.from_numpy(lens)

@@ -1,0 +1,116 @@
+"""Resume gives the same run; checkpoints refuse other models; export serves only the pure network."""
+
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cctl_rec.cli import main
+from tests.dist_harness import run_distributed
+
+BASE = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.log_every=4",
+        "scn.sync_every=6", "selector.update_every=4", "run.max_eval_rows=512", "selector.mode=bernoulli",
+        "selector.ema_baseline=0.5", "scn.reward_source=heldout_batch"]
+
+
+def _train(data, run_dir, steps, *extra):
+    return main(["train", "--data", data, "--run-dir", str(run_dir), *BASE, f"run.steps={steps}", *extra])
+
+
+def _m(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {k: m[k] for k in ("target_test", "target_valid", "selector", "reward_mean", "steps", "syncs")}
+
+
+def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path):
+    assert _train(tiny_data, tmp_path / "full", 14) == 0
+    assert _train(tiny_data, tmp_path / "cut", 5, "run.checkpoint_every=3") == 0   # "killed" after step 5
+    assert _train(tiny_data, tmp_path / "cut", 14) == 0                             # resumes at 5
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["resumed_from_step"] == 5
+    assert _m(tmp_path / "full") == _m(tmp_path / "cut")
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-00000005", "step-00000014"]
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_used(tiny_data, tmp_path):
+    assert _train(tiny_data, tmp_path / "r", 6) == 0
+    half = tmp_path / "r" / "checkpoints" / ".step-00000009.tmp"
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"partial")
+    assert _train(tiny_data, tmp_path / "r", 10) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["resumed_from_step"] == 6
+
+
+def test_checkpoint_of_another_config_is_refused(tiny_data, tmp_path, capsys):
+    assert _train(tiny_data, tmp_path / "r", 4) == 0
+    rc = _train(tiny_data, tmp_path / "r", 8, "model.tower=[64,16]")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "was made by a different model or config: model is" in err
+
+
+def _dist_train(rank, world, data, run_dir, steps, extra):
+    from cctl_rec.config import load_config
+    from cctl_rec.train.loop import train
+
+    cfg = load_config(None, BASE + [f"data.path={data}", f"run.steps={steps}", *extra])
+    m = train(cfg, run_dir)
+    return {k: m[k] for k in ("target_test", "selector", "reward_mean", "steps", "resumed_from_step")}
+
+
+@pytest.mark.dist
+def test_two_rank_resume_and_reload_on_one_rank(tiny_data, tmp_path):
+    full = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "full"), 10, ["dist.sharding=table_wise"])
+    run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 4, ["dist.sharding=table_wise"])
+    cut = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 10, ["dist.sharding=table_wise"])
+    assert cut[0]["resumed_from_step"] == 4
+    for k in ("target_test", "selector", "reward_mean"):
+        assert cut[0][k] == full[0][k], k
+    # the 2-rank checkpoint loads on 1 rank (resharded by DCP) and training goes on
+    shutil.copytree(tmp_path / "full", tmp_path / "one")
+    one = run_distributed(_dist_train, 1, tiny_data, str(tmp_path / "one"), 24, ["dist.sharding=table_wise"])
+    assert one[0]["resumed_from_step"] == 20 and one[0]["steps"] == 24
+
+
+def test_export_serves_only_the_pure_network_and_predict_matches_training(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, 10, "run.save_predictions=true", "run.max_eval_rows=0") == 0
+    assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "model")]) == 0
+    state = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert set(state) == {f"tables.{t}" for t in ("user_id", "gender", "device", "item_id", "category", "brand",
+                                                  "hour", "position")} | {k for k in state if k.startswith("tower.")}
+    assert not [k for k in state if any(s in k for s in ("san", "selector", "src", "mixed", "ren"))]
+    meta = json.loads((tmp_path / "model" / "serving.json").read_text())
+    assert meta["bytes"]["model.pt"] > 0 and meta["program"] == "program.pt2"
+    out = tmp_path / "pred.parquet"
+    assert main(["predict", "--model", str(tmp_path / "model"), "--data", tiny_data, "--out", str(out)]) == 0
+    got = torch.tensor(pq.read_table(out).column("logit").to_numpy())
+    want = torch.tensor(pq.read_table(run / "predictions-tgt-test.parquet").column("logit").to_numpy())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    program = torch.export.load(str(tmp_path / "model" / "program.pt2"))
+    from cctl_rec.export import load_artifact, padded_inputs
+    model, meta = load_artifact(str(tmp_path / "model"))
+    table = pq.read_table(os.path.join(tiny_data, "tgt/test/part-00000.parquet")).slice(0, 7)
+    ids, seq, lens = padded_inputs(table, model.schema, model.single_features, meta["max_seq_len"], "t")
+    torch.testing.assert_close(program.module()(ids, seq, lens), model(ids, seq, lens))
+
+
+@pytest.mark.parametrize("remove", ["model.pt", "serving.json"])
+def test_export_dir_with_missing_files(tiny_data, tmp_path, capsys, remove):
+    assert _train(tiny_data, tmp_path / "run", 4) == 0
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 0
+    os.remove(tmp_path / "m" / remove)
+    rc = main(["predict", "--model", str(tmp_path / "m"), "--data", tiny_data, "--out", str(tmp_path / "p.parquet")])
+    assert rc == 2 and f"lacks ['{remove}']" in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_predict_on_source_schema_fails_cleanly(tiny_data, tmp_path, capsys):
+    assert _train(tiny_data, tmp_path / "run", 4) == 0
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 0
+    rc = main(["predict", "--model", str(tmp_path / "m"), "--data", tiny_data, "--split", "src/train",
+               "--out", str(tmp_path / "p.parquet")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lacks column(s) ['position'] of the tgt schema" in err

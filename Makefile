@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cctl-installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): requirements/cpu.txt setup.cfg
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,11 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+# Everything: unit, 2-rank gloo, and end to end through torchx (torchx needs the venv's bin on PATH).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-all: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs data

@@ -64,7 +64,9 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
         x_src: B_s X W aligned source rows; y_src: B_s labels.
         x_eval: B_e X W target rows; y_eval: B_e labels.
     """
-    params = [p for p in tower.parameters() if p.requires_grad]
+    # The output bias is left out: its gradient is the batch's calibration error, shared by every
+    # sample of a label, and it swamps the per-sample signal (tests/test_equations.py pins the rest).
+    params = [p for n, p in tower.named_parameters() if p.requires_grad and not (n == _last_bias(tower))]
     with torch.enable_grad():
         l_eval = F.binary_cross_entropy_with_logits(tower(x_eval.detach()), y_eval)
         g_eval = torch.autograd.grad(l_eval, params)
@@ -74,6 +76,11 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
         dot = sum((a * b).sum() for a, b in zip(g_src, g_eval))
         (infl,) = torch.autograd.grad(dot, eps)
     return infl.detach()
+
+
+def _last_bias(tower: nn.Module) -> str:
+    names = [n for n, _ in tower.named_parameters() if n.endswith("bias")]
+    return names[-1] if names else ""
 
 
 class IFN:

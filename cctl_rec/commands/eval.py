@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="result table of finished runs", description=__doc__)
     p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.json")
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.add_argument("--by-seed", action="store_true",
+                   help="group runs named NAME-s<seed> and report mean ± std over seeds")
     p.set_defaults(func=run)
 
 
@@ -42,8 +44,37 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _stat(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def grouped(rows: list[tuple[str, dict]]) -> str:
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for name, m in rows:
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(m)
+    lines = ["| runs | seeds | test AUC | test logloss | p_clean | p_harm | harmful AUROC | mean reward |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g, ms in groups.items():
+        sel = [m.get("selector") or {} for m in ms]
+        lines.append(f"| {g} | {len(ms)} | {_stat([m['target_test']['auc'] for m in ms])} | "
+                     f"{_stat([m['target_test']['logloss'] for m in ms])} | {_stat([s.get('p_clean') for s in sel])} | "
+                     f"{_stat([s.get('p_harmful') for s in sel])} | {_stat([s.get('harmful_auc') for s in sel])} | "
+                     f"{_stat([m.get('reward_mean') for m in ms])} |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     rows = [(os.path.basename(os.path.normpath(d)), load_metrics(d)) for d in args.run_dirs]
+    if args.by_seed:
+        print(grouped(rows))
+        return 0
     if args.json:
         print(json.dumps({n: {k: v for k, v in m.items() if k != "history"} for n, m in rows}, indent=2))
     else:

@@ -10,7 +10,7 @@ cctl-rec datagen --preset "$PRESET" --out "$DATA" --workers 2
 for model in cctl dnn; do
   rm -rf "$RUNS/$model"
   torchx run -s local_cwd --log launch/components.py:train --j 1x2 --config "configs/${model}_small.yaml" \
-    --data "$DATA" --run_dir "$RUNS/$model" 2>&1 | grep -E "cctl_rec|error|Error|FAILED|SUCCEEDED" || true
+    --data "$DATA" --run_dir "$RUNS/$model" 2>&1 | grep -E "done:|rror|FAILED|SUCCEEDED" || true
   test -f "$RUNS/$model/metrics.json" || { echo "training $model failed; rerun the torchx line above to see its log" >&2; exit 1; }
 done
 echo

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The issue-9/10 study on `small`: target-only DNN vs CCTL with each selector mode, 2 gloo ranks
 # through torchx, one pass over the target train split; then the result table.
-# Usage: scripts/selector_study.sh [DATA] [OUT] [SEEDS]   (needs the venv's bin on PATH)
+# Usage: scripts/selector_study.sh [DATA] [OUT] [SEEDS] [ONLY]   (needs the venv's bin on PATH)
+# ONLY: an extended regex of run names to run (default: all).
 set -euo pipefail
 DATA=${1:-data/small}
 OUT=${2:-runs/study}
 SEEDS=${3:-"0 1"}
+ONLY=${4:-.}
 run() {  # name, then config overrides
   local name=$1; shift
+  [[ $name =~ $ONLY ]] || return 0
   for seed in $SEEDS; do
     local dir="$OUT/$name-s$seed"
     [ -f "$dir/metrics.json" ] && continue

@@ -32,3 +32,14 @@ def test_eval_of_a_missing_run_is_one_line(tmp_path, capsys):
 def test_doctor_reports_the_tested_stack(capsys):
     assert main(["doctor"]) == 0
     assert "OK (tested combination)" in capsys.readouterr().out
+
+
+def test_bench_datagen_measures_real_generation(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "datagen", "--preset", "tiny", "--rows", "30000", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"] >= 30000 and res["gen_rows_per_s_per_worker"] > 0
+    assert res["gen_write_rows_per_s_per_worker"] > 0 and res["peak_rss_mib"] > 0 and res["bytes_per_row"] > 0
+    assert main(["bench", "datagen", "--preset", "huge"]) == 2

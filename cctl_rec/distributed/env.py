@@ -57,3 +57,16 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
                   backend)
     logger.info("rank %d of %d on %s (%s)", env.rank, env.world_size, dev, backend)
     return env
+
+
+def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Averages tensors across ranks in place, with one all_reduce (a no-op on one rank)."""
+    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()

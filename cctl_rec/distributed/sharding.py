@@ -25,6 +25,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from cctl_rec.distributed.env import allreduce_mean_
+
 logger = logging.getLogger(__name__)
 
 CPU_SHARDING = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
@@ -142,15 +144,7 @@ class DataParallelTables:
     def step(self) -> None:
         if self.opt is None:
             return
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        if grads and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+        allreduce_mean_([p.grad for p in self.params.values() if p.grad is not None])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cctl_rec.config import SelectorConfig
+from cctl_rec.distributed.env import allreduce_mean_
 from cctl_rec.modules.selector import Selector
 from cctl_rec.train.reinforce import Reinforce, RewardShaper
 
@@ -31,20 +32,6 @@ logger = logging.getLogger(__name__)
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Averages tensors across ranks in place (one all_reduce)."""
-    ws = _world()
-    if ws == 1 or not tensors:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= ws
-    off = 0
-    for t in tensors:
-        t.copy_(flat[off:off + t.numel()].view_as(t))
-        off += t.numel()
 
 
 def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Tensor, x_eval: torch.Tensor,

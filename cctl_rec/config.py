@@ -114,8 +114,6 @@ class SelectorConfig:
     """influence mode: scale = divide by a running mean |influence|; per_label = also centre it
     within each label class first. A sample's first-order influence is dominated by its label
     (every negative moves the output bias the same way), which says nothing about harm."""
-    influence_ema: float = 0.0
-    """influence mode: EMA decay of the per-sample influence target across steps (0 = none)."""
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, f"selector.alpha must be >= 0, got {self.alpha}")
@@ -124,7 +122,6 @@ class SelectorConfig:
         _check(self.lr > 0, f"selector.lr must be > 0, got {self.lr}")
         _check(self.logit_clamp > 0, f"selector.logit_clamp must be > 0, got {self.logit_clamp}")
         _check(0.0 <= self.ema_baseline < 1.0, f"selector.ema_baseline must be in [0, 1), got {self.ema_baseline}")
-        _check(0.0 <= self.influence_ema < 1.0, f"selector.influence_ema must be in [0, 1), got {self.influence_ema}")
         _check(all(h > 0 for h in self.hidden), f"selector.hidden widths must be > 0, got {list(self.hidden)}")
 
 

@@ -177,18 +177,3 @@ class IFN:
             self.rl.n, self.rl.updates = float(m["n"]), int(m["updates"])
         self.shaper.load_state_dict(m["shaper"])
         self.infl_scale = m["infl_scale"]
-
-    def state_dict(self) -> dict:
-        return {"selector": self.selector.state_dict(),
-                "rl": self.rl.state_dict() if self.rl else None,
-                "opt": self.opt.state_dict() if self.opt else None,
-                "shaper": self.shaper.state_dict(), "infl_scale": self.infl_scale}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.selector.load_state_dict(s["selector"])
-        if self.rl and s["rl"]:
-            self.rl.load_state_dict(s["rl"])
-        if self.opt and s["opt"]:
-            self.opt.load_state_dict(s["opt"])
-        self.shaper.load_state_dict(s["shaper"])
-        self.infl_scale = s["infl_scale"]

@@ -117,14 +117,3 @@ class Reinforce:
             self.update()
             return True
         return False
-
-    def state_dict(self) -> dict:
-        return {"trace": [t.clone() for t in self.trace], "acc": [a.clone() for a in self.acc], "n": self.n,
-                "updates": self.updates}
-
-    def load_state_dict(self, s: dict) -> None:
-        for t, v in zip(self.trace, s["trace"]):
-            t.copy_(v)
-        for a, v in zip(self.acc, s["acc"]):
-            a.copy_(v)
-        self.n, self.updates = float(s["n"]), int(s["updates"])

@@ -10,7 +10,7 @@ import torch
 from cctl_rec.config import DataConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import read_manifest, shard_paths
-from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, column_ids, features,
+from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, check_range, column_ids, features,
                                   labels, make_kjt)
 from cctl_rec.schema import DomainSchema
 
@@ -39,6 +39,15 @@ class Dataset:
         return bool(self.manifest["splits"].get(split))
 
 
+def split_source(src_feats: dict[str, tuple], schemas: dict[str, DomainSchema], shared: tuple[str, ...]
+                 ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Source features -> (those looked up in the source tables, keyed ``s_*`` in schema order;
+    the shared attributes, re-keyed ``t_*`` for the mixed network's target tables)."""
+    ts, ss = schemas["tgt"], schemas["src"]
+    own = {k: src_feats[k] for k in ss.keys_without(shared)}
+    return own, {ts.prefix + n: src_feats[ss.prefix + n] for n in shared}
+
+
 def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, DomainSchema],
                 cfg: DataConfig, shared: tuple[str, ...] = ()) -> CCTLBatch:
     """Target rows (+ source rows) -> one :class:`CCTLBatch` (see its docstring for the layout).
@@ -60,13 +69,11 @@ def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, D
         ren = {ss.prefix + "user_id": tgt_feats[ts.prefix + "user_id"],
                ss.prefix + "item_id": tgt_feats[ts.prefix + "item_id"],
                ss.prefix + "seq": (other_v, other_l)}
-        for key in ("user_id", "item_id"):
-            _ = column_ids(tgt, key, ss.feature(key).cardinality, cfg.max_seq_len)  # range check vs source tables
-        src_feats = features(src, ss, cfg.max_seq_len, cfg.long_seq)
-        own = ss.keys_without(shared)
-        batch.src = make_kjt(own, [{k: src_feats[k] for k in own}, ren], [len(src), len(tgt)])
+        for key in ("user_id", "item_id"):  # the target's ids must also fit the source tables
+            check_range(ren[ss.prefix + key][0], ss.feature(key).cardinality, tgt.path, key)
+        own, as_tgt = split_source(features(src, ss, cfg.max_seq_len, cfg.long_seq), schemas, shared)
+        batch.src = make_kjt(list(own), [own, ren], [len(src), len(tgt)])
         if shared:
-            as_tgt = {ts.prefix + n: src_feats[ss.prefix + n] for n in shared}
             batch.mixed = make_kjt(ts.keys, [tgt_feats, as_tgt], [len(tgt), len(src)])
         batch.src_label = labels(src)
         batch.src_harmful = bool_column(src, "is_harmful")

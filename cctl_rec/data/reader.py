@@ -106,7 +106,7 @@ def _int_column(table: pa.Table, name: str, path: str) -> np.ndarray:
     return col.to_numpy().astype(np.int64, copy=False)
 
 
-def _check_range(values: np.ndarray, card: int, path: str, name: str) -> None:
+def check_range(values: np.ndarray, card: int, path: str, name: str) -> None:
     if values.size == 0:
         return
     lo, hi = int(values.min()), int(values.max())
@@ -125,7 +125,7 @@ def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_se
         v, l = _list_values(rows.table.column(name), max_seq_len, rows.path, name, long_seq)
     else:
         v, l = _int_column(rows.table, name, rows.path), np.ones(len(rows), dtype=np.int64)
-    _check_range(v, card, rows.path, name)
+    check_range(v, card, rows.path, name)
     return v, l
 
 
@@ -214,7 +214,6 @@ class ParquetStream:
             raise ValueError(f"the {schema.domain} split gives {per} rows per rank, fewer than one batch of "
                              f"{batch_size}; lower data.batch_size or use fewer ranks")
         self.start, self.stop = rank * per, (rank + 1) * per
-        self.columns = [c for c in self.files[0].schema_arrow.names]
 
     @property
     def rows_per_rank(self) -> int:

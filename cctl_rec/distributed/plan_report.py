@@ -11,14 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import torch
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import PlannerError
 
 from cctl_rec.config import ModelConfig
-from cctl_rec.distributed.sharding import apply_sparse_optimizer, check_mirrored, mirror_plan, sharding_types, \
-    table_names
+from cctl_rec.distributed.sharding import apply_sparse_optimizer, make_plan
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
 from cctl_rec.train.rundir import plan_to_json
@@ -36,20 +32,14 @@ def plan_model(schemas: dict[str, DomainSchema], world_size: int, device: str, h
     model = CCTL(schemas, ModelConfig(embedding_dim=dim), with_source=True)
     apply_sparse_optimizer(model, optimizer if device == "cuda" or optimizer != "adam" else "exact_rowwise_adagrad",
                            0.01, device)
-    types = sharding_types(sharding, device)
-    constraints = {t: ParameterConstraints(sharding_types=types) for t in table_names(model)}
     hbm = int(hbm_gb * GB) if device == "cuda" else None
     ddr = int((ddr_gb if ddr_gb is not None else (hbm_gb if device == "cpu" else 128.0)) * GB)
-    topo = Topology(world_size=world_size, compute_device=device, hbm_cap=hbm, ddr_cap=ddr)
-    planner = EmbeddingShardingPlanner(topology=topo, batch_size=batch_size, constraints=constraints)
     try:
-        plan = planner.plan(model, [EmbeddingBagCollectionSharder()])
+        plan = make_plan(model, world_size, device, sharding, batch_size, hbm_cap=hbm, ddr_cap=ddr)
     except PlannerError as e:
         first = str(e).strip().splitlines()[0][:300]
         raise ValueError(f"the tables do not fit {world_size} x {hbm_gb if device == 'cuda' else ddr / GB:g} GB "
                          f"({device}, sharding={sharding}): {first}") from None
-    plan = mirror_plan(plan)
-    check_mirrored(plan)
     per_rank = [0.0] * world_size
     tables = []
     configs = {}

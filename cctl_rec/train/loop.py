@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml, to_dict
-from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches
+from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import init_distributed
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
@@ -55,12 +55,16 @@ def _allreduce_mean(values: list[float]) -> list[float]:
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order."""
     ws = dist.get_world_size()
     if ws == 1:
         return t
-    out = [torch.empty_like(t) for _ in range(ws)]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ws)]
+    dist.all_gather(sizes, torch.tensor([t.numel()]))
+    n_max = int(max(x.item() for x in sizes))
+    parts = [torch.zeros(n_max, dtype=t.dtype) for _ in range(ws)]
+    dist.all_gather(parts, torch.cat([t, torch.zeros(n_max - t.numel(), dtype=t.dtype)]))
+    return torch.cat([p[:int(x.item())] for p, x in zip(parts, sizes)])
 
 
 def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
@@ -101,13 +105,7 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
                 kept.append(z)
     out: dict[str, Any] = {n: m.compute() for n, m in meters.items()}
     if keep_logits:
-        z = torch.cat(kept) if kept else torch.zeros(0)
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([z.numel()]))
-        n_max = int(max(s.item() for s in sizes))
-        parts = [torch.zeros(n_max) for _ in range(world)]
-        dist.all_gather(parts, torch.cat([z, torch.zeros(n_max - z.numel())]))
-        out["logits"] = torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+        out["logits"] = _gather(torch.cat(kept) if kept else torch.zeros(0))
     return out
 
 
@@ -122,12 +120,10 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
         if seen >= rows // world:
             break
         seen += len(r)
-        feats = features(r, ss, cfg.data.max_seq_len, cfg.data.long_seq)
-        own = ss.keys_without(module.shared)
-        tp = data.schemas["tgt"]
-        shared_kjt = make_kjt(tp.keys, [{tp.prefix + n: feats[ss.prefix + n] for n in module.shared}], [len(r)]) \
-            if module.shared else None
-        x = module.score_source(make_kjt(own, [{k: feats[k] for k in own}], [len(r)]), shared_kjt, len(r))
+        own, as_tgt = split_source(features(r, ss, cfg.data.max_seq_len, cfg.data.long_seq), data.schemas,
+                                   module.shared)
+        shared_kjt = make_kjt(data.schemas["tgt"].keys, [as_tgt], [len(r)]) if module.shared else None
+        x = module.score_source(make_kjt(list(own), [own], [len(r)]), shared_kjt, len(r))
         ps.append(ifn.selector(x))
         h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
             else None

@@ -20,6 +20,7 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import ShardingOption
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -97,15 +98,93 @@ def make_plan(model: nn.Module, world_size: int, device_type: str, sharding: str
               pg: Optional[dist.ProcessGroup] = None, hbm_cap: Optional[int] = None,
               ddr_cap: Optional[int] = None) -> ShardingPlan:
     """Runs TorchRec's planner on ``model`` (built on meta) and mirrors mixed -> pure."""
+    return run_planner(model, world_size, device_type, sharding, batch_size, pg, hbm_cap, ddr_cap)[0]
+
+
+def run_planner(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
+                pg: Optional[dist.ProcessGroup] = None, hbm_cap: Optional[int] = None,
+                ddr_cap: Optional[int] = None) -> tuple[ShardingPlan, list[ShardingOption]]:
+    """:func:`make_plan`, also returning the planner's chosen options (one per table, with each
+    shard's estimated storage and perf; none when ``pg`` is given: rank 0 plans, all get the plan).
+
+    TorchRec's planner places ``pure_tgt`` on its own, but the sync needs it on ``mixed_tgt``'s
+    ranks. On CUDA the mirrored placement is checked against each rank's HBM with the planner's
+    own estimates; with ``sharding="auto"`` the target tables of an overfull rank are re-planned
+    row-wise (largest first) until it fits; otherwise :class:`MirroredPlanError` names the rank.
+    """
+    if device_type == "cuda" and hbm_cap is None and torch.cuda.is_available():
+        hbm_cap = torch.cuda.get_device_properties(0).total_memory
+
+    def solve() -> tuple[ShardingPlan, list[ShardingOption]]:
+        forced: dict[str, list[str]] = {}
+        while True:
+            plan, options = _plan_once(model, world_size, device_type, sharding, batch_size, hbm_cap, ddr_cap,
+                                       forced)
+            over = mirrored_overflow(options, world_size, hbm_cap) if device_type == "cuda" else None
+            if over is None:
+                return plan, options
+            rank, need, usable, on_rank = over
+            free = [name.split(".", 1)[1] for _, name in on_rank
+                    if name.startswith("mixed_tgt.") and name.split(".", 1)[1] not in forced]
+            if sharding != "auto" or not free:
+                top = ", ".join(f"{n} {b / 1024 ** 3:.2f} GB" for b, n in on_rank[:3])
+                raise MirroredPlanError(
+                    f"the tables do not fit {world_size} x {hbm_cap / 1024 ** 3:g} GB ({device_type}, sharding="
+                    f"{sharding}) once pure_tgt is placed like mixed_tgt (the k-step sync needs it): rank {rank} "
+                    f"needs {need / 1024 ** 3:.2f} GB ({top}) of {usable / 1024 ** 3:.2f} GB usable; use "
+                    f"--sharding row_wise or more HBM per rank")
+            forced[free[0]] = ["row_wise", "table_row_wise"]
+            logger.info("auto: %s does not fit mirrored on rank %d; planning it row-wise", free[0], rank)
+
+    if pg is not None:
+        from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
+
+        return invoke_on_rank_and_broadcast_result(pg, 0, lambda: solve()[0]), []
+    return solve()
+
+
+class MirroredPlanError(ValueError):
+    """The planner's placement fits, but not once pure_tgt sits on mixed_tgt's ranks."""
+
+
+PLANNER_RESERVED = 0.15  # TorchRec's default HeuristicalStorageReservation share of each rank's HBM
+
+
+def mirrored_overflow(options: list[ShardingOption], world_size: int, hbm_cap: Optional[int]
+                      ) -> Optional[tuple[int, int, float, list[tuple[int, str]]]]:
+    """(rank, bytes needed, bytes usable, [(bytes, table) on that rank, largest first]) of the
+    fullest rank when pure_tgt's shards are placed like mixed_tgt's and it exceeds the usable HBM;
+    None when every rank fits."""
+    if not hbm_cap or not options:
+        return None
+    hbm = [0] * world_size
+    where: list[list[tuple[int, str]]] = [[] for _ in range(world_size)]
+    for so in options:
+        if so.path == "pure_tgt":
+            continue
+        for mod in ("mixed_tgt", "pure_tgt") if so.path == "mixed_tgt" else (so.path,):
+            for sh in so.shards:
+                if sh.rank is not None and sh.storage is not None:
+                    hbm[sh.rank] += sh.storage.hbm
+                    where[sh.rank].append((sh.storage.hbm, f"{mod}.{so.name}"))
+    usable = (1 - PLANNER_RESERVED) * hbm_cap
+    worst = max(range(world_size), key=lambda r: hbm[r])
+    if hbm[worst] <= usable:
+        return None
+    return worst, hbm[worst], usable, sorted(where[worst], reverse=True)
+
+
+def _plan_once(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
+               hbm_cap: Optional[int], ddr_cap: Optional[int], forced: dict[str, list[str]]
+               ) -> tuple[ShardingPlan, list[ShardingOption]]:
     types = sharding_types(sharding, device_type)
-    constraints = {t: ParameterConstraints(sharding_types=types) for t in table_names(model)}
+    constraints = {t: ParameterConstraints(sharding_types=forced.get(t, types)) for t in table_names(model)}
     topology = Topology(world_size=world_size, compute_device=device_type, hbm_cap=hbm_cap, ddr_cap=ddr_cap)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
+    plan = planner.plan(model, [EmbeddingBagCollectionSharder()])
     plan = mirror_plan(plan)
     check_mirrored(plan)
-    return plan
+    return plan, list(planner._best_plan or [])  # no public accessor in TorchRec 1.8
 
 
 def shard(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:

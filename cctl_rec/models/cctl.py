@@ -17,7 +17,7 @@ from cctl_rec.config import ModelConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.modules.embedding import build_ebc
 from cctl_rec.modules.san import SemanticAlign
-from cctl_rec.modules.tower import Tower
+from cctl_rec.modules.heads import DomainClassifier, build_head
 from cctl_rec.schema import ID_FEATURES, TOKENS, DomainSchema, shared_attributes
 
 
@@ -33,6 +33,7 @@ class CCTLOutput:
         x_src: B_s X W_t SAN-aligned source representation (the selector's input, not detached).
         ren_id_s, ren_id_t: 2B_t X D id embeddings (users then items) in source / target tables.
         ren_seq_s, ren_seq_t: B_t X D mean-pooled other-domain / own-domain sequences.
+        logit_domain: (B_t + B_s) domain logits (source = 1) of the DANN classifier, or None.
     """
 
     logit_tgt: Optional[torch.Tensor]
@@ -44,6 +45,7 @@ class CCTLOutput:
     ren_id_t: Optional[torch.Tensor] = None
     ren_seq_s: Optional[torch.Tensor] = None
     ren_seq_t: Optional[torch.Tensor] = None
+    logit_domain: Optional[torch.Tensor] = None
 
 
 def _tokens(pooled: dict[str, torch.Tensor], schema: DomainSchema, rows: slice) -> dict[str, torch.Tensor]:
@@ -83,7 +85,7 @@ class CCTL(nn.Module):
         self.tgt_dims = {t: ts.token_width(t, d) for t in TOKENS}
         width = sum(self.tgt_dims.values())
         self.pure_tgt = build_ebc(ts, d, device)
-        self.pure_tower = Tower(width, cfg.tower)
+        self.pure_tower = build_head(cfg.head, width, d, cfg.tower)
         shared = shared_attributes(ss, ts) if cfg.share_attributes else ()
         if cfg.share_ids:
             shared = tuple(f.name for f in ss.features if f.name in ID_FEATURES) + shared
@@ -95,7 +97,9 @@ class CCTL(nn.Module):
             same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
                              [k[2:] for k in ts.token_features(t)])
             self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
-            self.mixed_tower = Tower(width, cfg.tower)
+            self.mixed_tower = build_head(cfg.head, width, d, cfg.tower)
+            if cfg.dann_weight > 0:
+                self.domain_clf = DomainClassifier(width)
 
     @property
     def width(self) -> int:
@@ -155,15 +159,17 @@ class CCTL(nn.Module):
         n_s = batch.num_src
         src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
         x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
-        logits = self.mixed_tower(torch.cat([x_tgt, x_src], dim=0))           # one pass, B_t + B_s
+        x_all = torch.cat([x_tgt, x_src], dim=0)
+        logits = self.mixed_tower(x_all)                                      # one pass, B_t + B_s
+        dom = self.domain_clf(x_all) if hasattr(self, "domain_clf") else None  # DANN baseline only
         ren = slice(n_s, n_s + n_t)
         p = ss.prefix
         if self.cfg.share_ids:  # one ID table per entity: nothing for REN to compare
             return CCTLOutput(logit_tgt=logits[:n_t], logit_pure=logit_pure, logit_src=logits[n_t:],
-                              x_tgt=x_tgt, x_src=x_src)
+                              x_tgt=x_tgt, x_src=x_src, logit_domain=dom)
         return CCTLOutput(
             logit_tgt=logits[:n_t], logit_pure=logit_pure, logit_src=logits[n_t:], x_tgt=x_tgt, x_src=x_src,
             ren_id_s=torch.cat([src[p + "user_id"][ren], src[p + "item_id"][ren]], dim=0),
             ren_id_t=torch.cat([mixed[ts.prefix + "user_id"][:n_t], mixed[ts.prefix + "item_id"][:n_t]], dim=0),
-            ren_seq_s=src[p + "seq"][ren], ren_seq_t=mixed[ts.prefix + "seq"][:n_t],
+            ren_seq_s=src[p + "seq"][ren], ren_seq_t=mixed[ts.prefix + "seq"][:n_t], logit_domain=dom,
         )

@@ -74,6 +74,55 @@ def test_two_rank_resume_and_reload_on_one_rank(tiny_data, tmp_path):
     assert one[0]["resumed_from_step"] == 20 and one[0]["steps"] == 24
 
 
+def _train_saving_what_was_loaded(rank, world, data, run_dir, steps, extra, loaded_dir):
+    """_dist_train, with the live state saved to ``loaded_dir`` right after the checkpoint load."""
+    import torch.distributed.checkpoint as dcp
+
+    from cctl_rec.train import loop
+
+    load = loop.load_checkpoint
+
+    def load_then_save(path, state, fingerprint):
+        meta = load(path, state, fingerprint)
+        dcp.save(state.tensors(), checkpoint_id=loaded_dir)
+        return meta
+
+    loop.load_checkpoint = load_then_save  # this spawned process ends with the run
+    return _dist_train(rank, world, data, run_dir, steps, extra)
+
+
+def _unsharded(dcp_dir, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / (os.path.basename(dcp_dir) + ".pt")
+    dcp_to_torch_save(dcp_dir, out)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
+def test_one_rank_checkpoint_loads_and_continues_on_two_ranks(tiny_data, tmp_path, sharding):
+    run, extra = tmp_path / "run", [f"dist.sharding={sharding}"]
+    run_distributed(_dist_train, 1, tiny_data, str(run), 8, extra)
+    shutil.copytree(run / "checkpoints" / "step-00000008", tmp_path / "saved")
+    two = run_distributed(_train_saving_what_was_loaded, 2, tiny_data, str(run), 10, extra, str(tmp_path / "loaded"))
+    # 8 steps of 1 rank = 4 steps of 2 ranks (the same rows), then 6 more steps on 2 ranks
+    assert [t["resumed_from_step"] for t in two] == [4, 4] and two[0]["steps"] == 10
+    assert two[0]["target_test"] == two[1]["target_test"] and two[0]["target_test"]["auc"] > 0
+    plan = json.loads((run / "plan.json").read_text())
+    tables = [t for module in plan.values() for t in module.values()]
+    assert {t["sharding_type"] for t in tables} == {sharding}
+    assert set().union(*(t["ranks"] for t in tables)) == {0, 1}, "the 2-rank plan does not use both ranks"
+    saved, loaded = _unsharded(tmp_path / "saved", tmp_path), _unsharded(tmp_path / "loaded", tmp_path)
+    assert sorted(saved) == sorted(loaded)
+    table_opt = "dp/" if sharding == "data_parallel" else "fused/"  # own Adagrad, or fused into the TBE
+    for part in ("model/", table_opt, "dense/", "ifn/selector/", "ifn/trace/", "ifn/acc/"):
+        assert any(k.startswith(part) for k in saved), part
+    assert any(k.startswith("model/") and "tgt" in k and "embedding_bags" in k for k in saved)
+    for k, v in saved.items():  # tables, TBE and Adam state, selector with its trace: exactly as saved
+        assert torch.equal(v, loaded[k]), k
+
+
 def test_export_serves_only_the_pure_network_and_predict_matches_training(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_data, run, 10, "run.save_predictions=true", "run.max_eval_rows=0") == 0

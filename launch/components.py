@@ -10,6 +10,11 @@ with the virtualenv's ``bin`` on PATH, since torchx starts ``torchrun``)::
     torchx run -s local_docker launch/components.py:train --j 1x8 --gpu 8 --image cctl-rec:0.1.0
     torchx run -s kubernetes -cfg queue=default,namespace=recsys launch/components.py:train \\
         --j 2x8 --gpu 8 --image ghcr.io/ORG/cctl-rec:0.1.0 --data s3://bucket/meituan
+    # a killed rank: torchrun restarts all ranks (at most 3 times), they resume from the newest checkpoint
+    torchx run -s local_cwd launch/components.py:train --j 1x2 --max_restarts 3 --config configs/cctl_small.yaml \\
+        --run_dir runs/small -- run.checkpoint_every=500
+    # a benchmark, its JSON into --out
+    torchx run -s local_cwd launch/components.py:bench --what datagen --out bench-datagen.json -- --preset tiny
 """
 
 
@@ -24,9 +29,13 @@ IMAGE = "cctl-rec:0.1.0"
 
 def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = "",
           run_dir: str = "runs/cctl", j: str = "1x2", gpu: int = 0, cpu: int = 2, memMB: int = 8192,
-          image: str = IMAGE, max_retries: int = 0, rdzv_port: int = 29500,
+          image: str = IMAGE, max_restarts: int = 0, max_retries: int = 0, rdzv_port: int = 29500,
           env: Optional[Dict[str, str]] = None) -> specs.AppDef:
     """Trains CCTL with torchrun: one rank per GPU, or per CPU slot when gpu=0 (gloo).
+
+    With ``--max_restarts N`` torchrun stops all workers when one fails and starts them again (on
+    every scheduler, local_cwd included); each resumes from the run directory's newest complete
+    checkpoint, so set ``run.checkpoint_every``.
 
     Args:
         overrides: config overrides such as selector.alpha=0.5 scn.sync_every=1000
@@ -38,13 +47,26 @@ def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = 
         cpu: CPUs per replica
         memMB: memory per replica (MB)
         image: container image, or the local directory holding the code
-        max_retries: restarts of the whole job after a rank fails
+        max_restarts: torchrun restarts of all workers after one fails (torchrun --max-restarts)
+        max_retries: scheduler retries of the whole job (kubernetes, slurm, ...); local schedulers ignore it
         rdzv_port: c10d rendezvous port on the first node
         env: extra environment variables
     """
     args = ["train", "--config", config, "--run-dir", run_dir] + (["--data", data] if data else []) + list(overrides)
-    return dist.ddp(*args, m="cctl_rec.cli", j=j, gpu=gpu, cpu=cpu, memMB=memMB, image=image, name="cctl-train",
-                    max_retries=max_retries, rdzv_port=rdzv_port, env=env)
+    env = dict(env or {})
+    if max_restarts:
+        # torch shares the rendezvous TCPStore with the workers and keeps it across restarts, so the
+        # restarted ranks read the previous attempt's gloo/nccl addresses (pytorch/pytorch#135712);
+        # unshared, rank 0 hosts a fresh store on every attempt.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    app = dist.ddp(*args, m="cctl_rec.cli", j=j, gpu=gpu, cpu=cpu, memMB=memMB, image=image, name="cctl-train",
+                   max_retries=max_retries, rdzv_port=rdzv_port, env=env)
+    if max_restarts:  # dist.ddp has no torchrun --max-restarts (its max_retries is the scheduler's)
+        role = app.roles[0]
+        if not role.args[-1].startswith("torchrun "):
+            raise RuntimeError(f"unexpected dist.ddp command {role.args[-1][:80]!r}; torchx changed its layout")
+        role.args[-1] = f"torchrun --max-restarts {max_restarts} " + role.args[-1][len("torchrun "):]
+    return app
 
 
 def datagen(preset: str = "small", out: str = "data/small", seed: int = 0, scale: float = 1.0,
@@ -69,3 +91,29 @@ def datagen(preset: str = "small", out: str = "data/small", seed: int = 0, scale
             "--workers", str(workers)]
     return dist.ddp(*args, m="cctl_rec.cli", j=j, cpu=cpu, memMB=memMB, image=image, name="cctl-datagen",
                     rdzv_port=rdzv_port)
+
+
+def bench(*extra: str, what: str, out: str = "", j: str = "1x1", gpu: int = 0, cpu: int = 2, memMB: int = 8192,
+          image: str = IMAGE, rdzv_port: int = 29502, env: Optional[Dict[str, str]] = None) -> specs.AppDef:
+    """Runs ``cctl-rec bench WHAT --out OUT [extra]`` under torchrun; the measurements go to OUT as JSON.
+
+    WHAT is passed through as given: datagen today; train, sync, reward, data, kernels, scaling and
+    stress as the bench command gains them (``cctl-rec bench --help`` lists those installed).
+
+    Args:
+        extra: further arguments of the benchmark, e.g. --preset tiny --rows 200000
+        what: the benchmark (datagen, train, sync, reward, data, kernels, scaling, stress)
+        out: JSON file for the results (default bench-WHAT.json in the working directory)
+        j: {nnodes}x{nproc_per_node}; 1x1 unless the benchmark measures several ranks
+        gpu: GPUs per node (0: CPU ranks with gloo)
+        cpu: CPUs per replica
+        memMB: memory per replica (MB)
+        image: container image, or the local directory holding the code
+        rdzv_port: c10d rendezvous port on the first node
+        env: extra environment variables
+    """
+    if not what or what.startswith("-") or any(c.isspace() for c in what):
+        raise ValueError(f"bench: --what must name a benchmark such as datagen, got {what!r}")
+    args = ["bench", what, "--out", out or f"bench-{what}.json", *extra]
+    return dist.ddp(*args, m="cctl_rec.cli", j=j, gpu=gpu, cpu=cpu, memMB=memMB, image=image, name=f"cctl-bench-{what}",
+                    rdzv_port=rdzv_port, env=env)

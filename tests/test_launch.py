@@ -20,6 +20,27 @@ class ComponentsTest(ComponentTestCase):
     def test_datagen_validates(self) -> None:
         self.validate(components, "datagen")
 
+    def test_bench_validates(self) -> None:
+        self.validate(components, "bench")
+
+    def test_bench_appdef_passes_what_and_extra_through(self) -> None:
+        app = components.bench("--preset", "tiny", "--rows", "1000", what="kernels", out="runs/k.json", j="1x2")
+        role = app.roles[0]
+        assert role.num_replicas == 1 and role.resource.gpu == 0
+        assert role.args[-1].endswith("-m cctl_rec.cli bench kernels --out runs/k.json --preset tiny --rows 1000")
+        assert "--nproc_per_node 2" in role.args[-1]
+        assert components.bench(what="stress").roles[0].args[-1].endswith("bench stress --out bench-stress.json")
+        with pytest.raises(ValueError, match="--what must name a benchmark"):
+            components.bench(what="--rows")
+
+    def test_train_max_restarts_reach_torchrun(self) -> None:
+        role = components.train(j="2x1", max_restarts=2, env={"A": "1"}).roles[0]
+        assert role.args[-1].startswith("torchrun --max-restarts 2 --rdzv_backend c10d ")
+        assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and role.env["A"] == "1"
+        role = components.train(max_retries=3).roles[0]  # the scheduler's retries; torchrun's default 0
+        assert role.max_retries == 3 and "--max-restarts" not in role.args[-1]
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
+
     def test_train_appdef(self) -> None:
         app = components.train("selector.alpha=0.5", config="configs/cctl_tiny.yaml", data="data/tiny",
                                run_dir="runs/x", j="2x4", gpu=4)
@@ -28,6 +49,16 @@ class ComponentsTest(ComponentTestCase):
         args = " ".join(role.args)
         assert "cctl_rec.cli train --config configs/cctl_tiny.yaml --run-dir runs/x --data data/tiny" in args
         assert args.endswith("selector.alpha=0.5")
+
+
+def test_bench_dryrun_through_the_torchx_cli():
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    r = subprocess.run(["torchx", "run", "--dryrun", "-s", "local_cwd", "launch/components.py:bench", "--what",
+                        "datagen", "--out", "b.json", "--", "--preset", "tiny", "--rows", "1000"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    flat = " ".join((r.stdout + r.stderr).replace("'", " ").replace('"', " ").split())  # pprint splits strings
+    assert "-m cctl_rec.cli bench datagen --out b.json --preset tiny --rows 1000" in flat, flat[-3000:]
 
 
 def _torchx(tmp_path, tiny_data, j, port):

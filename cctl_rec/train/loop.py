@@ -198,6 +198,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     def checkpoint(at: int) -> None:
         save_checkpoint(run_dir, at, state, {
             "fingerprint": fingerprint, "syncs": syncs, "reward_sum": reward_sum, "history": history,
+            "log_window": [n_in_window, window],  # the log line a kill would cut: same history on resume
             "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints)
 
     writer = None
@@ -212,7 +213,9 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                 cfg.model.name, total, cfg.data.batch_size, stream.src_batch if with_source else 0, world)
     history: list[dict] = list(meta.get("history", []))
     window = {k: 0.0 for k in LOG_KEYS}
-    n_in_window, t0, t_last = 0, time.perf_counter(), time.perf_counter()
+    n_in_window, t0, t_last, step_last = 0, time.perf_counter(), time.perf_counter(), start
+    if meta.get("log_window") and meta["step"] == start:
+        n_in_window, window = meta["log_window"][0], dict(meta["log_window"][1])
     syncs, reward_sum = int(meta.get("syncs", 0)), float(meta.get("reward_sum", 0.0))
     step = start
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
@@ -275,7 +278,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         if step % cfg.run.log_every == 0 or step == total:
             now = time.perf_counter()
             avg = {k: v / n_in_window for k, v in window.items()}
-            exs = n_in_window * cfg.data.batch_size * world / (now - t_last)
+            exs = (step - step_last) * cfg.data.batch_size * world / (now - t_last)
             row = {"step": step, **avg, "ex_per_s": exs, **extra}
             if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 row["valid_auc"] = evaluate(module, data, "tgt/valid", cfg, rank, world)["pure"]["auc"]
@@ -291,7 +294,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                 if p is not None:
                     writer.add_histogram("selector/p", p, step)
             window = {k: 0.0 for k in LOG_KEYS}
-            n_in_window, t_last = 0, now
+            n_in_window, t_last, step_last = 0, now, step
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
             checkpoint(step)
     bar.close()

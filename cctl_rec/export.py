@@ -12,16 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from cctl_rec.data.manifest import atomic_write_bytes
 from cctl_rec.modules.tower import Tower
 from cctl_rec.schema import TOKENS, DomainSchema
+from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +77,58 @@ def load_network_from_checkpoint(ckpt: str, schema: DomainSchema, dim: int, towe
         flat[f"model/{network}_tgt.embedding_bags.{name}.weight"] = model.tables[name[2:]].data
     for k, v in model.tower.state_dict().items():
         flat[f"model/{network}_tower.{k}"] = v
+    check_metadata(ckpt)
     try:
         dcp.load(flat, checkpoint_id=ckpt, no_dist=True)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error
         raise ValueError(f"checkpoint {ckpt} does not hold the {network} network of this model "
-                         f"({str(e).splitlines()[0][:200]})") from None
+                         f"({first_line(dcp_cause(e))})") from None
     model.tower.load_state_dict({k[len(f"model/{network}_tower."):]: v for k, v in flat.items()
                                  if k.startswith(f"model/{network}_tower.")})
     return model.eval()
 
 
+def _check_out(out: str) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise NotADirectoryError(f"--out {out} exists and is not a directory; expected a new or export directory")
+        if os.listdir(out) and not os.path.exists(os.path.join(out, "serving.json")):
+            raise FileExistsError(f"--out {out} is a non-empty directory without serving.json; expected a new "
+                                  f"directory or an earlier export to replace")
+
+
 def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
-    """Writes model.pt, program.pt2 and (last) serving.json into ``out``; returns serving.json."""
-    os.makedirs(out, exist_ok=True)
+    """Writes model.pt, program.pt2 and serving.json into ``out``; returns serving.json.
+
+    The files go into a hidden temp directory next to ``out``, renamed to ``out`` once complete:
+    a failed export (full disk, a kill) leaves ``out`` as it was. An existing ``out`` is replaced
+    only if it is empty or an earlier export.
+    """
+    out = os.path.normpath(out)
+    _check_out(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        meta = _write_artifact(model, tmp, info, max_seq_len)
+        if os.path.exists(out):
+            old = tmp + ".old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError)):
+            raise OSError(e.errno, f"{e.strerror or e} while writing the export {out}; it was not written and "
+                          f"{out} is as it was") from None
+        raise
+    return meta
+
+
+def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
     import io
 
     buf = io.BytesIO()
@@ -129,12 +172,24 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
             meta = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}/serving.json is not valid JSON ({e.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}/serving.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}/serving.json has format {got!r}, expected {FORMAT!r}")
+    lacks = [k for k in ("schema", "embedding_dim", "tower", "max_seq_len") if k not in meta]
+    if lacks:
+        raise ValueError(f"{path}/serving.json lacks {lacks}; is it a `cctl-rec export` output?")
     schema = DomainSchema.from_json(meta["schema"])
     model = ServingModel(schema, int(meta["embedding_dim"]), tuple(meta["tower"]))
-    state = torch.load(os.path.join(path, "model.pt"), weights_only=True, map_location="cpu")
-    model.load_state_dict(state)
+    pt = os.path.join(path, "model.pt")
+    try:  # weights_only: tensors and plain containers; a pickled object is refused, never run
+        state = torch.load(pt, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{pt} is not a weights-only state dict ({first_line(e)}); expected the model.pt "
+                         f"of `cctl-rec export` (refusing to unpickle anything else)") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{pt} does not match {path}/serving.json ({first_line(e)})") from None
     return model.eval(), meta
 
 

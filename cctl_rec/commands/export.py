@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.config import load_config
     from cctl_rec.data.loader import Dataset
     from cctl_rec.export import load_network_from_checkpoint, save_artifact
-    from cctl_rec.train.checkpoint import list_checkpoints
+    from cctl_rec.train.checkpoint import check_fingerprint, list_checkpoints
+    from cctl_rec.train.loop import _fingerprint
 
     cfg_path = os.path.join(args.run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if not ckpts:
         raise FileNotFoundError(f"{args.run_dir} holds no complete checkpoint to export")
     step, ckpt = ckpts[-1]
-    schema = Dataset(cfg.data.path).schemas["tgt"]
+    data = Dataset(cfg.data.path)
+    check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
+    schema = data.schemas["tgt"]
     network = "mixed" if cfg.model.name == "cctl" else "pure"
     model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network)
     meta = save_artifact(model, args.out, {"run_dir": os.path.abspath(args.run_dir), "step": step,

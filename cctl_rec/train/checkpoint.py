@@ -11,15 +11,23 @@ sharded; any world size can load them):
 and ``trainer.json`` (plain JSON, no pickle): step, syncs, reward sum, history, the shaper's
 baseline, and each rank's RNG state. The data streams' read positions follow from the step.
 A checkpoint is written under a temp name and renamed once every rank is done, so an
-interrupted write leaves the previous checkpoint intact; the newest K are kept.
+interrupted write leaves the previous checkpoint intact; the newest K are kept. A failed write
+(full disk) removes its temp directory and raises ``OSError`` naming the checkpoint; temp
+directories of killed writes are removed by the next save.
+
+DCP keeps its index (``.metadata``) as a pickle; before a load it is unpickled with an allow-list
+of DCP's metadata classes (no byte-serialised objects, which DCP would ``torch.load`` without
+``weights_only``), so a crafted checkpoint cannot run code. Tensors load with ``weights_only``.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from cctl_rec.data.manifest import atomic_write_bytes
 
@@ -131,6 +140,11 @@ class TrainState:
             _load_opt(self.ifn.opt, "ifn/opt", flat)
 
 
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(e).__name__
+
+
 def _rng_b64() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -147,25 +161,53 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def dcp_cause(e: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (itself otherwise)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return dcp_cause(next(iter(e.failures.values()))[0])
+    return e
+
+
+TEMP_DIR = re.compile(r"^\.step-\d{8}\.tmp$")
+
+
 def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, Any], keep: int) -> str:
-    """Writes ``RUN/checkpoints/step-<step>`` (visible only when complete); keeps the newest ``keep``."""
+    """Writes ``RUN/checkpoints/step-<step>`` (visible only when complete); keeps the newest ``keep``.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC); the temp directory is gone, older checkpoints
+            are untouched.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".step-{step:08d}.tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(root):  # temp directories of writes that were killed
+            for name in os.listdir(root):
+                if TEMP_DIR.match(name):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    dcp.save(state.tensors(), checkpoint_id=tmp)
-    rngs = [None] * world
-    dist.all_gather_object(rngs, _rng_b64())
+    try:
+        dcp.save(state.tensors(), checkpoint_id=tmp)
+        rngs = [None] * world
+        dist.all_gather_object(rngs, _rng_b64())
+        if rank == 0:
+            atomic_write_bytes(os.path.join(tmp, "trainer.json"),
+                               json.dumps({**meta, "step": step, "world_size": world, "rng": rngs}).encode())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = dcp_cause(e)
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno or errno.EIO, f"{cause.strerror or cause} while writing checkpoint "
+                          f"{final}; it was not written, the previous checkpoints are intact", final) from None
+        raise
     if rank == 0:
-        atomic_write_bytes(os.path.join(tmp, "trainer.json"),
-                           json.dumps({**meta, "step": step, "world_size": world, "rng": rngs}).encode())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", final)
@@ -173,26 +215,84 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, 
     return final
 
 
-def load_checkpoint(path: str, state: TrainState, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Loads a checkpoint into the live objects; returns its trainer.json (RNG restored when the
-    world size matches). Raises ValueError if it belongs to another model or config."""
+def read_trainer_meta(path: str) -> dict[str, Any]:
+    """A checkpoint's ``trainer.json``. Raises FileNotFoundError / ValueError naming it."""
     meta_path = os.path.join(path, "trainer.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
     with open(meta_path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e.msg}); expected a cctl-rec checkpoint") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds {type(meta).__name__}; expected a JSON object")
+    return meta
+
+
+def check_fingerprint(path: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Returns the checkpoint's trainer.json; raises ValueError with the first key that differs
+    when it belongs to another model or config."""
+    meta = read_trainer_meta(path)
     theirs = meta.get("fingerprint", {})
     diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
     if diff:
         k = diff[0]
         raise ValueError(f"checkpoint {path} was made by a different model or config: {k} is "
                          f"{theirs.get(k)!r} there, {fingerprint.get(k)!r} here")
+    return meta
+
+
+# What DCP's .metadata pickle may hold: its metadata records, torch sizes / dtypes / layouts, paths.
+# BytesStorageMetadata is left out on purpose: DCP torch.loads such entries without weights_only.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f: Any, path: str) -> None:
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))):
+            return super().find_class(module, name)
+        raise ValueError(f"checkpoint {self.path}: its .metadata refers to {module}.{name}; expected only DCP "
+                         f"tensor metadata (refusing to unpickle it)")
+
+
+def check_metadata(path: str) -> None:
+    """Unpickles ``path/.metadata`` with the allow-list (raises ValueError on anything else), so
+    that DCP's own ``pickle.load`` of it afterwards cannot run code."""
+    md = os.path.join(path, ".metadata")
+    if not os.path.exists(md):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+    with open(md, "rb") as f:
+        try:
+            _MetadataUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as e:
+            raise ValueError(f"checkpoint {path}: .metadata is not readable ({e}); the checkpoint is "
+                             f"corrupt") from None
+
+
+def load_checkpoint(path: str, state: TrainState, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Loads a checkpoint into the live objects; returns its trainer.json (RNG restored when the
+    world size matches). Raises ValueError if it belongs to another model or config."""
+    meta = check_fingerprint(path, fingerprint)
+    check_metadata(path)
     state.prepare()
     flat = state.tensors()
     try:
         dcp.load(flat, checkpoint_id=path)
-    except Exception as e:  # DCP raises a CheckpointException wrapping each rank's error
-        raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:200]})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error
+        raise ValueError(f"checkpoint {path} does not fit this model ({first_line(dcp_cause(e))})") from None
     state.restore(flat)
     rank = dist.get_rank()
     if meta.get("world_size") == dist.get_world_size() and meta.get("rng"):

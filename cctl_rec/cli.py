@@ -2,12 +2,14 @@
 
 Each subcommand lives in ``cctl_rec/commands/<name>.py`` with ``add_parser(subparsers)`` and
 ``run(args) -> int``. A user mistake (ValueError, TypeError, FileNotFoundError, ...) prints one
-line on stderr and exits 2; no traceback.
+line on stderr and exits 2; a full, read-only or failing disk (ENOSPC, EDQUOT, EROFS, EIO) prints
+one line and exits 1; no traceback for either (``-v`` logs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -25,6 +27,20 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                PermissionError, KeyError, IsADirectoryError, FileExistsError)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+"""OSErrors of the machine rather than the user: one line too, exit code 1."""
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (a KeyError's without its quotes)."""
+    if isinstance(e, KeyError) and e.args:
+        msg = str(e.args[0])
+    elif isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        msg = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in
+                                      str(e.strerror) else "")
+    else:
+        msg = str(e)
+    return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +68,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as e:
         if args.verbose:
             logger.exception("failed")
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"cctl-rec {args.command}: error: {msg}", file=sys.stderr)
+        print(f"cctl-rec {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        if args.verbose:
+            logger.exception("failed")
+        print(f"cctl-rec {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cctl-rec {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ class DataConfig:
     """Behaviour sequences longer than this are truncated to their most recent items."""
     eval_batch_size: int = 4096
     long_seq: Literal["truncate", "fail"] = "truncate"
+    """A behaviour sequence longer than max_seq_len: truncate (keep the newest items) or fail
+    (`cctl-rec train` then scans the sequences before it starts)."""
+    verify: Literal["none", "size", "sha256"] = "sha256"
+    """What `cctl-rec train` checks of every shard against manifest.json before it starts: sha256
+    (and size; each rank hashes its share of the files), size only (for very large data), or none."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
@@ -214,6 +220,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        _check(not (self.model.name == "cctl" and self.data.src_ratio == 0),
+               "model.name=cctl needs source rows (data.src_ratio > 0, got 0); for target only use model.name=dnn")
         _check(not (self.model.share_ids and self.ren.enabled and self.model.name == "cctl"),
                "model.share_ids=true leaves one ID table per entity, so REN has nothing to compare; "
                "set ren.enabled=false with it")
@@ -257,6 +265,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise TypeError(f"{path} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{path} must be a finite number, got {value!r}")
             return float(value)
         raise TypeError(f"{path} must be a number, got {value!r}")
     if tp is str:
@@ -304,7 +314,12 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not plain YAML ({first}); expected a number, "
+                             f"string, boolean or list") from None
     return d
 
 

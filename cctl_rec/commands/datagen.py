@@ -47,11 +47,18 @@ def run(args: argparse.Namespace) -> int:
     if args.max_shards is not None and args.max_shards < 1:
         raise ValueError(f"--max-shards must be >= 1, got {args.max_shards}")
 
+    from cctl_rec.cli import DISK_ERRNOS
     from datagen.pipeline import generate
 
-    manifest = generate(args.out, preset=args.preset, scale=args.scale, scale_ids=args.scale_ids,
-                        seed=args.seed, workers=args.workers, max_shards=args.max_shards,
-                        wait_timeout_s=args.wait_timeout)
+    try:
+        manifest = generate(args.out, preset=args.preset, scale=args.scale, scale_ids=args.scale_ids,
+                            seed=args.seed, workers=args.workers, max_shards=args.max_shards,
+                            wait_timeout_s=args.wait_timeout)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} while writing the dataset into {args.out}; complete shards "
+                      f"are kept and the manifest is not updated; a rerun resumes") from None
     if manifest is not None:
         st = manifest["stats"]
         rows = ", ".join(f"{k} {v}" for k, v in st["rows"].items())

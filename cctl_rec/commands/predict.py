@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--out directory {out_dir} does not exist")
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"--out {args.out} is a directory; expected a .parquet file path")
     model, meta = load_artifact(args.model)
     schema, L = model.schema, int(meta["max_seq_len"])
     stream = ParquetStream(input_files(args.data, args.split), schema, args.batch_size, drop_last=False,
@@ -73,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
         cols["label"] = pa.array(np.concatenate(labels))
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out directory {out_dir} does not exist")
     atomic_write_bytes(args.out, buf.getvalue())
     print(json.dumps({"out": args.out, "rows": int(z.size)}))
     return 0

@@ -1,9 +1,21 @@
-"""``cctl-rec train``: trains CCTL (or a baseline) on a dataset; runs as 1 process or under torchrun."""
+"""``cctl-rec train``: trains CCTL (or a baseline) on a dataset; runs as 1 process or under torchrun.
+
+Before anything is written, every check that can fail the run is made (``preflight``): the
+config, the dataset (manifest checksums, schemas, id ranges and labels from the Parquet footers,
+rows for this many ranks), the device's sharding types and sparse optimizer, and the fingerprint
+of the checkpoint a rerun would resume from. A mistake found later (e.g. tables the planner
+cannot place) removes a run directory this command created, unless it holds a checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +29,84 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def env_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a plain process."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"RANK / WORLD_SIZE must be integers, got RANK={os.environ.get('RANK')!r} "
+                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}") from None
+
+
+def preflight(cfg, run_dir: str) -> None:
+    """Raises the first user mistake a training run of ``cfg`` into ``run_dir`` would hit."""
+    from cctl_rec.data.loader import Dataset, check_dataset
+    from cctl_rec.distributed.env import resolve_device
+    from cctl_rec.distributed.sharding import sharding_types
+    from cctl_rec.train.checkpoint import check_fingerprint, check_metadata, list_checkpoints
+    from cctl_rec.train.loop import _fingerprint
+
+    if not run_dir:
+        raise ValueError("--run-dir must name a directory, got ''")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise NotADirectoryError(f"--run-dir {run_dir} exists and is not a directory")
+    device, _ = resolve_device(cfg.dist.device, cfg.dist.backend)
+    sharding_types(cfg.dist.sharding, device.type)
+    if cfg.optim.sparse_optimizer == "adam" and device.type != "cuda":
+        raise ValueError("optim.sparse_optimizer=adam is not supported by fbgemm's CPU TBE; "
+                         "use exact_rowwise_adagrad (default) on CPU")
+    rank, world = env_world()
+    data = Dataset(cfg.data.path)
+    check_dataset(data, cfg, rank, world)
+    ckpts = list_checkpoints(run_dir) if cfg.run.resume else []
+    if ckpts:
+        check_fingerprint(ckpts[-1][1], _fingerprint(cfg, data))
+        check_metadata(ckpts[-1][1])
+
+
+def _planner_error(e: Exception, cfg, world: int) -> ValueError:
+    from cctl_rec.data.loader import Dataset
+
+    feats = [(f.cardinality, s.prefix + f.name) for s in Dataset(cfg.data.path).schemas.values()
+             for f in s.features]
+    rows, name = max(feats)
+    first = str(e).strip().splitlines()[0][:160]
+    return ValueError(f"the embedding tables do not fit {world} rank(s) (dist.sharding={cfg.dist.sharding}): the "
+                      f"largest, {name}, has {rows:,} rows x {cfg.model.embedding_dim}; planner: {first} "
+                      f"(see `cctl-rec plan --data {cfg.data.path} --world-size N`)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from torchrec.distributed.planner.types import PlannerError
+
     from cctl_rec.config import load_config
+    from cctl_rec.logging_utils import rank
     from cctl_rec.train.loop import train
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
-    m = train(cfg, args.run_dir)
-    from cctl_rec.logging_utils import rank
-
+    preflight(cfg, args.run_dir)
+    created = not os.path.exists(args.run_dir)
+    try:
+        m = train(cfg, args.run_dir)
+    except PlannerError as e:
+        _remove_new_run_dir(args.run_dir, created)
+        raise _planner_error(e, cfg, env_world()[1]) from None
+    except (ValueError, TypeError, FileNotFoundError):
+        _remove_new_run_dir(args.run_dir, created)
+        raise
     if rank() == 0:
         print(json.dumps({k: m[k] for k in ("model", "steps", "world_size", "target_test", "target_valid",
                                             "selector", "train_samples_per_s")}))
     return 0
+
+
+def _remove_new_run_dir(run_dir: str, created: bool) -> None:
+    """A user mistake found after the run directory was made: leave no half-made run behind
+    (only a directory this command created and that holds no checkpoint yet; rank 0)."""
+    from cctl_rec.logging_utils import rank
+    from cctl_rec.train.checkpoint import list_checkpoints
+
+    if created and rank() == 0 and os.path.isdir(run_dir) and not list_checkpoints(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        logger.info("removed %s, which this failed run had created", run_dir)

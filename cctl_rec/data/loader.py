@@ -7,11 +7,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from cctl_rec.config import DataConfig
+from cctl_rec.config import DataConfig, TrainConfig
 from cctl_rec.data.batch import CCTLBatch
-from cctl_rec.data.manifest import read_manifest, shard_paths
-from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, check_range, column_ids, features,
-                                  labels, make_kjt)
+from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
+from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, check_file_values, check_range,
+                                  check_sequence_lengths, column_ids, features, labels, make_kjt)
 from cctl_rec.schema import DomainSchema
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,43 @@ class Dataset:
 
     def has_split(self, split: str) -> bool:
         return bool(self.manifest["splits"].get(split))
+
+    def verify(self, splits: list[str], mode: str, rank: int = 0, world_size: int = 1) -> None:
+        """Checks this rank's share (every ``world_size``-th file) of the splits' shards against
+        the manifest (``mode``: none, size, sha256); raises naming the first that differs."""
+        entries = [e for split in splits for e in self.manifest["splits"].get(split, [])]
+        for e in entries[rank::world_size]:
+            check_shard(self.root, e, mode)
+
+
+def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+    """Everything about the data that can fail a training run, checked before it writes anything:
+    the splits it needs; shards against the manifest (``data.verify``); every file's columns and
+    types, the same across a split's shards; ids, nulls and labels from the footer statistics;
+    enough rows for ``world_size`` ranks; with ``data.long_seq=fail``, the sequence lengths."""
+    with_source = cfg.model.name == "cctl"
+    need = ["tgt/train", "tgt/valid", "tgt/test"] + (["src/train"] if with_source else [])
+    for split in need:
+        if not data.has_split(split):
+            raise ValueError(f"dataset {data.root} has no {split} split (it has {sorted(data.manifest['splits'])}); "
+                             f"model.name={cfg.model.name} needs {', '.join(need)}")
+    data.verify(need, cfg.data.verify, rank, world_size)
+    d = cfg.data
+    streams = [ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], d.batch_size, 0, world_size)]
+    for split in ("tgt/valid", "tgt/test"):
+        streams.append(ParquetStream(data.paths(split), data.schemas["tgt"], d.eval_batch_size, 0, world_size,
+                                     drop_last=False))
+    if with_source:
+        streams.append(ParquetStream(data.paths("src/train"), data.schemas["src"],
+                                     max(1, int(round(d.batch_size * d.src_ratio))), 0, world_size, cycle=True))
+        if cfg.scn.reward_source == "heldout_batch" or (cfg.selector.mode == "influence" and
+                                                        cfg.selector.influence_target == "heldout_batch"):
+            ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], d.batch_size, 0, world_size, cycle=True)
+    for st in streams:
+        for path, pf in zip(st.paths, st.files):
+            check_file_values(path, pf, st.schema)
+            if d.long_seq == "fail":
+                check_sequence_lengths(path, pf, d.max_seq_len)
 
 
 def split_source(src_feats: dict[str, tuple], schemas: dict[str, DomainSchema], shared: tuple[str, ...]

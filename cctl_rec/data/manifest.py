@@ -163,6 +163,16 @@ def _check(manifest: Any, where: str) -> None:
             if not isinstance(e, dict) or not {"path", "rows", "sha256"} <= e.keys():
                 raise ValueError(f"{where}: split {split!r} has a shard entry without "
                                  f"path/rows/sha256: {e!r}")
+            _check_relpath(e["path"], split, where)
+
+
+def _check_relpath(rel: Any, split: str, where: str) -> None:
+    """A shard path must stay inside the dataset directory: relative, no ``..``, no scheme."""
+    parts = str(rel).replace("\\", "/").split("/")
+    if (not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "://" in rel
+            or ".." in parts or (len(rel) > 1 and rel[1] == ":")):
+        raise ValueError(f"{where}: split {split!r} names shard path {rel!r}; expected a relative path "
+                         f"inside the dataset directory")
 
 
 def shard_paths(root: str, manifest: dict[str, Any], split: str) -> list[str]:
@@ -177,6 +187,32 @@ def shard_paths(root: str, manifest: dict[str, Any], split: str) -> list[str]:
         raise ValueError(f"split {split!r} is not in the manifest; expected one of "
                          f"{sorted(manifest['splits'])}")
     return [join(root, e["path"]) for e in manifest["splits"][split]]
+
+
+VERIFY_MODES = ("none", "size", "sha256")
+
+
+def check_shard(root: str, entry: dict[str, Any], mode: str = "sha256") -> None:
+    """Raises when a shard differs from its manifest entry: FileNotFoundError when it is gone,
+    ValueError when its size (``mode`` size or sha256) or sha256 (``mode`` sha256) differs.
+    An entry without ``bytes`` or with an empty ``sha256`` skips that check."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {list(VERIFY_MODES)}, got {mode!r}")
+    path = join(root, entry["path"])
+    if not g_pathmgr.exists(path):
+        raise FileNotFoundError(f"data file {path} is listed in {join(root, MANIFEST)} but does not exist")
+    if mode == "none":
+        return
+    if "bytes" in entry and is_local(path) and os.path.getsize(path) != int(entry["bytes"]):
+        raise ValueError(f"data file {path} has {os.path.getsize(path)} bytes, the manifest recorded "
+                         f"{int(entry['bytes'])}; the file changed after the manifest was written "
+                         f"(regenerate it, or set data.verify=none to skip)")
+    if mode == "sha256" and entry.get("sha256"):
+        got = sha256_file(path)
+        if got != entry["sha256"]:
+            raise ValueError(f"data file {path} has sha256 {got[:16]}..., the manifest recorded "
+                             f"{str(entry['sha256'])[:16]}...; the file changed after the manifest was written "
+                             f"(regenerate it, or set data.verify=none to skip)")
 
 
 def verify_shard(root: str, entry: dict[str, Any]) -> bool:

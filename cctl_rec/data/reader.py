@@ -3,12 +3,24 @@
 Rows of a split are taken in file order; rank ``r`` of ``W`` reads the contiguous row range
 ``[r * N // W, (r + 1) * N // W)`` so every rank yields the same number of batches (collective
 embedding lookups need that). Schemas, nulls, id ranges and labels are checked with a one-line
-error naming the file, the column and the value.
+error naming the file, the column and the value: on open from the Parquet footer's statistics
+(nothing is read, so a bad file fails before training writes anything), and again on every batch
+read (files written without statistics).
+
+Decisions (docs/reliability.md):
+
+- an unknown extra column is ignored with a warning (converters may carry raw fields along); a
+  missing or mistyped one fails;
+- an id >= its table's size fails: ids are mapped into ``[0, cardinality)`` when the data is
+  written (datagen, converters), where the same mapping reaches serving; hashing at read time
+  would train on ids the exported model never sees;
+- every shard of a split must have the same columns and types.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -29,13 +41,29 @@ BOOL_COLUMNS = ("user_in_other", "item_in_other")
 OPTIONAL_COLUMNS = ("is_harmful",)
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _open(path: str) -> pq.ParquetFile:
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
+    if g_pathmgr.isdir(path):
+        raise IsADirectoryError(f"data file {path} is a directory; expected a Parquet file")
     try:
         return pq.ParquetFile(g_pathmgr.get_local_path(path))
     except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"data file {path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"data file {path} is not a readable Parquet file ({_first_line(e)}); "
+                         f"expected a complete Parquet file (empty, truncated or corrupt?)") from None
+
+
+def _read_row_group(pf: pq.ParquetFile, rg: int, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    try:
+        return pf.read_row_group(rg, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"data file {path}: row group {rg} cannot be read ({_first_line(e)}); "
+                         f"the file is corrupt or truncated") from None
 
 
 def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_meta: bool = True) -> None:
@@ -64,6 +92,64 @@ def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_
         logger.warning("data file %s: ignoring extra column(s) %s", path, extra)
 
 
+def check_file_values(path: str, pf: pq.ParquetFile, schema: DomainSchema) -> None:
+    """Raises ValueError on null, negative or out-of-range ids and on labels outside {0, 1}, from
+    the min / max / null count the footer records per row group (no data is read). Columns
+    without statistics are left to the checks on read."""
+    card = {f.name: f.cardinality for f in schema.features}
+    md = pf.metadata
+    for rg in range(md.num_row_groups):
+        g = md.row_group(rg)
+        for j in range(g.num_columns):
+            col = g.column(j)
+            name = col.path_in_schema.split(".")[0]
+            st = col.statistics
+            if st is None or (name not in card and name != "label"):
+                continue
+            if name not in LIST_COLUMNS and st.has_null_count and st.null_count:
+                what = "labels" if name == "label" else "ids"
+                raise ValueError(f"data file {path}: column {name!r} has {st.null_count} null value(s) "
+                                 f"(row group {rg}); expected {what}")
+            if not st.has_min_max or not isinstance(st.min, int):
+                continue
+            if name == "label":
+                if st.min < 0 or st.max > 1:
+                    bad = st.min if st.min < 0 else st.max
+                    raise ValueError(f"data file {path}: column 'label' has value {bad}; expected 0 or 1")
+            else:
+                _check_bounds(st.min, st.max, card[name], path, name)
+
+
+def check_same_schema(paths: list[str], files: list[pq.ParquetFile]) -> None:
+    """Raises ValueError naming the first column in which a shard differs from the first shard
+    (rows of several shards are concatenated into one batch, so they must agree)."""
+    if not files:
+        return
+    first = files[0].schema_arrow
+    want = {f.name: f.type for f in first}
+    for path, pf in zip(paths[1:], files[1:]):
+        have = {f.name: f.type for f in pf.schema_arrow}
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                a = want.get(name, "absent")
+                b = have.get(name, "absent")
+                raise ValueError(f"data file {path}: column {name!r} is {b} here but {a} in {paths[0]}; "
+                                 f"expected every shard of a split to have the same columns and types")
+
+
+def check_sequence_lengths(path: str, pf: pq.ParquetFile, max_len: int) -> None:
+    """Raises ValueError when a list column holds a sequence longer than ``max_len`` (reads only
+    the list columns; for ``data.long_seq=fail``)."""
+    names = [c for c in LIST_COLUMNS if c in pf.schema_arrow.names]
+    for rg in range(pf.metadata.num_row_groups):
+        t = _read_row_group(pf, rg, path, names)
+        for name in names:
+            lens = pc.list_value_length(t.column(name)).to_numpy(zero_copy_only=False)
+            if lens.size and np.nanmax(lens) > max_len:
+                raise ValueError(f"data file {path}: column {name!r} has a sequence of length {int(np.nanmax(lens))}, "
+                                 f"longer than data.max_seq_len={max_len} (data.long_seq=fail)")
+
+
 @dataclass
 class DomainRows:
     """One batch of a domain's rows, as numpy arrays/Arrow columns ready for KJT building."""
@@ -84,7 +170,8 @@ def _list_values(col: pa.ChunkedArray, max_len: int, path: str, name: str, long_
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
     values = arr.flatten()
     if values.null_count:
-        raise ValueError(f"data file {path}: column {name!r} holds null ids")
+        raise ValueError(f"data file {path}: column {name!r} holds {values.null_count} null id(s) inside its "
+                         f"lists; expected ids")
     values = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     if lengths.size and lengths.max() > max_len:
         if long_seq == "fail":
@@ -99,22 +186,26 @@ def _list_values(col: pa.ChunkedArray, max_len: int, path: str, name: str, long_
     return values, lengths
 
 
-def _int_column(table: pa.Table, name: str, path: str) -> np.ndarray:
+def _int_column(table: pa.Table, name: str, path: str, what: str = "ids") -> np.ndarray:
     col = table.column(name)
     if col.null_count:
-        raise ValueError(f"data file {path}: column {name!r} has {col.null_count} null value(s); expected ids")
+        raise ValueError(f"data file {path}: column {name!r} has {col.null_count} null value(s); expected {what}")
     return col.to_numpy().astype(np.int64, copy=False)
 
 
 def check_range(values: np.ndarray, card: int, path: str, name: str) -> None:
     if values.size == 0:
         return
-    lo, hi = int(values.min()), int(values.max())
+    _check_bounds(int(values.min()), int(values.max()), card, path, name)
+
+
+def _check_bounds(lo: int, hi: int, card: int, path: str, name: str) -> None:
     if lo < 0:
         raise ValueError(f"data file {path}: column {name!r} has negative id {lo}; expected ids in [0, {card})")
     if hi >= card:
         raise ValueError(f"data file {path}: column {name!r} has id {hi} >= table size {card}; "
-                         f"expected ids in [0, {card})")
+                         f"expected ids in [0, {card}) (the manifest's cardinality; remap ids when "
+                         f"converting)")
 
 
 def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_seq: str = "truncate"
@@ -159,7 +250,7 @@ def features_kjt(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_
 
 
 def labels(rows: DomainRows) -> torch.Tensor:
-    y = _int_column(rows.table, "label", rows.path)
+    y = _int_column(rows.table, "label", rows.path, "labels 0 or 1")
     if y.size and (y.min() < 0 or y.max() > 1):
         bad = y[(y < 0) | (y > 1)][0]
         raise ValueError(f"data file {rows.path}: column 'label' has value {int(bad)}; expected 0 or 1")
@@ -205,14 +296,17 @@ class ParquetStream:
         self.files = [_open(p) for p in self.paths]
         for p, pf in zip(self.paths, self.files):
             check_file_schema(p, pf, schema, with_meta)
+        check_same_schema(self.paths, self.files)
         self.file_rows = [pf.metadata.num_rows for pf in self.files]
         total = sum(self.file_rows)
         per = total // world_size
+        where = os.path.dirname(self.paths[0]) or self.paths[0]
         if per == 0:
-            raise ValueError(f"the {schema.domain} split has {total} rows: too few for {world_size} ranks")
+            raise ValueError(f"the {schema.domain} files in {where} hold {total} rows: too few for {world_size} "
+                             f"rank(s); expected at least one row per rank")
         if drop_last and per < batch_size:
-            raise ValueError(f"the {schema.domain} split gives {per} rows per rank, fewer than one batch of "
-                             f"{batch_size}; lower data.batch_size or use fewer ranks")
+            raise ValueError(f"the {schema.domain} files in {where} give {per} rows per rank over {world_size} "
+                             f"rank(s), fewer than one batch of {batch_size}; lower data.batch_size or use fewer ranks")
         self.start, self.stop = rank * per, (rank + 1) * per
 
     @property
@@ -235,7 +329,7 @@ class ParquetStream:
                 rg_rows = pf.metadata.row_group(rg).num_rows
                 lo, hi = max(start, offset), min(self.stop, offset + rg_rows)
                 if lo < hi:
-                    rb = pf.read_row_group(rg)
+                    rb = _read_row_group(pf, rg, path)
                     yield rb.slice(lo - offset, hi - lo), path
                 offset += rg_rows
                 if offset >= self.stop:

@@ -77,6 +77,18 @@ class ModelConfig:
     embedding per id across domains (no REN possible: it needs the two ID tables). The paper keeps
     dual ID tables (REN, default); its ablation without REN leaves "the representations of
     different domains ... close to each other"."""
+    head: Literal["mlp", "lr", "deepfm", "afm", "star"] = "mlp"
+    """The towers' architecture over the per-field embeddings (mixed and pure identical): mlp (the
+    SCN tower, the paper's DNN), lr, deepfm or afm (Table 2's single-domain baselines; with
+    model.name=dnn they are the target-only models), or star (STAR: shared x per-domain weights;
+    source rows use the source factors)."""
+    dann_weight: float = 0.0
+    """> 0: DANN baseline — a domain classifier behind a gradient reversal reads the mixed tower's
+    input (target vs SAN-aligned source rows); its loss times this weight joins Loss_mixed."""
+    finetune_steps: int = 0
+    """> 0: the Finetune baseline — the mixed network is trained on source rows only (through SAN,
+    every weight 1, target loss off) for this many steps, then on target rows only; use it with
+    selector.mode=fixed."""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """Eq. 3/4 write sums; mean (per domain) keeps the scale independent of the batch size."""
 
@@ -85,6 +97,8 @@ class ModelConfig:
         _check(len(self.tower) > 0, "model.tower must list at least one hidden width, got []")
         _check(all(h > 0 for h in self.tower), f"model.tower widths must be > 0, got {list(self.tower)}")
         _check(all(h > 0 for h in self.san_hidden), f"model.san_hidden widths must be > 0, got {list(self.san_hidden)}")
+        _check(self.dann_weight >= 0, f"model.dann_weight must be >= 0, got {self.dann_weight}")
+        _check(self.finetune_steps >= 0, f"model.finetune_steps must be >= 0, got {self.finetune_steps}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +213,10 @@ class RunConfig:
     """Write the pure tower's target test logits (row order) to predictions-tgt-test.parquet."""
     resume: bool = True
     """Continue from the newest complete checkpoint in the run directory, if there is one."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16: the forward (tables' outputs stay fp32; towers and SAN run in bfloat16) under
+    torch.autocast; the losses, the selector and its REINFORCE update, metrics and evaluation stay
+    fp32. Measured speed and AUC per machine: docs/benchmarks/README.md."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
@@ -206,6 +224,7 @@ class RunConfig:
         _check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

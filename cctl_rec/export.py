@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+
 from torch.distributed.checkpoint.api import CheckpointException
 
 from cctl_rec.data.manifest import atomic_write_bytes
-from cctl_rec.modules.tower import Tower
+from cctl_rec.modules.heads import build_head
 from cctl_rec.schema import TOKENS, DomainSchema
 from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
@@ -47,7 +48,7 @@ class ServingModel(nn.Module):
         seq_len: B int64, the number of valid items in each row (mean pooling; 0 -> zeros).
     """
 
-    def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...]) -> None:
+    def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...], head: str = "mlp") -> None:
         super().__init__()
         self.schema, self.dim = schema, dim
         self.tables = nn.ParameterDict({name[2:]: nn.Parameter(torch.zeros(rows, dim))
@@ -55,7 +56,8 @@ class ServingModel(nn.Module):
         self.single_features = [f.name for f in schema.features if not f.is_seq]
         self.table_of = {f.name: f.table for f in schema.features}
         self.order = [k[len(schema.prefix):] for t in TOKENS for k in schema.token_features(t)]
-        self.tower = Tower(dim * len(self.order), tower)
+        self.head, self.hidden = head, tuple(tower)
+        self.tower = build_head(head, dim * len(self.order), dim, tower)
 
     def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         pooled = {}
@@ -68,10 +70,10 @@ class ServingModel(nn.Module):
 
 
 def load_network_from_checkpoint(ckpt: str, schema: DomainSchema, dim: int, tower: tuple[int, ...],
-                                 network: str) -> ServingModel:
+                                 network: str, head: str = "mlp") -> ServingModel:
     """Reads one network's target tables and tower (``network`` = "mixed" or "pure") out of a DCP
     training checkpoint into an unsharded :class:`ServingModel` (no process group needed)."""
-    model = ServingModel(schema, dim, tower)
+    model = ServingModel(schema, dim, tower, head)
     flat: dict[str, torch.Tensor] = {}
     for name, _, _ in schema.tables():
         flat[f"model/{network}_tgt.embedding_bags.{name}.weight"] = model.tables[name[2:]].data
@@ -148,16 +150,12 @@ def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq
     except Exception as e:  # the state dict stays the artifact; say why the program is missing
         logger.warning("torch.export failed, serving program not written: %s", str(e).splitlines()[0])
     meta = {"format": FORMAT, "schema": model.schema.to_json(), "embedding_dim": model.dim,
-            "tower": list(_tower_hidden(model)), "max_seq_len": max_seq_len,
+            "tower": list(model.hidden), "head": model.head, "max_seq_len": max_seq_len,
             "single_features": model.single_features, "program": program,
             "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in ("model.pt", "program.pt2")
                       if os.path.exists(os.path.join(out, f))}, **info}
     atomic_write_bytes(os.path.join(out, "serving.json"), (json.dumps(meta, indent=2) + "\n").encode())
     return meta
-
-
-def _tower_hidden(model: ServingModel) -> tuple[int, ...]:
-    return tuple(m.out_features for m in model.tower.net if isinstance(m, nn.Linear))[:-1]
 
 
 def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
@@ -179,7 +177,7 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
     if lacks:
         raise ValueError(f"{path}/serving.json lacks {lacks}; is it a `cctl-rec export` output?")
     schema = DomainSchema.from_json(meta["schema"])
-    model = ServingModel(schema, int(meta["embedding_dim"]), tuple(meta["tower"]))
+    model = ServingModel(schema, int(meta["embedding_dim"]), tuple(meta["tower"]), str(meta.get("head", "mlp")))
     pt = os.path.join(path, "model.pt")
     try:  # weights_only: tensors and plain containers; a pickled object is refused, never run
         state = torch.load(pt, weights_only=True, map_location="cpu")

@@ -127,6 +127,9 @@ def test_ranks_split_the_work(tiny, tmp_path):
     assert _shas(m) == _shas(m1)
 
 
+@pytest.mark.reliability("fault", "a kill during datagen", expect="the leftovers of a killed run (a temp file, a "
+                         "lost sidecar, a truncated shard, no manifest): the rerun regenerates exactly those shards, "
+                         "byte-identical, and removes the temp file")
 def test_resume_after_kill(tmp_path, monkeypatch):
     out = str(tmp_path)
     m = generate(out, "tiny", scale=0.3, progress=False)
@@ -160,6 +163,8 @@ def test_resume_after_kill(tmp_path, monkeypatch):
     assert all(verify_shard(out, e) for v in m2["splits"].values() for e in v)
 
 
+@pytest.mark.reliability("fault", "a kill during datagen", expect="an interrupt in the middle of a shard write: "
+                         "no shard, temp file or manifest is left")
 def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
     out = str(tmp_path)
 

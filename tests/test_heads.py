@@ -43,6 +43,22 @@ def test_lr_is_affine_in_the_embeddings():
     assert torch.allclose(h(x + y) - b, (h(x) - b) + (h(y) - b), atol=1e-6)
 
 
+def test_star_layer_is_shared_times_domain_weight_plus_summed_bias():
+    from cctl_rec.modules.heads import StarTower
+
+    torch.manual_seed(0)
+    t = StarTower(4, (3,))
+    with torch.no_grad():
+        for p in list(t.w.values()) + list(t.b.values()):
+            p.normal_()
+    x = torch.randn(5, 4)
+    for d in ("tgt", "src"):
+        h = torch.relu(x @ (t.shared[0].weight * t.w[f"{d}_0"]).T + t.shared[0].bias + t.b[f"{d}_0"])
+        out = h @ (t.shared[1].weight * t.w[f"{d}_1"]).T + t.shared[1].bias + t.b[f"{d}_1"]
+        assert torch.allclose(t(x, d), out.squeeze(-1), atol=1e-6)
+    assert not torch.allclose(t(x, "tgt"), t(x, "src"))
+
+
 def test_build_head_refuses_an_unknown_head():
     with pytest.raises(ValueError, match="model.head='din'"):
         build_head("din", 8, 2, (4,))
@@ -64,7 +80,9 @@ def test_gradient_reversal_flips_the_sign_and_the_classifier_learns():
 
 
 @pytest.mark.parametrize("overrides", [["model.name=dnn", "model.head=deepfm"], ["model.name=dnn", "model.head=lr"],
-                                       ["model.head=afm"], ["model.dann_weight=0.1", "selector.mode=fixed"]])
+                                       ["model.head=afm"], ["model.dann_weight=0.1", "selector.mode=fixed"],
+                                       ["model.head=star", "selector.mode=fixed"],
+                                       ["model.finetune_steps=3", "selector.mode=fixed"]])
 def test_baselines_train_and_export(tmp_path, tiny_data, overrides):
     import json
 
@@ -80,3 +98,22 @@ def test_baselines_train_and_export(tmp_path, tiny_data, overrides):
     meta = json.loads((tmp_path / "exp" / "serving.json").read_text())
     head = next((o.split("=")[1] for o in overrides if o.startswith("model.head=")), "mlp")
     assert meta["head"] == head
+
+
+def test_finetune_trains_the_mixed_network_on_source_then_target_only(tiny_data):
+    """The loss of the Finetune baseline: target term off and every source weight 1 before the
+    switch; source weights 0 after it (pinned on scn_losses' arithmetic)."""
+    from cctl_rec.models.cctl import CCTLOutput
+    from cctl_rec.train.losses import scn_losses
+
+    class B:
+        tgt_label = torch.tensor([1.0, 0.0])
+        src_label = torch.tensor([0.0, 1.0, 1.0])
+
+    out = CCTLOutput(logit_tgt=torch.tensor([0.3, -0.2]), logit_pure=torch.zeros(2),
+                     logit_src=torch.tensor([0.1, 0.5, -1.0]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    pre = scn_losses(out, B, torch.ones(3), tgt_weight=0.0)
+    assert torch.allclose(pre.mixed, bce(out.logit_src, B.src_label))
+    post = scn_losses(out, B, torch.zeros(3), tgt_weight=1.0)
+    assert torch.allclose(post.mixed, bce(out.logit_tgt, B.tgt_label))

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
     schema = data.schemas["tgt"]
     network = "mixed" if cfg.model.name == "cctl" else "pure"
-    model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network)
+    model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network,
+                                         cfg.model.head)
     meta = save_artifact(model, args.out, {"run_dir": os.path.abspath(args.run_dir), "step": step,
                                            "model": cfg.model.name,
                                            "network": "pure (mixed copied by the final sync)" if network == "mixed"

@@ -97,7 +97,7 @@ class CCTL(nn.Module):
             same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
                              [k[2:] for k in ts.token_features(t)])
             self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
-            self.mixed_tower = build_head(cfg.head, width, d, cfg.tower)
+            self.mixed_tower = build_head(cfg.head, width, d, cfg.tower, ("tgt", "src"))
             if cfg.dann_weight > 0:
                 self.domain_clf = DomainClassifier(width)
 
@@ -160,7 +160,10 @@ class CCTL(nn.Module):
         src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
         x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
         x_all = torch.cat([x_tgt, x_src], dim=0)
-        logits = self.mixed_tower(x_all)                                      # one pass, B_t + B_s
+        if self.cfg.head == "star":  # STAR: each domain through its own factors
+            logits = torch.cat([self.mixed_tower(x_tgt, "tgt"), self.mixed_tower(x_src, "src")])
+        else:
+            logits = self.mixed_tower(x_all)                                  # one pass, B_t + B_s
         dom = self.domain_clf(x_all) if hasattr(self, "domain_clf") else None  # DANN baseline only
         ren = slice(n_s, n_s + n_t)
         p = ss.prefix

@@ -8,6 +8,9 @@ tower takes) — to B logits, so the same mixed/pure machinery trains and serves
   is a free scalar per id and field: logistic regression over the one-hot ids.
 - ``deepfm``: LR + the FM second-order term sum_{f<g} <v_f, v_g> + the MLP (Guo et al., 2017).
 - ``afm``: LR + attention-pooled pairwise products p^T sum_{f<g} a_fg (v_f * v_g) (Xiao et al., 2017).
+- ``star``: STAR's star-topology tower (Sheng et al., 2021): each layer's weight is a shared matrix
+  times (elementwise) a per-domain one, its bias their sum; source rows go through the source
+  factors, target rows (and serving) through the target ones.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from cctl_rec.modules.tower import Tower, mlp
 
-HEADS = ("mlp", "lr", "deepfm", "afm")
+HEADS = ("mlp", "lr", "deepfm", "afm", "star")
 
 
 def _fields(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -82,8 +85,40 @@ class AFMHead(nn.Module):
         return self.linear(x).squeeze(-1) + self.p((a * pairs).sum(1)).squeeze(-1)
 
 
-def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...]) -> nn.Module:
-    """The tower of the mixed and pure networks: ``head`` in :data:`HEADS`."""
+class StarTower(nn.Module):
+    """STAR's star-topology FCN: B X in_dim -> B logits, per domain.
+
+    Layer l computes h W_l^T + b_l with W_l = W_l^shared * W_l^domain (elementwise) and
+    b_l = b_l^shared + b_l^domain; the domain factors start at ones / zeros, so both domains start
+    from the shared network.
+
+    Args:
+        in_dim: input width; hidden: hidden widths; domains: the domain names.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], domains: tuple[str, ...] = ("tgt", "src")) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden, 1]
+        self.n = len(dims) - 1
+        self.shared = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(self.n))
+        self.w = nn.ParameterDict({f"{d}_{i}": nn.Parameter(torch.ones(dims[i + 1], dims[i]))
+                                   for d in domains for i in range(self.n)})
+        self.b = nn.ParameterDict({f"{d}_{i}": nn.Parameter(torch.zeros(dims[i + 1]))
+                                   for d in domains for i in range(self.n)})
+
+    def forward(self, x: torch.Tensor, domain: str = "tgt") -> torch.Tensor:
+        h = x
+        for i, lin in enumerate(self.shared):
+            h = torch.nn.functional.linear(h, lin.weight * self.w[f"{domain}_{i}"], lin.bias + self.b[f"{domain}_{i}"])
+            if i < self.n - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+
+def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...], domains: tuple[str, ...] = ("tgt",)
+               ) -> nn.Module:
+    """The tower of the mixed and pure networks: ``head`` in :data:`HEADS`; ``domains``: the
+    domains a STAR tower serves (the pure network: target only)."""
     if head == "mlp":
         return Tower(in_dim, hidden)
     if head == "lr":
@@ -92,6 +127,8 @@ def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...]) -> nn.
         return DeepFMHead(in_dim, dim, hidden)
     if head == "afm":
         return AFMHead(in_dim, dim)
+    if head == "star":
+        return StarTower(in_dim, hidden, domains)
     raise ValueError(f"model.head={head!r}: expected one of {list(HEADS)}")
 
 

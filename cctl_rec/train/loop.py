@@ -30,6 +30,7 @@ from cctl_rec.config import TrainConfig, dump_yaml, to_dict
 from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import init_distributed
+from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.metrics import BinaryMetrics, selector_stats
 from cctl_rec.models.cctl import CCTL
@@ -77,17 +78,6 @@ def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
             "optim": json.dumps(d["optim"], sort_keys=True),
             "data": json.dumps({k: d["data"][k] for k in ("batch_size", "src_ratio", "max_seq_len", "epochs")}),
             "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True)}
-
-
-class _PlannerLog(logging.Handler):
-    """Captures the planner's stats table (it logs it) for the run directory."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @torch.no_grad()
@@ -155,20 +145,15 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     model = CCTL(data.schemas, cfg.model, with_source=with_source)
     stream = TrainStream(data, cfg.data, rank, world, with_source, model.shared)
     apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device.type)
-    cap = _PlannerLog()
-    plog = logging.getLogger("torchrec.distributed.planner.stats")
-    plog.addHandler(cap)
-    try:
+    with capture_planner_stats() as planner_stats:
         plan = make_plan(model, world, device.type, cfg.dist.sharding, cfg.data.batch_size,
                          pg=dist.GroupMember.WORLD)
-    finally:
-        plog.removeHandler(cap)
     dmp = shard(model, plan, device)
     module: CCTL = dmp.module
     if rank == 0:
         atomic_write_json(os.path.join(run_dir, "plan.json"), plan_to_json(plan))
-        atomic_write_text(os.path.join(run_dir, "plan.txt"), str(plan) + "\n\n" + "\n".join(cap.lines) + "\n")
-    dense = [p for name in ("mixed_tower", "san", "pure_tower") if hasattr(module, name)
+        atomic_write_text(os.path.join(run_dir, "plan.txt"), str(plan) + "\n\n" + "\n".join(planner_stats) + "\n")
+    dense = [p for name in ("mixed_tower", "san", "pure_tower", "domain_clf") if hasattr(module, name)
              for p in getattr(module, name).parameters()]
     dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
     dp_tables = DataParallelTables(module, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr)
@@ -218,19 +203,29 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         n_in_window, window = meta["log_window"][0], dict(meta["log_window"][1])
     syncs, reward_sum = int(meta.get("syncs", 0)), float(meta.get("reward_sum", 0.0))
     step = start
+
+    def amp() -> torch.autocast:  # run.precision=bf16: the forward in bfloat16, the rest in fp32
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
+
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
     for batch in stream.iterate(start) if start < total else ():
         step += 1
         if step > total:
             break
         batch = batch.to(device)
-        out = dmp(batch)
+        with amp():
+            out = dmp(batch)
         weights = logits = actions = None
         if with_source and out.x_src is not None:
             assert ifn is not None
-            weights, logits, actions = ifn.weights(out.x_src, batch.src_harmful)
-        losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
-                            cfg.ren.weight if cfg.ren.enabled else 0.0)
+            weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful)  # selector in fp32
+        tgt_weight = 1.0
+        if cfg.model.finetune_steps and weights is not None:  # Finetune baseline: source, then target
+            pre = step <= cfg.model.finetune_steps
+            weights, tgt_weight = torch.full_like(weights, 1.0 if pre else 0.0), 0.0 if pre else 1.0
+        with amp():  # under autocast the BCE terms run in fp32; REN's inputs are the tables' fp32 outputs
+            losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
+                                cfg.ren.weight if cfg.ren.enabled else 0.0, cfg.model.dann_weight, tgt_weight)
         reward = float(losses.reward)
         hb = next(heldout) if heldout is not None else None
         if with_source and cfg.scn.reward_source == "heldout_batch":
@@ -247,7 +242,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                     x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
             else:
                 x_eval, y_eval = out.x_tgt, batch.tgt_label
-            infl = per_sample_influence(module.mixed_tower, out.x_src, batch.src_label, x_eval, y_eval)
+            infl = per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(),
+                                        y_eval)
 
         dense_opt.zero_grad(set_to_none=True)
         (losses.mixed + losses.pure).backward()

@@ -38,7 +38,7 @@ def _reduce(x: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def scn_losses(out: CCTLOutput, batch: CCTLBatch, weights: Optional[torch.Tensor], reduction: str = "mean",
-               ren_weight: float = 0.0, dann_weight: float = 0.0) -> SCNLosses:
+               ren_weight: float = 0.0, dann_weight: float = 0.0, tgt_weight: float = 1.0) -> SCNLosses:
     """Eq. 3: Loss_mixed = sum_i p_i L(y_i^s, f(x_i)) + sum_j L(y_j^t, f(x_j)) (+ lambda Loss_ren);
     Eq. 4: Loss_pure on the same target rows; Eq. 5: r = Loss_pure - Loss_tgt.
 
@@ -63,7 +63,7 @@ def scn_losses(out: CCTLOutput, batch: CCTLBatch, weights: Optional[torch.Tensor
         id_mask = torch.cat([batch.user_in_other, batch.item_in_other])
         ren, cos_id, cos_seq = ren_loss(out.ren_id_s, out.ren_id_t, id_mask, out.ren_seq_s, out.ren_seq_t,
                                         batch.seq_mask)
-    mixed = src + tgt + (ren_weight * ren if ren_weight else zero)
+    mixed = src + (tgt_weight * tgt if tgt_weight != 1.0 else tgt) + (ren_weight * ren if ren_weight else zero)
     if dann_weight and out.logit_domain is not None:  # DANN baseline: source rows are domain 1
         n_t = out.logit_tgt.shape[0]
         dom = torch.cat([torch.zeros(n_t), torch.ones(out.logit_domain.shape[0] - n_t)]).to(out.logit_domain)

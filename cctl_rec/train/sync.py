@@ -35,12 +35,23 @@ def check_same_layout(mixed: nn.Module, pure: nn.Module) -> None:
                                "the sync needs one plan for both")
 
 
+def _tower_pairs(module: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(mixed, pure) tower parameters matched by name; the pure tower may lack the mixed one's
+    source-only parameters (STAR's source factors), never the other way round."""
+    pure = dict(module.pure_tower.named_parameters())
+    pairs = [(pm, pure.pop(n)) for n, pm in module.mixed_tower.named_parameters() if n in pure]
+    if pure:
+        raise RuntimeError(f"pure tower parameters without a mixed counterpart: {sorted(pure)}")
+    return pairs
+
+
 @torch.no_grad()
 def sync_mixed_to_pure(module: nn.Module, dense_opt: Optional[torch.optim.Optimizer],
                        optimizer_state: bool = True, dp_tables: Optional[object] = None) -> None:
     """Copies mixed_tgt -> pure_tgt and mixed_tower -> pure_tower (and their optimizer state)."""
     module.pure_tgt.load_state_dict(module.mixed_tgt.state_dict())
-    for pm, pp in zip(module.mixed_tower.parameters(), module.pure_tower.parameters()):
+    pairs = _tower_pairs(module)
+    for pm, pp in pairs:
         pp.copy_(pm)
     if not optimizer_state:
         return
@@ -51,7 +62,7 @@ def sync_mixed_to_pure(module: nn.Module, dense_opt: Optional[torch.optim.Optimi
     if dp_tables is not None:  # data_parallel tables' optimizer state
         dp_tables.copy_state("mixed_tgt", "pure_tgt")
     if dense_opt is not None:
-        for pm, pp in zip(module.mixed_tower.parameters(), module.pure_tower.parameters()):
+        for pm, pp in pairs:
             if pm in dense_opt.state:
                 dense_opt.state[pp] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
                                        for k, v in dense_opt.state[pm].items()}

@@ -263,6 +263,16 @@ def test_bad_amazon_input_is_one_line_and_writes_nothing(tmp_path, capsys, conte
     assert not out.exists()
 
 
+def test_no_held_out_rows_is_one_line_and_writes_nothing(tmp_path, capsys):
+    src = _write(tmp_path / "s", [("A", "b", 5)])
+    tgt = _write(tmp_path / "t", [("A", f"m{k}", 5) for k in range(4)])  # 4 pairs: all stay in train
+    out = tmp_path / "out"
+    assert main(["convert", "amazon", "--src", src, "--tgt", tgt, "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if " INFO " not in ln]  # logging
+    assert len(err) == 1 and "would have no tgt/valid rows" in err[0]
+    assert not out.exists()
+
+
 def test_missing_inputs_are_one_line(tmp_path, capsys, implicit_dirs):
     out = tmp_path / "out"
     good = _write(tmp_path / "good.inter", [("A", "m", 5)])

@@ -544,12 +544,14 @@ def write_dataset(out: str, tables: dict[str, pa.Table], schemas: dict[str, Doma
 
     if shard_rows < 1:
         raise ValueError(f"--shard-rows must be >= 1, got {shard_rows}")
+    for key in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
+        if key not in tables or tables[key].num_rows == 0:
+            raise ValueError(f"the converted data would have no {key} rows (a user needs at least 5 target "
+                             f"rows for one valid/test row at 10%); check the input files and --valid-frac/--test-frac")
     prepare_output(out)
     splits: dict[str, list[dict[str, Any]]] = {}
     for key in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
-        t = tables.get(key)
-        if t is None or t.num_rows == 0:
-            raise ValueError(f"the converted data has no {key} rows; check the input files and fractions")
+        t = tables[key]
         g_pathmgr.mkdirs(join(out, *key.split("/")))
         entries = []
         for s, lo in enumerate(range(0, t.num_rows, shard_rows)):

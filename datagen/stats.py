@@ -24,9 +24,21 @@ SKETCH_K = 4096
 _SKETCH_SALT = 0x5EED5EED12345678
 
 
+def sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """``np.unique(ids)`` by sorting: numpy 2.4's hash-based ``np.unique`` is ~30x slower on
+    250k mostly distinct int64 ids (150 ms vs 5 ms here)."""
+    s = np.sort(ids)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def _sketch(ids: np.ndarray) -> tuple[np.ndarray, bool]:
     """(the up to SKETCH_K distinct ids with the smallest hash, whether ids were dropped)."""
-    uniq = np.unique(ids)
+    uniq = sorted_unique(ids.astype(np.int64, copy=False))
     h = splitmix64(uniq, _SKETCH_SALT)
     if len(uniq) <= SKETCH_K:
         return uniq, False
@@ -66,7 +78,7 @@ def _distinct(shards: list[dict[str, Any]], entity: str, lo: int, hi: int) -> tu
     parts = [_decode(s[f"{entity}_sketch"]) for s in shards]
     if not parts:
         return 0, 0.0
-    ids = np.unique(np.concatenate(parts))
+    ids = sorted_unique(np.concatenate(parts))
     h = splitmix64(ids, _SKETCH_SALT)
     if not any(s[f"{entity}_sketch_truncated"] for s in shards):  # every id is here: exact
         kept, n = ids, len(ids)

@@ -71,11 +71,11 @@ def hash_factors(x: np.ndarray, salt: int, k: int) -> np.ndarray:
     """
     x = x.astype(np.uint64, copy=False)
     n_hash = -(-k // 4)
-    out = np.empty((len(x), n_hash * 4), dtype=np.float32)
+    h = np.empty((len(x), n_hash), dtype=np.uint64)
     for j in range(n_hash):
-        h = splitmix64(x, (salt + j * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
-        lanes = h.view(np.uint16).reshape(len(x), 4)
-        out[:, 4 * j:4 * j + 4] = lanes
+        h[:, j] = splitmix64(x, (salt + j * 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+    # row i: hash 0's four lanes, then hash 1's...; one contiguous uint16 -> float32 pass
+    out = h.view(np.uint16).reshape(len(x), n_hash * 4).astype(np.float32)
     out *= np.float32(_INV16 * 2 * math.sqrt(3.0))
     out -= np.float32(math.sqrt(3.0) * (1 - _INV16))
     return out[:, :k]
@@ -103,6 +103,46 @@ def zipf_rank(u: np.ndarray, n: int, s: float) -> np.ndarray:
     r = x.astype(np.int64)
     r -= 1
     np.clip(r, 0, n - 1, out=r)
+    return r
+
+
+ZIPF32_MAX_N = 1 << 22
+"""Largest ``n`` :func:`zipf_rank32` serves (float32 resolves ranks to about 1e-6 relative)."""
+
+
+def zipf_rank32(bits: np.ndarray, n: int, s: float) -> np.ndarray:
+    """:func:`zipf_rank` in float32 from 32 random bits per draw, for ``n <= ZIPF32_MAX_N``.
+
+    The same inverse CDF with ``u = bits / 2**32``; float32 ``log`` / ``exp`` are vectorised
+    (AVX2) where float64 ``log1p`` is not: about 7x faster. A rank can differ from
+    :func:`zipf_rank`'s by one where float32 rounding (~1e-6 relative on the continuous
+    value) crosses a rank boundary, which leaves the law unchanged.
+
+    Args:
+        bits: uint32 random bits (e.g. the low half of a :func:`splitmix64` hash).
+        n: number of ranks, ``<= ZIPF32_MAX_N``.
+        s: exponent >= 0.
+
+    Returns:
+        int32 ranks in ``[0, n)``, same shape as ``bits``.
+    """
+    if n > ZIPF32_MAX_N:
+        raise ValueError(f"zipf_rank32 serves n <= {ZIPF32_MAX_N}, got {n}; use zipf_rank")
+    if n <= 1:
+        return np.zeros(bits.shape, dtype=np.int32)
+    x = bits.astype(np.float32)
+    if abs(s - 1.0) < 1e-9:
+        x *= np.float32(math.log(n + 1.0) / 4294967296.0)
+    else:
+        a = 1.0 - s
+        x *= np.float32(((n + 1.0) ** a - 1.0) / 4294967296.0)
+        x += np.float32(1.0)
+        np.log(x, out=x)
+        x *= np.float32(1.0 / a)
+    np.exp(x, out=x)  # >= 1: the continuous rank + 1
+    np.minimum(x, np.float32(n), out=x)
+    r = x.astype(np.int32)
+    r -= 1
     return r
 
 

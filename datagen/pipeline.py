@@ -25,7 +25,7 @@ from iopath.common.file_io import g_pathmgr
 from tqdm import tqdm
 
 from cctl_rec.data.manifest import FORMAT, atomic_write_bytes, join, write_manifest
-from datagen.generator import Generator, calibrate
+from datagen.generator import Generator, calibrate, schemas_of
 from datagen.presets import GenParams, resolve
 from datagen.stats import merge_stats
 from datagen.writer import (SPLIT_KEYS, ShardTask, clean_temps, is_complete, plan, split_rule,
@@ -37,35 +37,17 @@ PARAMS_FILE = "datagen-params.json"
 _WORKER: dict[str, Any] = {}
 
 
-def schemas_of(params: GenParams) -> dict[str, Any]:
-    """The two DomainSchemas of a run (cctl_rec.schema.synthetic_schemas with its sizes)."""
-    from cctl_rec.schema import synthetic_schemas
-
-    k = params.knobs
-    return synthetic_schemas(params.n_users, params.n_items, int(k["n_categories"]),
-                             int(k["n_brands"]), int(k["n_cities"]))
-
-
-def cardinalities(schema: Any) -> dict[str, int]:
-    """Column -> id space of a DomainSchema's columns (``seq`` / ``other_seq``: the item table)."""
-    card = {f.name: (schema.feature(f.table).cardinality if f.is_seq else f.cardinality)
-            for f in schema.features}
-    card["other_seq"] = card["seq"]
-    return card
-
-
 def _init_worker(root: str, params_json: dict[str, Any]) -> None:
     params = GenParams.from_json(params_json)
     schemas = schemas_of(params)
     _WORKER.update(root=root, gen=Generator(params), params=params,
-                   columns={d: s.columns for d, s in schemas.items()},
-                   card={d: cardinalities(s) for d, s in schemas.items()})
+                   columns={d: s.columns for d, s in schemas.items()})
 
 
 def _run_task(task: ShardTask) -> dict[str, Any]:
     w = _WORKER
     return write_shard(w["root"], w["gen"], task, w["columns"][task.domain],
-                       int(w["params"].knobs["row_group_rows"]), w["card"][task.domain])
+                       int(w["params"].knobs["row_group_rows"]))
 
 
 @contextmanager

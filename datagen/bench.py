@@ -1,8 +1,14 @@
 """Throughput and memory of the generator: rows/s per worker and peak RSS.
 
 ``bench_datagen`` generates ``rows`` rows in shard-sized blocks (both domains, in the preset's
-source/target mix), first in memory only, then with the Parquet write to a temp directory, and
+source/target mix), first in memory only (``Generator.shard_table``), then through the path
+``cctl-rec datagen`` runs per shard (``writer.write_shard``: generate, Parquet encode + zstd,
+sha256, atomic rename through iopath, shard statistics and sidecars) into a temp directory, and
 extrapolates the time of the full ``meituan`` preset on a given number of cores.
+
+Rates are rows per wall second and rows per CPU second of the worker process. On an idle core
+the two agree; on a shared machine the wall rate drops with the CPU share the worker gets
+(``cpu_share``), while the CPU rate measures the work itself.
 
 Run::
 
@@ -43,31 +49,32 @@ def _blocks(params: Any, rows: int) -> list[tuple[str, int]]:
 
 
 def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, float]:
-    from datagen.generator import DAY, T0, Generator, calibrate
-    from datagen.pipeline import cardinalities, schemas_of
+    from datagen.generator import DAY, T0, Generator, calibrate, schemas_of
     from datagen.presets import resolve
-    from datagen.writer import write_table
+    from datagen.writer import ShardTask, sidecars, write_shard
 
     params = calibrate(resolve(preset, seed=seed))
     gen = Generator(params)
-    schemas = schemas_of(params)
-    cols = {d: s.columns for d, s in schemas.items()}
-    card = {d: cardinalities(s) for d, s in schemas.items()}
+    cols = {d: s.columns for d, s in schemas_of(params).items()}
     rg = int(params.knobs["row_group_rows"])
     blocks = _blocks(params, rows)
     n_bytes = 0
     with tempfile.TemporaryDirectory(prefix="cctl-bench-") as tmp:
-        t0 = time.perf_counter()
+        for d in ("src", "tgt"):
+            os.makedirs(os.path.join(tmp, d, "train"))
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, (d, n) in enumerate(blocks):
-            table = gen.shard_table(d, "train", i, n, T0, T0 + 24 * DAY, cols[d])
             if write:
-                path = os.path.join(tmp, f"part-{i:05d}.parquet")
-                with open(path, "wb") as f:
-                    write_table(table, f, rg, card[d])
-                n_bytes += os.path.getsize(path)
-                os.remove(path)
-        dt = time.perf_counter() - t0
-    return {"seconds": dt, "rows": float(rows), "bytes": float(n_bytes),
+                task = ShardTask(i, d, "train", i, n, T0, T0 + 24 * DAY)
+                stats = write_shard(tmp, gen, task, cols[d], rg)
+                n_bytes += stats["bytes"]
+                path = os.path.join(tmp, task.relpath)
+                for p in (path, *sidecars(path)):
+                    os.remove(p)
+            else:
+                gen.shard_table(d, "train", i, n, T0, T0 + 24 * DAY, cols[d])
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": dt, "cpu_seconds": cpu, "rows": float(rows), "bytes": float(n_bytes),
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
@@ -81,7 +88,8 @@ def _measure(preset: str, rows: int, workers: int, write: bool, seed: int) -> di
     with pool:
         res = list(pool.map(_one_worker, [preset] * workers, [per] * workers, [write] * workers,
                             [seed + i for i in range(workers)]))
-    return {"seconds": max(r["seconds"] for r in res), "rows": float(per * workers),
+    return {"seconds": max(r["seconds"] for r in res),
+            "cpu_seconds": max(r["cpu_seconds"] for r in res), "rows": float(per * workers),
             "bytes": sum(r["bytes"] for r in res), "rss_mib": max(r["rss_mib"] for r in res)}
 
 
@@ -97,10 +105,13 @@ def bench_datagen(preset: str = "small", rows: int = 2_000_000, workers: int = 1
         seed: dataset seed.
 
     Returns:
-        dict with ``gen_rows_per_s_per_worker``, ``gen_write_rows_per_s_per_worker``,
-        ``bytes_per_row``, ``peak_rss_mib`` (max over the worker processes, each a fresh
-        spawned interpreter, so the caller's own imports do not count) and
-        ``meituan_minutes_on_<cores>_cores`` (gen + write, ideal scaling).
+        dict with ``gen_rows_per_s_per_worker``, ``gen_write_rows_per_s_per_worker`` (wall
+        clock), the same per CPU second (``gen_rows_per_cpu_s``, ``gen_write_rows_per_cpu_s``),
+        ``cpu_share`` (CPU / wall seconds of the slowest worker; below ~0.95 the machine was
+        shared and the wall rates understate the generator), ``bytes_per_row``,
+        ``peak_rss_mib`` (max over the worker processes, each a fresh spawned interpreter, so
+        the caller's own imports do not count) and ``meituan_minutes_on_<cores>_cores``
+        (gen + write at the wall rate, ideal scaling).
     """
     if workers < 1 or rows < 1:
         raise ValueError(f"workers and rows must be >= 1, got workers={workers} rows={rows}")
@@ -112,6 +123,10 @@ def bench_datagen(preset: str = "small", rows: int = 2_000_000, workers: int = 1
     out = {"preset": preset, "rows": int(full["rows"]), "workers": workers,
            "gen_rows_per_s_per_worker": round(g_rate),
            "gen_write_rows_per_s_per_worker": round(w_rate),
+           "gen_rows_per_cpu_s": round(gen["rows"] / workers / gen["cpu_seconds"]),
+           "gen_write_rows_per_cpu_s": round(full["rows"] / workers / full["cpu_seconds"]),
+           "cpu_share": round(min(gen["cpu_seconds"] / gen["seconds"],
+                                  full["cpu_seconds"] / full["seconds"]), 2),
            "bytes_per_row": round(full["bytes"] / full["rows"], 1),
            "peak_rss_mib": round(rss, 1),
            f"meituan_minutes_on_{cores}_cores": round(MEITUAN_ROWS / (w_rate * cores) / 60, 1)}

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cctl-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast reliability clean
 
 $(STAMP): requirements/cpu.txt setup.cfg
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Issue #8's bad-input, fault and security cases (tests marked `reliability`, torchx ones included),
+# then docs/reliability.md from their outcomes.
+RELIABILITY_JSON := runs/reliability.json
+reliability: $(STAMP)
+	CCTL_RELIABILITY_OUT=$(RELIABILITY_JSON) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m reliability || true
+	$(BIN)/python scripts/reliability_report.py $(RELIABILITY_JSON) docs/reliability.md
 
 clean:
 	rm -rf runs data

@@ -3,8 +3,17 @@ import os
 import pytest
 import torch
 
+from tests import reliability_plugin
+from tests.reliability_plugin import pytest_addoption  # noqa: F401  (the --reliability-out option)
+
+
+def pytest_configure(config):
+    reliability_plugin.configure(config)
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reliability_plugin.check_marker(item)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

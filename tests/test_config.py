@@ -38,6 +38,8 @@ def test_bad_config_values_name_the_key(override, msg):
     assert msg in str(e.value)
 
 
+@pytest.mark.reliability("config", "wrong type", expect="loader level: a YAML file that does not parse, is "
+                         "missing, or holds a list: ValueError / FileNotFoundError naming the file")
 def test_bad_yaml_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data: [unclosed\n")

@@ -21,6 +21,8 @@ def _files(root, split):
     return sorted(glob.glob(f"{root}/{split}/*.parquet"))
 
 
+@pytest.mark.reliability("data", "sequences longer than the configured maximum", expect="default "
+                         "(data.long_seq=truncate): each sequence keeps its newest max_seq_len items")
 def test_kjt_layout_and_truncation(tiny_data):
     ts = SCHEMAS["tgt"]
     rows = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), ts, 16)))
@@ -74,18 +76,26 @@ def _tgt_table(tiny_data):
     return pq.read_table(_files(tiny_data, "tgt/train")[0]).slice(0, 64)
 
 
+def _rel(case):
+    return pytest.mark.reliability("data", case, expect="reader level: ValueError, one line naming the file, "
+                                   "the column and the value")
+
+
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda t: t.drop_columns(["device"]), "lacks column(s) ['device'] of the tgt schema"),
-    (lambda t: t.set_column(t.schema.get_field_index("label"), "label", pa.array(np.full(64, 2, np.int8))),
-     "column 'label' has value 2; expected 0 or 1"),
-    (lambda t: t.set_column(t.schema.get_field_index("user_id"), "user_id", pa.array(np.full(64, -3))),
-     "column 'user_id' has negative id -3"),
-    (lambda t: t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(np.full(64, 10 ** 9))),
-     f"column 'item_id' has id 1000000000 >= table size {N_ITEMS}"),
-    (lambda t: t.set_column(t.schema.get_field_index("gender"), "gender", pa.array([None] * 64, pa.int64())),
-     "column 'gender' has 32 null value(s)"),
-    (lambda t: t.set_column(t.schema.get_field_index("hour"), "hour", pa.array(np.zeros(64, np.float32))),
-     "column 'hour' has type float, expected integer"),
+    pytest.param(lambda t: t.drop_columns(["device"]), "lacks column(s) ['device'] of the tgt schema",
+                 marks=_rel("missing column"), id="missing-column"),
+    pytest.param(lambda t: t.set_column(t.schema.get_field_index("label"), "label", pa.array(np.full(64, 2, np.int8))),
+                 "column 'label' has value 2; expected 0 or 1", marks=_rel("labels outside {0, 1}"), id="label-2"),
+    pytest.param(lambda t: t.set_column(t.schema.get_field_index("user_id"), "user_id", pa.array(np.full(64, -3))),
+                 "column 'user_id' has negative id -3", marks=_rel("negative ids"), id="negative-id"),
+    pytest.param(lambda t: t.set_column(t.schema.get_field_index("item_id"), "item_id",
+                                        pa.array(np.full(64, 10 ** 9))),
+                 f"column 'item_id' has id 1000000000 >= table size {N_ITEMS}", marks=_rel("ids >= table size"), id="id-beyond-table"),
+    pytest.param(lambda t: t.set_column(t.schema.get_field_index("gender"), "gender",
+                                        pa.array([None] * 64, pa.int64())),
+                 "column 'gender' has 32 null value(s)", marks=_rel("null ids"), id="null-ids"),
+    pytest.param(lambda t: t.set_column(t.schema.get_field_index("hour"), "hour", pa.array(np.zeros(64, np.float32))),
+                 "column 'hour' has type float, expected integer", marks=_rel("wrong dtype"), id="float-id"),
 ])
 def test_bad_rows_fail_with_one_line(tiny_data, tmp_path, mutate, msg):
     path = _write(tmp_path / "bad.parquet", mutate(_tgt_table(tiny_data)))
@@ -96,11 +106,15 @@ def test_bad_rows_fail_with_one_line(tiny_data, tmp_path, mutate, msg):
     assert path in str(e.value)
 
 
+@pytest.mark.reliability("data", "a source file given as target", expect="reader level: target files read "
+                         "with the source schema: ValueError 'lacks column'")
 def test_source_file_given_as_target(tiny_data):
     with pytest.raises(ValueError, match="lacks column"):
         ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["src"], 32)
 
 
+@pytest.mark.reliability("data", "truncated or corrupt Parquet", expect="reader level: a missing file raises "
+                         "FileNotFoundError, an empty or junk file ValueError 'is not a readable Parquet file'")
 def test_missing_empty_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ParquetStream([str(tmp_path / "nope.parquet")], SCHEMAS["tgt"], 8)
@@ -111,6 +125,8 @@ def test_missing_empty_and_corrupt_files(tmp_path):
             ParquetStream([str(tmp_path / name)], SCHEMAS["tgt"], 8)
 
 
+@pytest.mark.reliability("data", "sequences longer than the configured maximum", expect="reader level: "
+                         "long_seq=fail raises ValueError naming data.max_seq_len")
 def test_long_sequences_fail_when_asked(tiny_data):
     rows = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 64)))
     with pytest.raises(ValueError, match="longer than data.max_seq_len=3"):

@@ -48,6 +48,23 @@ def _blocks(params: Any, rows: int) -> list[tuple[str, int]]:
     return out
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS in MiB.
+
+    On Linux ``ru_maxrss`` survives ``exec``, so a spawned worker would report the RSS of the
+    process that started it when that was larger (e.g. a parent that imported torch); the
+    ``VmHWM`` of ``/proc/self/status`` belongs to the process's own address space.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, float]:
     from datagen.generator import DAY, T0, Generator, calibrate, schemas_of
     from datagen.presets import resolve
@@ -75,7 +92,7 @@ def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, flo
                 gen.shard_table(d, "train", i, n, T0, T0 + 24 * DAY, cols[d])
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": dt, "cpu_seconds": cpu, "rows": float(rows), "bytes": float(n_bytes),
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "rss_mib": peak_rss_mib()}
 
 
 def _measure(preset: str, rows: int, workers: int, write: bool, seed: int) -> dict[str, float]:
@@ -83,9 +100,8 @@ def _measure(preset: str, rows: int, workers: int, write: bool, seed: int) -> di
     from datagen.pipeline import light_children
 
     per = -(-rows // workers)
-    with light_children():
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    with pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    with light_children(), pool:  # the pool spawns on its first submit
         res = list(pool.map(_one_worker, [preset] * workers, [per] * workers, [write] * workers,
                             [seed + i for i in range(workers)]))
     return {"seconds": max(r["seconds"] for r in res),
@@ -110,7 +126,7 @@ def bench_datagen(preset: str = "small", rows: int = 2_000_000, workers: int = 1
         ``cpu_share`` (CPU / wall seconds of the slowest worker; below ~0.95 the machine was
         shared and the wall rates understate the generator), ``bytes_per_row``,
         ``peak_rss_mib`` (max over the worker processes, each a fresh spawned interpreter, so
-        the caller's own imports do not count) and ``meituan_minutes_on_<cores>_cores``
+        the caller's own imports do not count: :func:`peak_rss_mib`) and ``meituan_minutes_on_<cores>_cores``
         (gen + write at the wall rate, ideal scaling).
     """
     if workers < 1 or rows < 1:

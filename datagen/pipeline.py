@@ -52,7 +52,11 @@ def _run_task(task: ShardTask) -> dict[str, Any]:
 
 @contextmanager
 def light_children() -> Iterator[None]:
-    """Spawned workers skip cctl_rec's torch/fbgemm import check (they never touch torch)."""
+    """Spawned workers skip cctl_rec's torch/fbgemm import check (they never touch torch).
+
+    Hold it while the pool starts processes (on its first submit, not at construction): a
+    worker that imports the torch stack costs ~0.3 GiB more RSS.
+    """
     old = os.environ.get("CCTL_REC_SKIP_STACK_CHECK")
     os.environ["CCTL_REC_SKIP_STACK_CHECK"] = "1"
     try:
@@ -176,11 +180,11 @@ def _run(out: str, params: GenParams, tasks: list[ShardTask], workers: int,
                 bar.update(t.rows)
         else:
             # spawn (not fork): the parent may hold torch threads; a worker that dies raises
-            # BrokenProcessPool here instead of being silently respawned
-            with light_children():
-                pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(out, params.to_json()))
-            with pool:
+            # BrokenProcessPool here instead of being silently respawned. The pool starts its
+            # processes on the first submit, so the light environment must outlive that.
+            pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(out, params.to_json()))
+            with light_children(), pool:
                 futures = {pool.submit(_run_task, t): t for t in tasks}
                 for fut in as_completed(futures):
                     t, r = futures[fut], fut.result()

@@ -61,10 +61,12 @@ def test_bench_train(tiny_data, tmp_path):
     b = r["breakdown"]["cctl/fp32"]
     assert {"data", "embeddings (fwd)", "towers (fwd)", "SAN (fwd)", "selector scoring", "REN loss (fwd)", "reward",
             "metrics", "sync (amortised)", "selector update (amortised)"} <= set(b["parts_ms"])
-    assert b["scn_ms"] > 0 and "overhead_over_scn" in b and b["sync_every"] == 100
+    assert b["scn_ms"] > 0 and b["sync_every"] == 100
+    assert "overhead_over_scn_ablation" in b and b["overhead_over_scn_attributed"]["median"] > 0
     assert r["auc"]["fp32"]["steps"] == 3 and "auc_diff_bf16_minus_fp32" in r["auc"]
-    assert {t["name"] for t in res["targets"]} >= {"CCTL over its SCN towers (fp32)", "bf16 speed-up (CCTL)",
-                                                   "bf16 target AUC"}
+    assert {t["name"] for t in res["targets"]} >= {"CCTL over its SCN towers (fp32), attributed",
+                                                   "CCTL over its SCN towers (fp32), ablation",
+                                                   "bf16 speed-up (CCTL)", "bf16 target AUC"}
 
 
 def test_bench_train_rss_in_a_fresh_process(tiny_data):

@@ -52,6 +52,7 @@ class BenchOptions:
         table_rows: sync: target user-table sizes.
         world_sizes: scaling: gloo world sizes.
         stress_steps: stress: the run's length.
+        stress_warmup: stress: steps before the RSS flatness window (0: a third of the run).
         sync_every, update_every: stress: k and the selector window (0: stress_steps / 25).
         rss_every: stress: steps between two RSS samples.
         seed: run.seed of every model built.
@@ -68,6 +69,7 @@ class BenchOptions:
     table_rows: tuple[int, ...] = (1_000_000, 10_000_000, 50_000_000)
     world_sizes: tuple[int, ...] = (1, 2)
     stress_steps: int = 1000
+    stress_warmup: int = 0
     sync_every: int = 0
     update_every: int = 0
     rss_every: int = 10
@@ -77,7 +79,7 @@ class BenchOptions:
         for name in ("steps", "repeats", "rss_every", "stress_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "threads", "sync_every", "update_every"):
+        for name in ("warmup", "threads", "sync_every", "update_every", "stress_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"bench --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.auc_steps < -1:

@@ -236,10 +236,13 @@ class Harness:
                 if self.on_logits is not None:
                     self.on_logits(logits)
                 extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label)
+                if extra.get("selector_update"):
+                    t.add("update_ran", 0.0)  # a marker: the per-step statistics leave this step out
         with t.span("sync"):
             if with_source and step % cfg.scn.sync_every == 0:
                 sync_mixed_to_pure(module, self.dense_opt, cfg.scn.sync_optimizer_state, self.dp_tables)
                 self.syncs += 1
+                t.add("sync_ran", 0.0)
         return {**glob, **extra}
 
     def scn_step(self, batch: CCTLBatch) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 from cctl_rec.bench.common import (BenchOptions, LoadSampler, envelope, fmt_stat, header_md, md_table, summary,
                                    target, timed, train_config)
-from cctl_rec.bench.train import TOP
+from cctl_rec.bench.train import TOP, regular_steps
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run(opts: BenchOptions) -> tuple[dict[str, Any], str]:
             assert h.ifn is not None and h.ifn.rl is not None
             every = h.cfg.selector.update_every
             # steps where an update ran are left out of the per-step median; the update is timed alone
-            regular = [s for i, s in enumerate(steps[m], opts.warmup + 1) if i % every]
+            regular = regular_steps(steps[m])
             step_ms = statistics.median([1e3 * sum(s.get(k, 0.0) for k in TOP) for s in regular])
             score = [1e3 * s["selector_score"] for s in regular]
             book = [1e3 * s["selector_update"] for s in regular]

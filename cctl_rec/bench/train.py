@@ -47,6 +47,9 @@ VARIANTS = {  # name -> config overrides
 TOP = ("data", "forward", "selector_score", "losses", "reward", "influence", "backward_opt", "metrics",
        "selector_update", "sync")
 """The step's top-level timed parts (they add up to the step)."""
+OVERHEAD = ("data", "san", "san_bwd", "selector_score", "selector_update", "ren", "reward", "influence", "metrics")
+"""The parts of a CCTL step that are not its SCN towers, each timed directly (sync and the
+selector update are added amortised)."""
 
 
 def _train_once(opts: BenchOptions, extra: list[str], steps: int, log_every: int, eval_rows: int
@@ -140,7 +143,7 @@ def measure_breakdown(opts: BenchOptions) -> dict[str, Any]:
         for name, h in hs.items():
             cfg = h.cfg
             steps = full[name]
-            names = sorted({k for s in steps for k in s})
+            names = sorted({k for s in steps for k in s if not k.endswith("_ran")})
             sec = {k: summary([1e3 * s.get(k, 0.0) for s in steps], 3) for k in names}
             step_ms = summary([1e3 * t for t in _totals(steps, TOP)], 3)
             res: dict[str, Any] = {"sections_ms": sec, "step_ms": step_ms, "steps": len(steps)}
@@ -157,7 +160,7 @@ def measure_breakdown(opts: BenchOptions) -> dict[str, Any]:
                     res["selector_update_ms"]["median"] / cfg.selector.update_every if "selector_update_ms" in res
                     else 0.0)
                 # per-step medians exclude the rare steps where a sync / update ran; add them amortised
-                regular = [sum(s.get(k, 0.0) for k in TOP if k != "sync") for s in steps]
+                regular = [sum(s.get(k, 0.0) for k in TOP if k != "sync") for s in regular_steps(steps)]
                 res["step_ms_amortised"] = round(1e3 * statistics.median(regular) + amort, 3)
                 s_steps = scn[name]
                 scn_tot = [1e3 * t for t in _totals(s_steps, ("forward", "losses", "backward_opt"))]
@@ -165,7 +168,14 @@ def measure_breakdown(opts: BenchOptions) -> dict[str, Any]:
                 res["scn_ablation_ms"] = summary(scn_tot, 3)
                 res["scn_ablation_san_ms"] = summary(san, 3)
                 res["scn_ms"] = round(statistics.median(scn_tot) - statistics.median(san), 3)
-                res["overhead_over_scn"] = round(res["step_ms_amortised"] / res["scn_ms"] - 1, 4)
+                res["overhead_over_scn_ablation"] = round(res["step_ms_amortised"] / res["scn_ms"] - 1, 4)
+                # attributed: per step, the directly timed non-SCN parts over the rest of the same step
+                # (both under the same load), median over steps
+                ratios = []
+                for s in regular_steps(steps):
+                    o = sum(s.get(x, 0.0) for x in OVERHEAD) + amort / 1e3
+                    ratios.append(o / (sum(s.get(x, 0.0) for x in TOP if x != "sync") - o + 1e-12))
+                res["overhead_over_scn_attributed"] = summary(ratios, 4)
                 res["parts_ms"] = _parts(sec, res)
             else:
                 res["parts_ms"] = _parts(sec, res)
@@ -181,6 +191,11 @@ def measure_breakdown(opts: BenchOptions) -> dict[str, Any]:
     finally:
         for h in hs.values():
             h.close()
+
+
+def regular_steps(steps: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The steps without a sync or a selector update in them (those are timed on their own)."""
+    return [s for s in steps if "sync_ran" not in s and "update_ran" not in s] or steps
 
 
 def _mlp_macs(width: int, hidden: tuple[int, ...]) -> int:
@@ -307,10 +322,15 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     bd = res.get("breakdown", {})
     for prec in ("fp32", "bf16"):
         r = bd.get(f"cctl/{prec}")
-        if r and "overhead_over_scn" in r:
-            out.append(target(f"CCTL over its SCN towers ({prec})", "<= +10%", r["overhead_over_scn"],
-                              r["overhead_over_scn"] <= 0.10,
-                              f"step {r['step_ms_amortised']:.1f} ms vs SCN {r['scn_ms']:.1f} ms (medians)"))
+        if r and "overhead_over_scn_ablation" in r:
+            a = r["overhead_over_scn_attributed"]["median"]
+            out.append(target(f"CCTL over its SCN towers ({prec}), attributed", "<= +10%", a, a <= 0.10,
+                              "per step: SAN, selector, REN, reward, metrics, data (+ sync, update amortised) over "
+                              "the rest of the step; median over steps"))
+            b = r["overhead_over_scn_ablation"]
+            out.append(target(f"CCTL over its SCN towers ({prec}), ablation", "<= +10%", b, b <= 0.10,
+                              f"step {r['step_ms_amortised']:.1f} ms vs SCN-only step {r['scn_ms']:.1f} ms "
+                              f"(medians of different steps)"))
     speed = _ratio(res, "cctl/bf16", "cctl/fp32")
     if speed is not None:
         out.append(target("bf16 speed-up (CCTL)", ">= 2x fp32", speed, speed >= 2.0,
@@ -363,7 +383,9 @@ def markdown(env: dict[str, Any]) -> str:
                 lines.append(f"- {n}: step {r['step_ms_amortised']:.1f} ms (sync and selector update amortised) "
                              f"vs SCN towers {r['scn_ms']:.1f} ms (ablation {fmt_stat(r['scn_ablation_ms'])} ms "
                              f"minus SAN {fmt_stat(r['scn_ablation_san_ms'])} ms): overhead "
-                             f"{100 * r['overhead_over_scn']:+.1f}%; one sync {fmt_stat(r['sync_ms'])} ms")
+                             f"{100 * r['overhead_over_scn_ablation']:+.1f}% by ablation, "
+                             f"{fmt_stat(r['overhead_over_scn_attributed'], 100, 1, '%')} attributed per step; "
+                             f"one sync {fmt_stat(r['sync_ms'])} ms")
         tf = bd.get("tower_flops")
         if tf:
             lines.append(f"- tower multiply-adds per step, CCTL / DNN: {tf['ratio']:.2f} (analytic: "

@@ -96,6 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             g.add_argument("--world-sizes", type=_ints, default=(1, 2), help="scaling: gloo world sizes")
         if what in ("stress", "all"):
             g.add_argument("--stress-steps", type=int, default=1000, help="stress: the run's length in steps")
+            g.add_argument("--stress-warmup", type=int, default=0,
+                           help="stress: steps before RSS must stay flat (0: a third of the run)")
             g.add_argument("--sync-every", type=int, default=0, help="stress: k (0: stress steps / 25)")
             g.add_argument("--update-every", type=int, default=0,
                            help="stress: selector window (0: stress steps / 25)")
@@ -132,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(os.path.join(args.data, "manifest.json")):
         raise FileNotFoundError(f"no dataset at {args.data} (manifest.json missing); generate one with "
                                 f"`cctl-rec datagen --preset small --out {args.data}`")
-    extra = {k: getattr(args, k) for k in ("auc_steps", "table_rows", "world_sizes", "stress_steps", "sync_every",
-                                           "update_every", "rss_every") if hasattr(args, k)}
+    extra = {k: getattr(args, k) for k in ("auc_steps", "table_rows", "world_sizes", "stress_steps", "stress_warmup",
+                                           "sync_every", "update_every", "rss_every") if hasattr(args, k)}
     opts = BenchOptions(data=args.data, config=args.config, overrides=tuple(args.overrides), steps=args.steps,
                         warmup=args.warmup, repeats=args.repeats, threads=args.threads, seed=args.seed, **extra)
     import torch

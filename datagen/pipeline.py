@@ -118,7 +118,7 @@ def generate(out: str, preset: str = "tiny", scale: float = 1.0, scale_ids: bool
              seed: int = 0, workers: int = 1, max_shards: Optional[int] = None,
              rank: Optional[int] = None, world_size: Optional[int] = None,
              progress: bool = True, wait_timeout_s: float = 6 * 3600.0,
-             poll_s: float = 2.0) -> Optional[dict[str, Any]]:
+             poll_s: float = 2.0, knobs: Optional[dict[str, float]] = None) -> Optional[dict[str, Any]]:
     """Generates (or completes) a dataset under ``out``.
 
     Args:
@@ -133,6 +133,7 @@ def generate(out: str, preset: str = "tiny", scale: float = 1.0, scale_ids: bool
         progress: show a tqdm bar on rank 0.
         wait_timeout_s: how long rank 0 waits for other ranks' shards.
         poll_s: rank 0's polling interval.
+        knobs: overrides of the preset's generator knobs (``datagen.presets.KNOBS``).
 
     Returns:
         The manifest on rank 0, None on the other ranks.
@@ -143,7 +144,7 @@ def generate(out: str, preset: str = "tiny", scale: float = 1.0, scale_ids: bool
         raise ValueError(f"max_shards must be >= 1, got {max_shards}")
     if rank is None or world_size is None:
         rank, world_size = env_rank()
-    params = calibrate(resolve(preset, scale, scale_ids, seed))
+    params = calibrate(resolve(preset, scale, scale_ids, seed, knobs))
     check_output(out)
     _guard_params(out, params)
     tasks = plan(params, max_shards)

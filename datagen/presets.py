@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 SPLITS = {"tgt": ("train", "valid", "test"), "src": ("train",)}
 
@@ -205,7 +205,21 @@ def _split_rows(total: int, fracs: tuple[float, ...]) -> list[int]:
     return rows + [total - sum(rows)]
 
 
-def resolve(preset: str, scale: float = 1.0, scale_ids: bool = False, seed: int = 0) -> GenParams:
+KNOBS = ("user_overlap", "item_overlap", "harmful_frac", "harm_strength", "interaction", "quality",
+         "category_weight", "user_anchor", "user_zipf", "item_zipf", "category_zipf")
+"""Preset fields ``cctl-rec datagen --set NAME=VALUE`` may change (floats)."""
+
+
+def with_knobs(preset: str, knobs: dict[str, float]) -> Preset:
+    """``preset`` with some :data:`KNOBS` replaced (checked like the preset itself)."""
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a generator knob; expected one of {', '.join(KNOBS)}")
+    return dataclasses.replace(PRESETS[preset], **knobs) if knobs else PRESETS[preset]
+
+
+def resolve(preset: str, scale: float = 1.0, scale_ids: bool = False, seed: int = 0,
+            knobs: Optional[dict[str, float]] = None) -> GenParams:
     """Turns a preset name and scale into :class:`GenParams` (bias not yet calibrated).
 
     Args:
@@ -213,6 +227,7 @@ def resolve(preset: str, scale: float = 1.0, scale_ids: bool = False, seed: int 
         scale: multiplies every sample count (> 0).
         scale_ids: also multiply user and item counts by ``scale``.
         seed: the dataset seed.
+        knobs: overrides of the preset's :data:`KNOBS` (e.g. {"harmful_frac": 0.6}).
 
     Returns:
         GenParams with id ranges laid out and rows per split; ``bias`` is 0 until
@@ -222,7 +237,7 @@ def resolve(preset: str, scale: float = 1.0, scale_ids: bool = False, seed: int 
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    p = PRESETS[preset]
+    p = with_knobs(preset, dict(knobs or {}))
     c = p.n_categories
     id_scale = scale if scale_ids else 1.0
 

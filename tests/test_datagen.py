@@ -363,3 +363,18 @@ def test_sequences_follow_the_reference_model(scale, scale_ids):
         exact = gen.dom[d]["per_cat"] >= 1 << 16
         same = (got == want).mean()
         assert same == 1.0 if exact else same > 0.99, (d, gen.dom[d]["per_cat"], same)
+
+
+def test_set_changes_a_generator_knob_and_the_manifest_records_it(tmp_path, capsys):
+    from cctl_rec.cli import main
+
+    out = tmp_path / "h"
+    assert main(["datagen", "--preset", "tiny", "--scale", "0.2", "--set", "harmful_frac=0.6", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["params"]["knobs"]["harmful_frac"] == 0.6
+    assert abs(m["stats"]["src"]["harmful_share"] - 0.6) < 0.02
+    for bad, msg in ((["--set", "harm=1"], "not a generator knob"), (["--set", "harmful_frac=2"], "must be in [0, 1]"),
+                     (["--set", "harmful_frac"], "expected KNOB=NUMBER")):
+        assert main(["datagen", "--preset", "tiny", *bad, "--out", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also multiply the user / item id spaces by --scale")
     p.add_argument("--out", required=True, help="output directory (local path or iopath URI)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (>= 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                   help="change a generator knob of the preset, e.g. --set harmful_frac=0.6 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--max-shards", type=int, default=None,
                    help="write at most N shards per split (try a big preset partially)")
@@ -50,10 +52,20 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.cli import DISK_ERRNOS
     from datagen.pipeline import generate
 
+    knobs = {}
+    for item in args.set:
+        name, eq, value = item.partition("=")
+        try:
+            knobs[name.strip()] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected KNOB=NUMBER, e.g. harmful_frac=0.6")
+
     try:
         manifest = generate(args.out, preset=args.preset, scale=args.scale, scale_ids=args.scale_ids,
                             seed=args.seed, workers=args.workers, max_shards=args.max_shards,
-                            wait_timeout_s=args.wait_timeout)
+                            wait_timeout_s=args.wait_timeout, knobs=knobs)
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise

@@ -42,11 +42,20 @@ def load_split(root: str, manifest: dict[str, Any], split: str,
     return {c: np.concatenate([t[c].to_numpy() for t in parts]) for c in cols}
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing their average rank (``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.flatnonzero(np.concatenate([[True], xs[1:] != xs[:-1]]))
+    ends = np.append(starts[1:], len(x))
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
 def auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC by the rank-sum formula (ties get their average rank)."""
-    from scipy.stats import rankdata
-
-    r = rankdata(score)
+    r = average_ranks(score)
     pos = y.astype(bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if n1 == 0 or n0 == 0:

@@ -378,3 +378,11 @@ def test_set_changes_a_generator_knob_and_the_manifest_records_it(tmp_path, caps
         assert main(["datagen", "--preset", "tiny", *bad, "--out", str(tmp_path / "x")]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_check_auc_without_scipy():
+    from datagen.check import auc, average_ranks
+
+    assert average_ranks(np.array([3.0, 1.0, 2.0, 2.0, 5.0, 1.0])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]
+    # pairs (pos, neg): 0.9 > 0.1, 0.9 > 0.5, 0.5 > 0.1, 0.5 = 0.5 (half)
+    assert auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.5, 0.5])) == 3.5 / 4

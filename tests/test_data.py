@@ -131,3 +131,29 @@ def test_long_sequences_fail_when_asked(tiny_data):
     rows = next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 64)))
     with pytest.raises(ValueError, match="longer than data.max_seq_len=3"):
         features_kjt(rows, SCHEMAS["tgt"], 3, long_seq="fail")
+
+
+def test_a_stream_keeps_at_most_the_file_it_reads_open(tiny_data):
+    """An open ParquetFile keeps what it has read; over thousands of shards that is gigabytes.
+    The stream holds only metadata and opens each file while reading its rows."""
+    from cctl_rec.data.loader import Dataset
+    from cctl_rec.data.reader import ParquetStream
+
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    data = Dataset(tiny_data)
+    paths = data.paths("src/train")
+    assert len(paths) > 1
+    before = fds()
+    st = ParquetStream(paths, data.schemas["src"], 4096, drop_last=False)
+    assert fds() == before
+    peak, rows = before, 0
+    for r in st.iterate():
+        rows += len(r)
+        peak = max(peak, fds())
+        if rows >= st.rows_per_rank:
+            break
+    assert rows == st.rows_per_rank and peak <= before + 1

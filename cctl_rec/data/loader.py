@@ -10,8 +10,8 @@ import torch
 from cctl_rec.config import DataConfig, TrainConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
-from cctl_rec.data.reader import (DomainRows, ParquetStream, _open, bool_column, check_file_values, check_range,
-                                  check_sequence_lengths, column_ids, features, labels, make_kjt)
+from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_range,
+                                  check_sequence_lengths, open_parquet, column_ids, features, labels, make_kjt)
 from cctl_rec.schema import DomainSchema
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Dataset:
         self.manifest = read_manifest(root)
         self.schemas = {d: DomainSchema.from_json(self.manifest["schema"][d]) for d in ("src", "tgt")}
         src = self.paths("src/train") if self.has_split("src/train") else []
-        self.has_harmful = bool(src) and "is_harmful" in _open(src[0]).schema_arrow.names
+        self.has_harmful = bool(src) and "is_harmful" in open_parquet(src[0]).schema_arrow.names
         """The source rows carry the ground-truth ``is_harmful`` column (synthetic data)."""
 
     def paths(self, split: str) -> list[str]:
@@ -70,10 +70,14 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
                                                         cfg.selector.influence_target == "heldout_batch"):
             ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], d.batch_size, 0, world_size, cycle=True)
     for st in streams:
-        for path, pf in zip(st.paths, st.files):
-            check_file_values(path, pf, st.schema)
-            if d.long_seq == "fail":
-                check_sequence_lengths(path, pf, d.max_seq_len)
+        for path in st.paths:
+            pf = open_parquet(path)
+            try:
+                check_file_values(path, pf, st.schema)
+                if d.long_seq == "fail":
+                    check_sequence_lengths(path, pf, d.max_seq_len)
+            finally:
+                pf.close()
 
 
 def split_source(src_feats: dict[str, tuple], schemas: dict[str, DomainSchema], shared: tuple[str, ...]

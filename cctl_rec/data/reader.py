@@ -58,6 +58,10 @@ def _open(path: str) -> pq.ParquetFile:
                          f"expected a complete Parquet file (empty, truncated or corrupt?)") from None
 
 
+open_parquet = _open
+"""A Parquet file opened through iopath, with one clear error when it is missing or unreadable."""
+
+
 def _read_row_group(pf: pq.ParquetFile, rg: int, path: str, columns: Optional[list[str]] = None) -> pa.Table:
     try:
         return pf.read_row_group(rg, columns=columns)
@@ -298,6 +302,10 @@ class ParquetStream:
             check_file_schema(p, pf, schema, with_meta)
         check_same_schema(self.paths, self.files)
         self.file_rows = [pf.metadata.num_rows for pf in self.files]
+        self.metadata = [pf.metadata for pf in self.files]
+        for pf in self.files:  # an open file keeps what it has read (MBs): reopened while its rows are read
+            pf.close()
+        self.files = []
         total = sum(self.file_rows)
         per = total // world_size
         where = os.path.dirname(self.paths[0]) or self.paths[0]
@@ -319,21 +327,25 @@ class ParquetStream:
 
     def _chunks(self, skip: int = 0) -> Iterator[tuple[pa.RecordBatch, str]]:
         offset, start = 0, self.start + skip
-        for path, pf, n in zip(self.paths, self.files, self.file_rows):
+        for path, meta, n in zip(self.paths, self.metadata, self.file_rows):
             if offset + n <= start:
                 offset += n
                 continue
             if offset >= self.stop:
                 return
-            for rg in range(pf.metadata.num_row_groups):
-                rg_rows = pf.metadata.row_group(rg).num_rows
-                lo, hi = max(start, offset), min(self.stop, offset + rg_rows)
-                if lo < hi:
-                    rb = _read_row_group(pf, rg, path)
-                    yield rb.slice(lo - offset, hi - lo), path
-                offset += rg_rows
-                if offset >= self.stop:
-                    return
+            pf = _open(path)
+            try:
+                for rg in range(meta.num_row_groups):
+                    rg_rows = meta.row_group(rg).num_rows
+                    lo, hi = max(start, offset), min(self.stop, offset + rg_rows)
+                    if lo < hi:
+                        rb = _read_row_group(pf, rg, path)
+                        yield rb.slice(lo - offset, hi - lo), path
+                    offset += rg_rows
+                    if offset >= self.stop:
+                        return
+            finally:
+                pf.close()
 
     def _once(self, skip: int = 0) -> Iterator[DomainRows]:
         buf: list[pa.Table] = []

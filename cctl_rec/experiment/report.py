@@ -86,7 +86,7 @@ def markdown(spec: ExperimentSpec, summary: dict[str, Any], command: str, versio
         rows = res["models"]
         base = rows.get(spec.baseline)
         lines += [f"## {ds}", "", "| model | test AUC | test logloss | Δ AUC vs " + spec.baseline +
-                  " (wins) | paper AUC | harmful AUROC | p_clean − p_harm | train s |",
+                  " (wins) | paper AUC | harmful AUROC | p_clean − p_harm | train s (load-dependent) |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             d = _paired(r, base) if base is not None and name != spec.baseline else None
@@ -152,7 +152,9 @@ def plots(spec: ExperimentSpec, records: list[dict[str, Any]], summary: dict[str
         # Fig. 5a: p histogram over training, first seed of each model that has a selector
         sel_models = [m.name for m in spec.models
                       if any(r["model"] == m.name and r["dataset"] == ds.name and r["status"] == "ok" and
-                             (r["metrics"].get("selector") or {}).get("p_std", 0) > 0 for r in records)]
+                             (r["metrics"].get("selector") or {}).get("p_std", 0) > 0 and
+                             not str(r["metrics"].get("model", "")).endswith(("/fixed", "/oracle"))
+                             for r in records)]  # a selector that is trained and used
         if sel_models:
             fig, axes = plt.subplots(1, len(sel_models), figsize=(4 * len(sel_models), 3.2), squeeze=False)
             for ax, name in zip(axes[0], sel_models):

@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
 from cctl_rec.config import TrainConfig
@@ -45,9 +44,9 @@ from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optim
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
 from cctl_rec.train import losses as losses_mod
-from cctl_rec.train.ifn import IFN, per_sample_influence
+from cctl_rec.train.ifn import IFN
 from cctl_rec.train.losses import scn_losses
-from cctl_rec.train.loop import LOG_KEYS, _allreduce_mean, evaluate
+from cctl_rec.train.loop import evaluate, heldout_reward, step_influence, step_stats
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
 
 from cctl_rec.bench.common import Sections
@@ -200,21 +199,11 @@ class Harness:
             hb = next(self.heldout) if self.heldout is not None else None
             if with_source and cfg.scn.reward_source == "heldout_batch":
                 assert hb is not None
-                with torch.no_grad():
-                    y = hb.tgt_label
-                    reward = float(F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "pure"), y) -
-                                   F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "mixed"), y))
+                reward = heldout_reward(module, hb)
         infl = None
         with t.span("influence"):
             if ifn is not None and ifn.needs_influence and out.x_src is not None:
-                if cfg.selector.influence_target == "heldout_batch":
-                    assert hb is not None
-                    with torch.no_grad():
-                        x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
-                else:
-                    x_eval, y_eval = out.x_tgt, batch.tgt_label
-                infl = per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label,
-                                            x_eval.float(), y_eval)
+                infl = step_influence(module, cfg, out, batch, hb)
         with t.span("backward_opt"):
             self.dense_opt.zero_grad(set_to_none=True)
             (losses.mixed + losses.pure).backward()
@@ -222,14 +211,8 @@ class Harness:
                 self.dense_opt.step()
                 self.dp_tables.step()
         with t.span("metrics"):
-            p = torch.sigmoid(logits.detach()) if logits is not None else None
             h = batch.src_harmful
-            local = [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()),
-                     float(losses.src.detach()), float(losses.ren.detach()), reward, float(losses.cos_id),
-                     float(losses.cos_seq), float(p.mean()) if p is not None else 0.0,
-                     float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
-                     float(p[h].mean()) if p is not None and h.any() else 0.0]
-            glob = dict(zip(LOG_KEYS, _allreduce_mean(local)))
+            glob = step_stats(losses, reward, logits, h)
         extra: dict[str, float] = {}
         with t.span("selector_update"):
             if ifn is not None and logits is not None:

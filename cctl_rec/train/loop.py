@@ -55,6 +55,38 @@ def _allreduce_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def heldout_reward(module: CCTL, hb: Any) -> float:
+    """Eq. 5 on a held-out target batch: Loss_pure - Loss_mixed (scn.reward_source=heldout_batch)."""
+    with torch.no_grad():
+        y = hb.tgt_label
+        return float(F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "pure"), y) -
+                     F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "mixed"), y))
+
+
+def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any) -> torch.Tensor:
+    """The influence mode's per-source-row signal for this step (target: the step's own rows or a
+    held-out batch, ``selector.influence_target``)."""
+    if cfg.selector.influence_target == "heldout_batch":
+        assert hb is not None
+        with torch.no_grad():
+            x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
+    else:
+        x_eval, y_eval = out.x_tgt, batch.tgt_label
+    return per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(), y_eval)
+
+
+def step_stats(losses: Any, reward: float, logits: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
+    """The logged values of one step (LOG_KEYS), averaged over ranks."""
+    p = torch.sigmoid(logits.detach()) if logits is not None else None
+    h = harmful
+    local = [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()),
+             float(losses.src.detach()), float(losses.ren.detach()), reward, float(losses.cos_id),
+             float(losses.cos_seq), float(p.mean()) if p is not None else 0.0,
+             float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
+             float(p[h].mean()) if p is not None and h.any() else 0.0]
+    return dict(zip(LOG_KEYS, _allreduce_mean(local)))
+
+
 def _gather(t: torch.Tensor) -> torch.Tensor:
     """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order."""
     ws = dist.get_world_size()
@@ -230,20 +262,10 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         hb = next(heldout) if heldout is not None else None
         if with_source and cfg.scn.reward_source == "heldout_batch":
             assert hb is not None
-            with torch.no_grad():
-                y = hb.tgt_label
-                reward = float(F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "pure"), y) -
-                               F.binary_cross_entropy_with_logits(module.predict(hb.tgt, "mixed"), y))
+            reward = heldout_reward(module, hb)
         infl = None
         if ifn is not None and ifn.needs_influence and out.x_src is not None:
-            if cfg.selector.influence_target == "heldout_batch":
-                assert hb is not None
-                with torch.no_grad():
-                    x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
-            else:
-                x_eval, y_eval = out.x_tgt, batch.tgt_label
-            infl = per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(),
-                                        y_eval)
+            infl = step_influence(module, cfg, out, batch, hb)
 
         dense_opt.zero_grad(set_to_none=True)
         (losses.mixed + losses.pure).backward()
@@ -252,12 +274,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
 
         p = torch.sigmoid(logits.detach()) if logits is not None else None
         h = batch.src_harmful
-        local = [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()), float(losses.src.detach()),
-                 float(losses.ren.detach()), reward, float(losses.cos_id), float(losses.cos_seq),
-                 float(p.mean()) if p is not None else 0.0,
-                 float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
-                 float(p[h].mean()) if p is not None and h.any() else 0.0]
-        glob = dict(zip(LOG_KEYS, _allreduce_mean(local)))
+        glob = step_stats(losses, reward, logits, h)
         extra = {}
         if ifn is not None and logits is not None:
             extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label)

@@ -204,15 +204,10 @@ class Harness:
         with t.span("influence"):
             if ifn is not None and ifn.needs_influence and out.x_src is not None:
                 infl = step_influence(module, cfg, out, batch, hb)
-        with t.span("backward_opt"):
-            self.dense_opt.zero_grad(set_to_none=True)
-            (losses.mixed + losses.pure).backward()
-            with t.span("optimizer_dense"):
-                self.dense_opt.step()
-                self.dp_tables.step()
+        self._backward_opt(losses)
         with t.span("metrics"):
             h = batch.src_harmful
-            glob = step_stats(losses, reward, logits, h)
+            glob = step_stats(losses, reward, torch.sigmoid(logits.detach()) if logits is not None else None, h)
         extra: dict[str, float] = {}
         with t.span("selector_update"):
             if ifn is not None and logits is not None:
@@ -250,13 +245,18 @@ class Harness:
         with t.span("losses"), self.amp():
             out = dataclasses.replace(out, ren_id_s=None, ren_id_t=None, ren_seq_s=None, ren_seq_t=None)
             losses = scn_losses(out, batch, None, cfg.model.loss_reduction, 0.0)
+        self._backward_opt(losses)
+        return float(losses.pure.detach())
+
+    def _backward_opt(self, losses: Any) -> None:
+        """One backward of Loss_mixed + Loss_pure, then the dense and data_parallel optimizers."""
+        t = self.sections
         with t.span("backward_opt"):
             self.dense_opt.zero_grad(set_to_none=True)
             (losses.mixed + losses.pure).backward()
             with t.span("optimizer_dense"):
                 self.dense_opt.step()
                 self.dp_tables.step()
-        return float(losses.pure.detach())
 
     def sync(self) -> None:
         """One mixed -> pure sync, as ``train()`` does every k steps."""

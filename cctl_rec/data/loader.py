@@ -29,7 +29,10 @@ class Dataset:
         self.manifest = read_manifest(root)
         self.schemas = {d: DomainSchema.from_json(self.manifest["schema"][d]) for d in ("src", "tgt")}
         src = self.paths("src/train") if self.has_split("src/train") else []
-        self.has_harmful = bool(src) and "is_harmful" in open_parquet(src[0]).schema_arrow.names
+        self.has_harmful = False
+        if src:
+            with open_parquet(src[0]) as pf:
+                self.has_harmful = "is_harmful" in pf.schema_arrow.names
         """The source rows carry the ground-truth ``is_harmful`` column (synthetic data)."""
 
     def paths(self, split: str) -> list[str]:

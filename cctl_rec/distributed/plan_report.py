@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 from torchrec.distributed.planner.types import PlannerError
 
 from cctl_rec.config import ModelConfig
-from cctl_rec.distributed.sharding import GPU_SHARDING, apply_sparse_optimizer, run_planner
+from cctl_rec.distributed.sharding import GPU_SHARDING, apply_sparse_optimizer, mirrored_shards, run_planner
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
 from cctl_rec.train.rundir import plan_to_json
@@ -128,14 +128,9 @@ def plan_model(schemas: dict[str, DomainSchema], world_size: int, device: str, h
     # the planner's estimates over the final placement (pure_tgt is placed like mixed_tgt)
     perf = [0.0] * world_size
     planner_bytes = 0
-    for so in options:
-        mods = ("mixed_tgt", "pure_tgt") if so.path == "mixed_tgt" else () if so.path == "pure_tgt" else (so.path,)
-        for _ in mods:
-            for sh in so.shards:
-                if sh.rank is None:
-                    continue
-                perf[sh.rank] += sh.perf.total if sh.perf is not None else 0.0
-                planner_bytes += (sh.storage.hbm + sh.storage.ddr) if sh.storage is not None else 0
+    for _, _, sh in mirrored_shards(options):
+        perf[sh.rank] += sh.perf.total if sh.perf is not None else 0.0
+        planner_bytes += (sh.storage.hbm + sh.storage.ddr) if sh.storage is not None else 0
     uvm = sorted({f"{t['module']}.{t['table']}" for t in tables if "uvm" in t["kernel"]})
     return {"world_size": world_size, "device": device, "hbm_gb_per_rank": hbm_gb if device == "cuda" else None,
             "ddr_gb_per_rank": ddr / GB, "sharding": sharding, "batch_size": batch_size, "optimizer": optimizer,

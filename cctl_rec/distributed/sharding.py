@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -150,6 +150,18 @@ class MirroredPlanError(ValueError):
 PLANNER_RESERVED = 0.15  # TorchRec's default HeuristicalStorageReservation share of each rank's HBM
 
 
+def mirrored_shards(options: list[ShardingOption]) -> Iterator[tuple[str, ShardingOption, Any]]:
+    """(module, option, shard) of every placed shard of the final plan: pure_tgt's shards are
+    mixed_tgt's (the mirror), whatever the planner chose for pure_tgt on its own."""
+    for so in options:
+        if so.path == "pure_tgt":
+            continue
+        for mod in ("mixed_tgt", "pure_tgt") if so.path == "mixed_tgt" else (so.path,):
+            for sh in so.shards:
+                if sh.rank is not None:
+                    yield mod, so, sh
+
+
 def mirrored_overflow(options: list[ShardingOption], world_size: int, hbm_cap: Optional[int]
                       ) -> Optional[tuple[int, int, float, list[tuple[int, str]]]]:
     """(rank, bytes needed, bytes usable, [(bytes, table) on that rank, largest first]) of the
@@ -159,14 +171,10 @@ def mirrored_overflow(options: list[ShardingOption], world_size: int, hbm_cap: O
         return None
     hbm = [0] * world_size
     where: list[list[tuple[int, str]]] = [[] for _ in range(world_size)]
-    for so in options:
-        if so.path == "pure_tgt":
-            continue
-        for mod in ("mixed_tgt", "pure_tgt") if so.path == "mixed_tgt" else (so.path,):
-            for sh in so.shards:
-                if sh.rank is not None and sh.storage is not None:
-                    hbm[sh.rank] += sh.storage.hbm
-                    where[sh.rank].append((sh.storage.hbm, f"{mod}.{so.name}"))
+    for mod, so, sh in mirrored_shards(options):
+        if sh.storage is not None:
+            hbm[sh.rank] += sh.storage.hbm
+            where[sh.rank].append((sh.storage.hbm, f"{mod}.{so.name}"))
     usable = (1 - PLANNER_RESERVED) * hbm_cap
     worst = max(range(world_size), key=lambda r: hbm[r])
     if hbm[worst] <= usable:

@@ -75,9 +75,9 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any
     return per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(), y_eval)
 
 
-def step_stats(losses: Any, reward: float, logits: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
-    """The logged values of one step (LOG_KEYS), averaged over ranks."""
-    p = torch.sigmoid(logits.detach()) if logits is not None else None
+def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
+    """The logged values of one step (LOG_KEYS), averaged over ranks; ``p``: the selector's
+    detached probabilities or None."""
     h = harmful
     local = [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()),
              float(losses.src.detach()), float(losses.ren.detach()), reward, float(losses.cos_id),
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
 
         p = torch.sigmoid(logits.detach()) if logits is not None else None
         h = batch.src_harmful
-        glob = step_stats(losses, reward, logits, h)
+        glob = step_stats(losses, reward, p, h)
         extra = {}
         if ifn is not None and logits is not None:
             extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label)

@@ -22,6 +22,10 @@ import yaml
 
 SelectorMode = Literal["paper", "bernoulli", "influence", "fixed", "oracle", "supervised"]
 ModelName = Literal["cctl", "dnn"]
+TARGET_ONLY_HEADS = ("din", "minet")
+"""Heads that attend over the target rows' behaviour sequences (cctl_rec.modules.heads.HEAD_SEQUENCES)."""
+CROSS_DOMAIN_HEADS = ("conet",)
+"""Heads with a source column that only source rows train."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -77,11 +81,14 @@ class ModelConfig:
     embedding per id across domains (no REN possible: it needs the two ID tables). The paper keeps
     dual ID tables (REN, default); its ablation without REN leaves "the representations of
     different domains ... close to each other"."""
-    head: Literal["mlp", "lr", "deepfm", "afm", "star"] = "mlp"
+    head: Literal["mlp", "lr", "deepfm", "afm", "star", "din", "conet", "minet"] = "mlp"
     """The towers' architecture over the per-field embeddings (mixed and pure identical): mlp (the
     SCN tower, the paper's DNN), lr, deepfm or afm (Table 2's single-domain baselines; with
-    model.name=dnn they are the target-only models), or star (STAR: shared x per-domain weights;
-    source rows use the source factors)."""
+    model.name=dnn they are the target-only models), star (STAR: shared x per-domain weights;
+    source rows use the source factors), conet (CoNet: two columns with shared cross units; source
+    rows read the source column; needs model.name=cctl), din (DIN: target attention over the
+    target behaviour sequence; model.name=dnn) or minet (MiNet: item- and interest-level attention
+    over the user, the source-domain sequence other_seq and the target sequence; model.name=dnn)."""
     dann_weight: float = 0.0
     """> 0: DANN baseline — a domain classifier behind a gradient reversal reads the mixed tower's
     input (target vs SAN-aligned source rows); its loss times this weight joins Loss_mixed."""
@@ -99,6 +106,12 @@ class ModelConfig:
         _check(all(h > 0 for h in self.san_hidden), f"model.san_hidden widths must be > 0, got {list(self.san_hidden)}")
         _check(self.dann_weight >= 0, f"model.dann_weight must be >= 0, got {self.dann_weight}")
         _check(self.finetune_steps >= 0, f"model.finetune_steps must be >= 0, got {self.finetune_steps}")
+        _check(not (self.head in TARGET_ONLY_HEADS and self.name != "dnn"),
+               f"model.head={self.head} is trained on target rows only (the source rows' SAN output has no "
+               f"per-position sequences); use it with model.name=dnn, got model.name={self.name}")
+        _check(not (self.head in CROSS_DOMAIN_HEADS and self.name != "cctl"),
+               f"model.head={self.head} needs source rows for its source column; use it with model.name=cctl "
+               f"(and selector.mode=fixed for the plain baseline), got model.name={self.name}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from cctl_rec.data.manifest import atomic_write_bytes
 from cctl_rec.modules.heads import build_head
-from cctl_rec.schema import TOKENS, DomainSchema
+from cctl_rec.schema import HEAD_SEQUENCES, DomainSchema
 from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,21 @@ FILES = ("model.pt", "serving.json")
 
 
 class ServingModel(nn.Module):
-    """The pure network: target tables + SCN tower. ``forward(ids, seq, seq_len) -> logits``.
+    """The pure network: target tables + SCN tower. ``forward(ids, seq, seq_len) -> logits``
+    (MiNet: ``forward(ids, seq, seq_len, other_seq, other_len)``).
 
     Args:
         schema: the target domain's schema.
         dim: embedding width.
         tower: the tower's hidden widths.
+        head: the tower's architecture (``model.head``).
 
     Inputs:
         ids: B X F_single int64, the single-id features in ``single_features`` order.
         seq: B X L int64, the behaviour sequence, left-aligned, padded with any valid id.
         seq_len: B int64, the number of valid items in each row (mean pooling; 0 -> zeros).
+        other_seq, other_len: the same for ``other_seq`` (the user's recent source-domain items,
+            looked up in the target item table), for heads that read it (:attr:`inputs`).
     """
 
     def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...], head: str = "mlp") -> None:
@@ -55,18 +59,39 @@ class ServingModel(nn.Module):
                                         for name, rows, _ in schema.tables()})
         self.single_features = [f.name for f in schema.features if not f.is_seq]
         self.table_of = {f.name: f.table for f in schema.features}
-        self.order = [k[len(schema.prefix):] for t in TOKENS for k in schema.token_features(t)]
+        self.order = schema.field_names()
         self.head, self.hidden = head, tuple(tower)
-        self.tower = build_head(head, dim * len(self.order), dim, tower)
+        self.sequences = HEAD_SEQUENCES.get(head, ())
+        self.tower = build_head(head, dim * len(self.order), dim, tower,
+                                fields={n: i for i, n in enumerate(self.order)})
 
-    def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+    @property
+    def inputs(self) -> list[str]:
+        """The names of ``forward``'s inputs, in order."""
+        return ["ids", "seq", "seq_len"] + (["other_seq", "other_len"] if "other_seq" in self.sequences else [])
+
+    def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor,
+                other_seq: Optional[torch.Tensor] = None, other_len: Optional[torch.Tensor] = None) -> torch.Tensor:
         pooled = {}
         for j, name in enumerate(self.single_features):
             pooled[name] = self.tables[self.table_of[name]][ids[:, j]]                        # B X D
-        emb = self.tables[self.table_of["seq"]][seq]                                          # B X L X D
-        mask = (torch.arange(seq.shape[1]).unsqueeze(0) < seq_len.unsqueeze(1)).to(emb.dtype)  # B X L
-        pooled["seq"] = (emb * mask.unsqueeze(-1)).sum(1) / seq_len.clamp_min(1).unsqueeze(1).to(emb.dtype)
-        return self.tower(torch.cat([pooled[n] for n in self.order], dim=1))
+        emb, mask = self._positions(seq, seq_len)                                             # B X L X D, B X L
+        pooled["seq"] = ((emb * mask.unsqueeze(-1).to(emb.dtype)).sum(1) /
+                         seq_len.clamp_min(1).unsqueeze(1).to(emb.dtype))
+        x = torch.cat([pooled[n] for n in self.order], dim=1)
+        extra: list[torch.Tensor] = []
+        for column in self.sequences:  # the head's per-position inputs, as CCTL.target_inputs gives them
+            if column == "seq":
+                extra += [emb, mask]
+            else:
+                assert other_seq is not None and other_len is not None, f"model.head={self.head} reads other_seq"
+                extra += list(self._positions(other_seq, other_len))
+        return self.tower(x, *extra)
+
+    def _positions(self, seq: torch.Tensor, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item-table embeddings B X L X D and the B X L bool mask of a padded sequence."""
+        emb = self.tables[self.table_of["seq"]][seq]
+        return emb, torch.arange(seq.shape[1]).unsqueeze(0) < seq_len.unsqueeze(1)
 
 
 def load_network_from_checkpoint(ckpt: str, schema: DomainSchema, dim: int, tower: tuple[int, ...],
@@ -141,8 +166,10 @@ def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq
         b = 4
         ex = (torch.zeros(b, len(model.single_features), dtype=torch.long),
               torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
+        if len(model.inputs) == 5:  # distinct tensors: export would tie inputs passed as one object
+            ex = ex + tuple(t.clone() for t in ex[1:])
         batch = torch.export.Dim("batch", min=1)
-        ep = torch.export.export(model, ex, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+        ep = torch.export.export(model, ex, dynamic_shapes=tuple({0: batch} for _ in ex))
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         atomic_write_bytes(os.path.join(out, "program.pt2"), buf.getvalue())
@@ -151,7 +178,7 @@ def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq
         logger.warning("torch.export failed, serving program not written: %s", str(e).splitlines()[0])
     meta = {"format": FORMAT, "schema": model.schema.to_json(), "embedding_dim": model.dim,
             "tower": list(model.hidden), "head": model.head, "max_seq_len": max_seq_len,
-            "single_features": model.single_features, "program": program,
+            "single_features": model.single_features, "inputs": model.inputs, "program": program,
             "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in ("model.pt", "program.pt2")
                       if os.path.exists(os.path.join(out, f))}, **info}
     atomic_write_bytes(os.path.join(out, "serving.json"), (json.dumps(meta, indent=2) + "\n").encode())
@@ -200,8 +227,30 @@ def padded_inputs(table, schema: DomainSchema, single: list[str], max_seq_len: i
     n = len(rows)
     ids = np.stack([column_ids(rows, name, schema.feature(name).cardinality, max_seq_len)[0]
                     for name in single], axis=1) if single else np.zeros((n, 0), np.int64)
-    v, lens = column_ids(rows, "seq", schema.feature("seq").cardinality, max_seq_len)
-    seq = np.zeros((n, max_seq_len), np.int64)
+    seq, lens = _padded(*column_ids(rows, "seq", schema.feature("seq").cardinality, max_seq_len), max_seq_len)
+    return torch.from_numpy(ids), seq, lens
+
+
+def _padded(v: np.ndarray, lens: np.ndarray, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, lengths) of a list column -> (B X L left-aligned, zero-padded ids; B lengths)."""
+    out = np.zeros((lens.size, max_seq_len), np.int64)
     pos = np.arange(v.size) - np.repeat(np.cumsum(lens) - lens, lens)
-    seq[np.repeat(np.arange(n), lens), pos] = v
-    return torch.from_numpy(ids), torch.from_numpy(seq), torch.from_numpy(lens)
+    out[np.repeat(np.arange(lens.size), lens), pos] = v
+    return torch.from_numpy(out), torch.from_numpy(lens)
+
+
+def serving_inputs(model: ServingModel, table, max_seq_len: int, path: str) -> tuple[torch.Tensor, ...]:
+    """A pyarrow table of target rows -> every input of ``model.forward`` (:attr:`ServingModel.inputs`),
+    range-checked; MiNet's ``other_seq`` against the target item table it is looked up in."""
+    from cctl_rec.data.reader import DomainRows, column_ids
+
+    schema = model.schema
+    out = padded_inputs(table, schema, model.single_features, max_seq_len, path)
+    if "other_seq" not in model.sequences:
+        return out
+    if "other_seq" not in table.column_names:
+        raise ValueError(f"data file {path} lacks the other_seq column that model.head={model.head} reads (the "
+                         f"user's recent source-domain items, list<int>, empty lists allowed)")
+    card = schema.feature(schema.feature("seq").table).cardinality
+    other = column_ids(DomainRows(table, path), "other_seq", card, max_seq_len)
+    return out + _padded(*other, max_seq_len)

@@ -14,6 +14,9 @@ Parquet columns of a domain's rows:
 
 KJT keys and table names are prefixed by the domain: ``t_`` target, ``s_`` source. The sequence
 features share their domain's item table (``t_seq`` -> table ``t_item_id``) and are MEAN pooled.
+Heads that attend over a sequence (DIN, MiNet) also get one key per position, ``t_seq@0`` ...
+``t_seq@{L-1}`` (:class:`SeqPositions`), in the same item table: a bag of the j-th kept item
+(oldest first) or an empty bag past the row's length.
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ class DomainSchema:
     def token_width(self, token: str, dim: int) -> int:
         return dim * len(self.token_features(token))
 
+    def field_names(self) -> list[str]:
+        """Feature names in the order their pooled embeddings are concatenated into the tower
+        input (user, item, context token; schema order within a token)."""
+        return [k[len(self.prefix):] for t in TOKENS for k in self.token_features(t)]
+
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.domain,
                 "features": [{"name": f.name, "token": f.token, "cardinality": f.cardinality,
@@ -143,6 +151,45 @@ class DomainSchema:
 
 
 ID_FEATURES = ("user_id", "item_id", SEQ_COLUMN)
+
+
+HEAD_SEQUENCES = {"din": (SEQ_COLUMN,), "minet": (SEQ_COLUMN, "other_seq")}
+"""``model.head`` -> the list columns of the target rows it reads position by position."""
+
+
+@dataclass(frozen=True)
+class SeqPositions:
+    """Per-position lookups of list columns of the target rows, for heads that attend over a
+    behaviour sequence: position ``j`` of ``column`` is the KJT key ``{prefix}{column}@{j}``, a bag of
+    the row's ``j``-th item (oldest kept item first, the newest ``length`` kept) or an empty bag
+    (pooled: zeros) past its end. Every position is looked up in the domain's item table, the one
+    ``seq`` uses, so position embeddings and the candidate ``item_id`` are the same vectors.
+
+    Args:
+        columns: list columns to expand: ``seq`` and/or ``other_seq``.
+        length: L, positions per column (``data.max_seq_len``).
+
+    Example::
+
+        SeqPositions(("seq",), 3).keys("t_")  # ['t_seq@0', 't_seq@1', 't_seq@2']
+    """
+
+    columns: tuple[str, ...]
+    length: int
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.columns if c not in (SEQ_COLUMN, "other_seq")]
+        if bad or not self.columns:
+            raise ValueError(f"sequence positions expand seq and/or other_seq, got {list(self.columns)}")
+        if self.length <= 0:
+            raise ValueError(f"sequence positions need a length > 0, got {self.length}")
+
+    def column_keys(self, prefix: str, column: str) -> list[str]:
+        return [f"{prefix}{column}@{j}" for j in range(self.length)]
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every position key, column by column."""
+        return [k for c in self.columns for k in self.column_keys(prefix, c)]
 
 
 def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:

@@ -60,8 +60,8 @@ def test_star_layer_is_shared_times_domain_weight_plus_summed_bias():
 
 
 def test_build_head_refuses_an_unknown_head():
-    with pytest.raises(ValueError, match="model.head='din'"):
-        build_head("din", 8, 2, (4,))
+    with pytest.raises(ValueError, match="model.head='dien'"):
+        build_head("dien", 8, 2, (4,))
 
 
 def test_gradient_reversal_flips_the_sign_and_the_classifier_learns():

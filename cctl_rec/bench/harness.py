@@ -79,8 +79,9 @@ class Harness:
         self.with_source = cfg.model.name == "cctl"
         # --- as train(): seed, model on meta, stream, fused sparse optimizer, plan, DMP
         torch.manual_seed(cfg.run.seed)
-        model = CCTL(self.data.schemas, cfg.model, with_source=self.with_source)
-        self.stream = TrainStream(self.data, cfg.data, self.rank, self.world, self.with_source, model.shared)
+        model = CCTL(self.data.schemas, cfg.model, with_source=self.with_source, seq_len=cfg.data.max_seq_len)
+        self.stream = TrainStream(self.data, cfg.data, self.rank, self.world, self.with_source, model.shared,
+                                  model.positions)
         apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, self.device.type)
         self.plan = make_plan(model, self.world, self.device.type, cfg.dist.sharding, cfg.data.batch_size,
                               pg=dist.GroupMember.WORLD)

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cctl_rec.data.manifest import atomic_write_bytes
     from cctl_rec.data.reader import ParquetStream
-    from cctl_rec.export import load_artifact, padded_inputs
+    from cctl_rec.export import load_artifact, serving_inputs
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
     logits, labels = [], []
     with torch.no_grad():
         for rows in tqdm(stream, total=stream.num_batches(), mininterval=5, desc="predict", unit="batch"):
-            ids, seq, lens = padded_inputs(rows.table, schema, model.single_features, L, rows.path)
-            logits.append(model(ids, seq, lens).numpy())
+            logits.append(model(*serving_inputs(model, rows.table, L, rows.path)).numpy())
             if "label" in rows.table.column_names:
                 labels.append(rows.table.column("label").to_numpy())
     z = np.concatenate(logits).astype(np.float32)

@@ -19,7 +19,8 @@ class CCTLBatch(Pipelineable):
     """One step's data.
 
     Attributes:
-        tgt: target features, ``B_t`` rows, keys ``t_*``.
+        tgt: target features, ``B_t`` rows, keys ``t_*`` (for DIN / MiNet heads followed by the
+            per-position keys ``t_seq@j`` / ``t_other_seq@j``, ``schema.SeqPositions``).
         tgt_label: ``B_t`` float labels.
         user_in_other, item_in_other: ``B_t`` bools, the target row's user / item exists in the
             source domain (REN id mask).

@@ -10,9 +10,10 @@ import torch
 from cctl_rec.config import DataConfig, TrainConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
-from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_range,
-                                  check_sequence_lengths, open_parquet, column_ids, features, labels, make_kjt)
-from cctl_rec.schema import DomainSchema
+from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_list_bounds,
+                                  check_range, check_sequence_lengths, open_parquet, column_ids, features, labels,
+                                  make_kjt, position_features)
+from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
     """Everything about the data that can fail a training run, checked before it writes anything:
     the splits it needs; shards against the manifest (``data.verify``); every file's columns and
     types, the same across a split's shards; ids, nulls and labels from the footer statistics;
-    enough rows for ``world_size`` ranks; with ``data.long_seq=fail``, the sequence lengths."""
+    enough rows for ``world_size`` ranks; with ``data.long_seq=fail``, the sequence lengths; for
+    MiNet, ``other_seq``'s ids against the target item table it is looked up in."""
     with_source = cfg.model.name == "cctl"
     need = ["tgt/train", "tgt/valid", "tgt/test"] + (["src/train"] if with_source else [])
     for split in need:
@@ -72,11 +74,17 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
         if cfg.scn.reward_source == "heldout_batch" or (cfg.selector.mode == "influence" and
                                                         cfg.selector.influence_target == "heldout_batch"):
             ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], d.batch_size, 0, world_size, cycle=True)
+    ts = data.schemas["tgt"]
+    other_card = ts.feature(ts.feature(SEQ_COLUMN).table).cardinality
+    reads_other = "other_seq" in HEAD_SEQUENCES.get(cfg.model.head, ())
     for st in streams:
         for path in st.paths:
             pf = open_parquet(path)
             try:
                 check_file_values(path, pf, st.schema)
+                if reads_other and st.schema.domain == "tgt":
+                    check_list_bounds(path, pf, "other_seq", other_card,
+                                      "other_seq (looked up in the target item table)")
                 if d.long_seq == "fail":
                     check_sequence_lengths(path, pf, d.max_seq_len)
             finally:
@@ -92,18 +100,42 @@ def split_source(src_feats: dict[str, tuple], schemas: dict[str, DomainSchema], 
     return own, {ts.prefix + n: src_feats[ss.prefix + n] for n in shared}
 
 
+def target_positions(tgt: DomainRows, ts: DomainSchema, tgt_feats: dict[str, tuple],
+                     other: tuple, positions: SeqPositions) -> dict[str, tuple]:
+    """The per-position keys of ``positions`` for the target rows (keys ``t_seq@j`` /
+    ``t_other_seq@j``). ``other_seq`` holds source item ids; it is looked up in the TARGET item
+    table (the converters give both item tables one id space; synthetic ids are global), so its
+    ids must fit that table."""
+    card = ts.feature(ts.feature(SEQ_COLUMN).table).cardinality
+    out: dict[str, tuple] = {}
+    for column in positions.columns:
+        if column == SEQ_COLUMN:
+            v, l = tgt_feats[ts.prefix + SEQ_COLUMN]
+        else:
+            v, l = other
+            check_range(v, card, tgt.path, f"{column} (looked up in the target item table)")
+        out.update(position_features(v, l, positions.column_keys(ts.prefix, column)))
+    return out
+
+
 def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, DomainSchema],
-                cfg: DataConfig, shared: tuple[str, ...] = ()) -> CCTLBatch:
+                cfg: DataConfig, shared: tuple[str, ...] = (), positions: Optional[SeqPositions] = None
+                ) -> CCTLBatch:
     """Target rows (+ source rows) -> one :class:`CCTLBatch` (see its docstring for the layout).
-    ``shared``: source attributes looked up in the target tables (``schema.shared_attributes``)."""
+    ``shared``: source attributes looked up in the target tables (``schema.shared_attributes``);
+    ``positions``: per-position sequence keys appended to the target KJT (DIN / MiNet heads)."""
     ts, ss = schemas["tgt"], schemas["src"]
     tgt_feats = features(tgt, ts, cfg.max_seq_len, cfg.long_seq)
     seq_len = tgt_feats[ts.prefix + "seq"][1]
     other_v, other_l = column_ids(tgt, "other_seq", ss.feature("item_id").cardinality, cfg.max_seq_len,
                                   cfg.long_seq)
     user_in = bool_column(tgt, "user_in_other")
+    tgt_keys, tgt_parts = ts.keys, tgt_feats
+    if positions is not None:
+        tgt_keys = ts.keys + positions.keys(ts.prefix)
+        tgt_parts = {**tgt_feats, **target_positions(tgt, ts, tgt_feats, (other_v, other_l), positions)}
     batch = CCTLBatch(
-        tgt=make_kjt(ts.keys, [tgt_feats], [len(tgt)]),
+        tgt=make_kjt(tgt_keys, [tgt_parts], [len(tgt)]),
         tgt_label=labels(tgt),
         user_in_other=user_in,
         item_in_other=bool_column(tgt, "item_in_other"),
@@ -133,12 +165,13 @@ class TrainStream:
         rank, world_size: this rank's share.
         with_source: False for target-only models.
         shared: source attributes looked up in the target tables.
+        positions: per-position sequence keys the model's head needs (``CCTL.positions``).
     """
 
     def __init__(self, data: Dataset, cfg: DataConfig, rank: int, world_size: int, with_source: bool = True,
-                 shared: tuple[str, ...] = ()) -> None:
+                 shared: tuple[str, ...] = (), positions: Optional[SeqPositions] = None) -> None:
         self.data, self.cfg, self.rank, self.world_size = data, cfg, rank, world_size
-        self.shared = shared
+        self.shared, self.positions = shared, positions
         self.tgt = ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], cfg.batch_size, rank, world_size)
         self.src_batch = int(round(cfg.batch_size * cfg.src_ratio))
         self.src = None
@@ -161,12 +194,14 @@ class TrainStream:
             skip = within * self.cfg.batch_size if epoch == first_epoch else 0
             for t in self.tgt.iterate(skip):
                 s = next(src_it) if src_it is not None else None
-                yield build_batch(t, s, self.data.schemas, self.cfg, self.shared)
+                yield build_batch(t, s, self.data.schemas, self.cfg, self.shared, self.positions)
 
 
 def eval_batches(data: Dataset, split: str, cfg: DataConfig, rank: int, world_size: int,
-                 max_rows: int = 0, cycle: bool = False) -> Iterator[CCTLBatch]:
-    """Target-only batches of ``split`` (``tgt/valid`` or ``tgt/test``), last batch kept."""
+                 max_rows: int = 0, cycle: bool = False, positions: Optional[SeqPositions] = None
+                 ) -> Iterator[CCTLBatch]:
+    """Target-only batches of ``split`` (``tgt/valid`` or ``tgt/test``), last batch kept;
+    ``positions``: as for :func:`build_batch`."""
     stream = ParquetStream(data.paths(split), data.schemas["tgt"], cfg.eval_batch_size, rank, world_size,
                            drop_last=False, cycle=cycle)
     seen = 0
@@ -174,7 +209,7 @@ def eval_batches(data: Dataset, split: str, cfg: DataConfig, rank: int, world_si
         if max_rows and seen >= max_rows // world_size:
             return
         seen += len(rows)
-        yield build_batch(rows, None, data.schemas, cfg)
+        yield build_batch(rows, None, data.schemas, cfg, positions=positions)
 
 
 def heldout_batches(data: Dataset, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0

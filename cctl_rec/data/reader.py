@@ -124,6 +124,20 @@ def check_file_values(path: str, pf: pq.ParquetFile, schema: DomainSchema) -> No
                 _check_bounds(st.min, st.max, card[name], path, name)
 
 
+def check_list_bounds(path: str, pf: pq.ParquetFile, column: str, card: int, what: str) -> None:
+    """Raises ValueError when the footer statistics of list column ``column`` record an id outside
+    ``[0, card)`` (``what`` names the table in the message); no data is read."""
+    md = pf.metadata
+    for rg in range(md.num_row_groups):
+        g = md.row_group(rg)
+        for j in range(g.num_columns):
+            col = g.column(j)
+            st = col.statistics
+            if col.path_in_schema.split(".")[0] == column and st is not None and st.has_min_max \
+                    and isinstance(st.min, int):
+                _check_bounds(st.min, st.max, card, path, what)
+
+
 def check_same_schema(paths: list[str], files: list[pq.ParquetFile]) -> None:
     """Raises ValueError naming the first column in which a shard differs from the first shard
     (rows of several shards are concatenated into one batch, so they must agree)."""
@@ -244,6 +258,20 @@ def make_kjt(keys: list[str], parts: list[dict[str, tuple[np.ndarray, np.ndarray
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.from_numpy(np.concatenate(vals)),
         lengths=torch.from_numpy(np.concatenate(lens)))
+
+
+def position_features(values: np.ndarray, lengths: np.ndarray, keys: list[str]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A list column's (values, lengths) -> one single-id feature per position: ``keys[j]`` holds
+    each row's ``j``-th item (length 1) or nothing (length 0) past the row's length. Rows longer
+    than ``len(keys)`` keep their first ``len(keys)`` items (sequences are already truncated to
+    their newest ``max_seq_len``)."""
+    starts = np.cumsum(lengths) - lengths
+    out = {}
+    for j, key in enumerate(keys):
+        has = lengths > j
+        out[key] = (values[starts[has] + j], has.astype(np.int64))
+    return out
 
 
 def features_kjt(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq: str = "truncate"

@@ -17,8 +17,9 @@ from cctl_rec.config import ModelConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.modules.embedding import build_ebc
 from cctl_rec.modules.san import SemanticAlign
-from cctl_rec.modules.heads import DomainClassifier, build_head
-from cctl_rec.schema import ID_FEATURES, TOKENS, DomainSchema, shared_attributes
+from cctl_rec.modules.heads import DOMAIN_HEADS, DomainClassifier, build_head
+from cctl_rec.schema import (HEAD_SEQUENCES, ID_FEATURES, TOKENS, DomainSchema, SeqPositions,
+                             shared_attributes)
 
 
 @dataclass
@@ -65,11 +66,16 @@ class CCTL(nn.Module):
     With ``with_source=False`` only the pure network exists: the target-only DNN baseline.
     Only the pure network (``pure_tgt`` + ``pure_tower``) is served.
 
+    A head that attends over behaviour sequences (DIN, MiNet) gets them position by position:
+    ``positions`` names the per-position KJT keys the target batches must carry (the loader
+    builds them), looked up in the target item table beside the pooled fields.
+
     Args:
         schemas: {"src": ..., "tgt": ...}.
         cfg: model settings.
         with_source: build the mixed network, SAN and source tables.
         device: where the tables are built (meta: DistributedModelParallel materialises them).
+        seq_len: L, positions per attended sequence (``data.max_seq_len``; only DIN / MiNet use it).
 
     Example::
 
@@ -78,26 +84,29 @@ class CCTL(nn.Module):
     """
 
     def __init__(self, schemas: dict[str, DomainSchema], cfg: ModelConfig, with_source: bool = True,
-                 device: torch.device = torch.device("meta")) -> None:
+                 device: torch.device = torch.device("meta"), seq_len: int = 20) -> None:
         super().__init__()
         self.schemas, self.cfg, self.with_source = schemas, cfg, with_source
         ts, ss, d = schemas["tgt"], schemas["src"], cfg.embedding_dim
         self.tgt_dims = {t: ts.token_width(t, d) for t in TOKENS}
         width = sum(self.tgt_dims.values())
-        self.pure_tgt = build_ebc(ts, d, device)
-        self.pure_tower = build_head(cfg.head, width, d, cfg.tower)
+        self.positions: Optional[SeqPositions] = (SeqPositions(HEAD_SEQUENCES[cfg.head], seq_len)
+                                                  if cfg.head in HEAD_SEQUENCES else None)
+        fields = {name: i for i, name in enumerate(ts.field_names())}
+        self.pure_tgt = build_ebc(ts, d, device, positions=self.positions)
+        self.pure_tower = build_head(cfg.head, width, d, cfg.tower, fields=fields)
         shared = shared_attributes(ss, ts) if cfg.share_attributes else ()
         if cfg.share_ids:
             shared = tuple(f.name for f in ss.features if f.name in ID_FEATURES) + shared
         self.shared: tuple[str, ...] = shared if with_source else ()
         if with_source:
-            self.mixed_tgt = build_ebc(ts, d, device)
+            self.mixed_tgt = build_ebc(ts, d, device, positions=self.positions)
             self.src = build_ebc(ss, d, device, exclude=self.shared)
             src_dims = {t: ss.token_width(t, d) for t in TOKENS}
             same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
                              [k[2:] for k in ts.token_features(t)])
             self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
-            self.mixed_tower = build_head(cfg.head, width, d, cfg.tower, ("tgt", "src"))
+            self.mixed_tower = build_head(cfg.head, width, d, cfg.tower, ("tgt", "src"), fields=fields)
             if cfg.dann_weight > 0:
                 self.domain_clf = DomainClassifier(width)
 
@@ -107,14 +116,35 @@ class CCTL(nn.Module):
 
     def target_repr(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
         """v^t of Eq. 2 through the ``network``'s target tables: B_t X W_t."""
+        return self.target_inputs(kjt, network)[0]
+
+    def target_inputs(self, kjt: KeyedJaggedTensor, network: str = "pure"
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(v^t: B_t X W_t, the head's sequence inputs): per column of ``positions``, its
+        B_t X L X D position embeddings and B_t X L bool mask (a position holds an item); () for
+        heads without sequences."""
         ebc = self.pure_tgt if network == "pure" else self.mixed_tgt
-        tok = _tokens(ebc(kjt).to_dict(), self.schemas["tgt"], slice(None))
-        return torch.cat([tok[t] for t in TOKENS], dim=1)
+        pooled = ebc(kjt).to_dict()
+        tok = _tokens(pooled, self.schemas["tgt"], slice(None))
+        return torch.cat([tok[t] for t in TOKENS], dim=1), self._sequences(pooled, kjt)
+
+    def _sequences(self, pooled: dict[str, torch.Tensor], kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
+        if self.positions is None:
+            return ()
+        p, names = self.schemas["tgt"].prefix, kjt.keys()
+        lengths = kjt.lengths().view(len(names), -1)                          # F_kjt X B (key-major)
+        out: list[torch.Tensor] = []
+        for column in self.positions.columns:
+            keys = self.positions.column_keys(p, column)
+            out.append(torch.stack([pooled[k] for k in keys], dim=1))                        # B X L X D
+            out.append(torch.stack([lengths[names.index(k)] > 0 for k in keys], dim=1))      # B X L
+        return tuple(out)
 
     def predict(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
         """Logits of the ``network`` ("pure" or "mixed") on target rows: B_t."""
         tower = self.pure_tower if network == "pure" else self.mixed_tower
-        return tower(self.target_repr(kjt, network))
+        x, seqs = self.target_inputs(kjt, network)
+        return tower(x, *seqs)
 
     def source_repr(self, src_pooled: dict[str, torch.Tensor], n_src: int,
                     shared_pooled: Optional[dict[str, torch.Tensor]] = None, shared_rows: slice = slice(None)
@@ -146,8 +176,8 @@ class CCTL(nn.Module):
 
     def forward(self, batch: CCTLBatch) -> CCTLOutput:
         ts, ss = self.schemas["tgt"], self.schemas["src"]
-        x_pure = self.target_repr(batch.tgt, "pure")
-        logit_pure = self.pure_tower(x_pure)
+        x_pure, seqs = self.target_inputs(batch.tgt, "pure")
+        logit_pure = self.pure_tower(x_pure, *seqs)
         if not self.with_source:
             return CCTLOutput(logit_tgt=None, logit_pure=logit_pure)
         n_t = batch.tgt_label.shape[0]
@@ -160,7 +190,7 @@ class CCTL(nn.Module):
         src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
         x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
         x_all = torch.cat([x_tgt, x_src], dim=0)
-        if self.cfg.head == "star":  # STAR: each domain through its own factors
+        if self.cfg.head in DOMAIN_HEADS:  # STAR / CoNet: each domain through its own factors / column
             logits = torch.cat([self.mixed_tower(x_tgt, "tgt"), self.mixed_tower(x_src, "src")])
         else:
             logits = self.mixed_tower(x_all)                                  # one pass, B_t + B_s

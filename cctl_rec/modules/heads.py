@@ -11,16 +11,29 @@ tower takes) — to B logits, so the same mixed/pure machinery trains and serves
 - ``star``: STAR's star-topology tower (Sheng et al., 2021): each layer's weight is a shared matrix
   times (elementwise) a per-domain one, its bias their sum; source rows go through the source
   factors, target rows (and serving) through the target ones.
+- ``conet``: CoNet's two columns with shared cross units per layer (Hu et al., 2018;
+  :mod:`cctl_rec.modules.conet`); like STAR, source rows read the source column's logit.
+- ``din``, ``minet``: DIN (Zhou et al., 2018) and MiNet (Ouyang et al., 2020) also read the user's
+  behaviour sequences position by position (:data:`cctl_rec.schema.HEAD_SEQUENCES`; their
+  ``forward(x, *per column: B X L X D embeddings, B X L bool mask)``, :mod:`cctl_rec.modules.interest`);
+  target rows only.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from cctl_rec.modules.conet import CoNetTower
+from cctl_rec.modules.interest import DINHead, MiNetHead
 from cctl_rec.modules.tower import Tower, mlp
+from cctl_rec.schema import HEAD_SEQUENCES
 
-HEADS = ("mlp", "lr", "deepfm", "afm", "star")
+HEADS = ("mlp", "lr", "deepfm", "afm", "star", "din", "conet", "minet")
+DOMAIN_HEADS = ("star", "conet")
+"""Heads whose forward takes the row's domain (``tower(x, "src")`` for source rows)."""
 
 
 def _fields(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -115,10 +128,12 @@ class StarTower(nn.Module):
         return h.squeeze(-1)
 
 
-def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...], domains: tuple[str, ...] = ("tgt",)
-               ) -> nn.Module:
+def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...], domains: tuple[str, ...] = ("tgt",),
+               *, fields: Optional[dict[str, int]] = None) -> nn.Module:
     """The tower of the mixed and pure networks: ``head`` in :data:`HEADS`; ``domains``: the
-    domains a STAR tower serves (the pure network: target only)."""
+    domains a STAR or CoNet tower serves (the pure network: target only; CoNet's target logit
+    still reads the source column below its last layer); ``fields``: field name -> index
+    in the tower input (DIN and MiNet find the candidate, user and sequence fields by it)."""
     if head == "mlp":
         return Tower(in_dim, hidden)
     if head == "lr":
@@ -129,6 +144,12 @@ def build_head(head: str, in_dim: int, dim: int, hidden: tuple[int, ...], domain
         return AFMHead(in_dim, dim)
     if head == "star":
         return StarTower(in_dim, hidden, domains)
+    if head == "conet":
+        return CoNetTower(in_dim, hidden, domains)
+    if head in HEAD_SEQUENCES:
+        if fields is None:
+            raise ValueError(f"model.head={head} needs the field layout of the tower input (fields=...)")
+        return (DINHead if head == "din" else MiNetHead)(in_dim, dim, hidden, fields)
     raise ValueError(f"model.head={head!r}: expected one of {list(HEADS)}")
 
 

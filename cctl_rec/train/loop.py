@@ -119,7 +119,7 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
     ``keep_logits``, the first network's logits of every rank in row order under "logits")."""
     meters = {n: BinaryMetrics() for n in networks}
     kept = []
-    for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows):
+    for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows, positions=module.positions):
         for n in networks:
             z = module.predict(b.tgt, n)
             meters[n].update(z, b.tgt_label)
@@ -174,8 +174,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
             raise ValueError(f"dataset {cfg.data.path} has no {split} split")
     # --- model: tables on meta, sparse optimizer fused, planned, sharded
     torch.manual_seed(cfg.run.seed)
-    model = CCTL(data.schemas, cfg.model, with_source=with_source)
-    stream = TrainStream(data, cfg.data, rank, world, with_source, model.shared)
+    model = CCTL(data.schemas, cfg.model, with_source=with_source, seq_len=cfg.data.max_seq_len)
+    stream = TrainStream(data, cfg.data, rank, world, with_source, model.shared, model.positions)
     apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device.type)
     with capture_planner_stats() as planner_stats:
         plan = make_plan(model, world, device.type, cfg.dist.sharding, cfg.data.batch_size,

@@ -53,9 +53,13 @@ class DataConfig:
     verify: Literal["none", "size", "sha256"] = "sha256"
     """What `cctl-rec train` checks of every shard against manifest.json before it starts: sha256
     (and size; each rank hashes its share of the files), size only (for very large data), or none."""
+    prefetch: int = 2
+    """Training batches read ahead on a background thread (0: read each batch in the step). Same
+    batches, same order: only when they are built changes."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        _check(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch}")
         _check(self.src_ratio >= 0, f"data.src_ratio must be >= 0, got {self.src_ratio}")
         _check(self.epochs > 0, f"data.epochs must be > 0, got {self.epochs}")
         _check(self.max_seq_len > 0, f"data.max_seq_len must be > 0, got {self.max_seq_len}")

@@ -157,3 +157,43 @@ def test_a_stream_keeps_at_most_the_file_it_reads_open(tiny_data):
         if rows >= st.rows_per_rank:
             break
     assert rows == st.rows_per_rank and peak <= before + 1
+
+
+def test_prefetch_yields_the_same_items_in_order_and_raises_where_the_reader_failed():
+    from cctl_rec.data.prefetch import prefetch
+
+    assert list(prefetch(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetch(iter(range(5)), 0)) == list(range(5))
+
+    def broken():
+        yield 1
+        yield 2
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for x in prefetch(broken(), 2):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_closing_a_prefetch_stops_its_reader():
+    import threading
+
+    from cctl_rec.data.prefetch import prefetch
+
+    read = []
+
+    def endless():
+        i = 0
+        while True:
+            read.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert not any(t.name == "cctl-prefetch" and t.is_alive() for t in threading.enumerate())
+    n = len(read)
+    assert n <= 3 + 2 + 1  # read ahead by at most depth (+ the one in the reader's hands)

@@ -39,6 +39,7 @@ from torchrec import KeyedJaggedTensor
 from cctl_rec.config import TrainConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.loader import Dataset, TrainStream, heldout_batches
+from cctl_rec.data.prefetch import prefetch
 from cctl_rec.distributed.env import init_distributed
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.models.cctl import CCTL
@@ -100,7 +101,7 @@ class Harness:
         self.heldout = heldout_batches(self.data, cfg.data, self.rank, self.world, 0) if self.with_source and (
             cfg.scn.reward_source == "heldout_batch" or
             (cfg.selector.mode == "influence" and cfg.selector.influence_target == "heldout_batch")) else None
-        self.batches: Iterator[CCTLBatch] = self.stream.iterate(0)
+        self.batches: Iterator[CCTLBatch] = prefetch(self.stream.iterate(0), cfg.data.prefetch)
         self.sections = Sections()
         self.syncs = 0
         self.on_logits: Optional[Callable[[torch.Tensor], None]] = None
@@ -161,7 +162,7 @@ class Harness:
             try:
                 batch = next(self.batches)
             except StopIteration:  # benchmarks may run past one pass: start the split again
-                self.batches = self.stream.iterate(0)
+                self.batches = prefetch(self.stream.iterate(0), self.cfg.data.prefetch)
                 batch = next(self.batches)
             return batch.to(self.device)
 

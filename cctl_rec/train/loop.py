@@ -37,6 +37,7 @@ from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
 from cctl_rec.data.manifest import atomic_write_bytes
+from cctl_rec.data.prefetch import prefetch
 from cctl_rec.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
@@ -240,7 +241,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
 
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
-    for batch in stream.iterate(start) if start < total else ():
+    for batch in prefetch(stream.iterate(start), cfg.data.prefetch) if start < total else ():
         step += 1
         if step > total:
             break

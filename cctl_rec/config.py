@@ -147,6 +147,11 @@ class SelectorConfig:
     init_bias: float = 0.0
     """Initial bias of the sigmoid layer (0 -> p = 0.5 at start)."""
     influence_target: Literal["train_batch", "heldout_batch"] = "heldout_batch"
+    influence_loss: Literal["bce", "pairwise"] = "pairwise"
+    """influence mode: the target loss whose gradient scores the source rows. bce = the tower's
+    loss; pairwise = mean log(1 + exp(-(f_pos - f_neg))) over the target batch's positive-negative
+    pairs, an AUC surrogate blind to a shift of every logit, so a row is not scored for moving the
+    calibration (which, under bce, dominates the first-order influence)."""
     influence_norm: Literal["scale", "per_label"] = "per_label"
     """influence mode: scale = divide by a running mean |influence|; per_label = also centre it
     within each label class first. A sample's first-order influence is dominated by its label

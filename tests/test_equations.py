@@ -144,3 +144,31 @@ def test_per_sample_influence_equals_a_loop_over_samples():
         want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in tower.parameters())  # the lookahead leaves the tower's grads alone
+
+
+def test_pairwise_loss_by_hand_and_blind_to_a_shift():
+    from cctl_rec.train.ifn import pairwise_loss
+
+    f, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    want = (math.log1p(math.exp(-(2.0 + 1.0))) + math.log1p(math.exp(-(2.0 - 0.5)))) / 2
+    assert abs(float(pairwise_loss(f, y)) - want) < 1e-6
+    assert abs(float(pairwise_loss(f + 3.7, y)) - want) < 1e-5
+    assert float(pairwise_loss(f, torch.zeros(3))) == 0.0  # one class only: no pairs
+
+
+def test_pairwise_influence_equals_a_loop_over_samples():
+    from cctl_rec.modules.tower import Tower
+    from cctl_rec.train.ifn import pairwise_loss, per_sample_influence
+
+    torch.manual_seed(1)
+    tower = Tower(6, (5, 3))
+    xs, ys = torch.randn(7, 6), (torch.rand(7) < 0.5).float()
+    xe, ye = torch.randn(9, 6), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 0])
+    got = per_sample_influence(tower, xs, ys, xe, ye, eval_loss="pairwise")
+    params = list(tower.parameters())[:-1]
+    ge = torch.autograd.grad(pairwise_loss(tower(xe), ye), params)
+    want = []
+    for i in range(7):
+        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(tower(xs[i:i + 1]), ys[i:i + 1]), params)
+        want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)

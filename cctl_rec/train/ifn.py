@@ -34,12 +34,24 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def pairwise_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean over (pos, neg) pairs of log(1 + exp(-(f_pos - f_neg))): B logits, B labels -> scalar.
+    Zero (with a graph) when the batch lacks one of the classes."""
+    pos, neg = logits[y > 0.5], logits[y <= 0.5]
+    if pos.numel() == 0 or neg.numel() == 0:
+        return logits.sum() * 0.0
+    return F.softplus(neg.unsqueeze(0) - pos.unsqueeze(1)).mean()
+
+
 def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Tensor, x_eval: torch.Tensor,
-                         y_eval: torch.Tensor) -> torch.Tensor:
+                         y_eval: torch.Tensor, eval_loss: str = "bce") -> torch.Tensor:
     """First-order influence of each source sample on the target loss through one SGD step of the
     tower's dense parameters theta:
 
         infl_i = grad_theta L(y_i^s, f(x_i^s)) . grad_theta L_eval        (B_s values)
+
+    with L_eval the target batch's BCE (``eval_loss="bce"``) or its pairwise ranking loss
+    (``"pairwise"``, :func:`pairwise_loss`).
 
     positive when a step on sample i lowers the target loss. Computed for the whole batch with
     the double-backward trick (no loop over samples): with per-sample weights eps (zeros),
@@ -55,7 +67,11 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
     # sample of a label, and it swamps the per-sample signal (tests/test_equations.py pins the rest).
     params = [p for n, p in tower.named_parameters() if p.requires_grad and not (n == _last_bias(tower))]
     with torch.enable_grad():
-        l_eval = F.binary_cross_entropy_with_logits(tower(x_eval.detach()), y_eval)
+        f_eval = tower(x_eval.detach())
+        if eval_loss == "pairwise":
+            l_eval = pairwise_loss(f_eval, y_eval)
+        else:
+            l_eval = F.binary_cross_entropy_with_logits(f_eval, y_eval)
         g_eval = torch.autograd.grad(l_eval, params)
         eps = torch.zeros(x_src.shape[0], dtype=x_src.dtype, requires_grad=True)
         l_src = F.binary_cross_entropy_with_logits(tower(x_src.detach()), y_src, reduction="none")

@@ -73,7 +73,8 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any
             x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
     else:
         x_eval, y_eval = out.x_tgt, batch.tgt_label
-    return per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(), y_eval)
+    return per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(), y_eval,
+                                cfg.selector.influence_loss)
 
 
 def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:

@@ -353,6 +353,8 @@ class Generator:
         if harmful is not None:
             inter = inter * np.where(harmful, 1.0 - 2.0 * float(k["harm_strength"]), 1.0)
         quality = hash_factors(iid, self.salt["quality"], 1)[:, 0]
+        if harmful is not None and float(k.get("harm_quality", 0.0)) != 0.0:
+            quality = quality * np.where(harmful, 1.0 - 2.0 * float(k["harm_quality"]), 1.0)
         hour = ((ts - T0) // 3600) % 24
         ua = splitmix64(uid, self.salt["uattr"])
         device = ((ua >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.int64) % 8

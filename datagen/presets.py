@@ -75,6 +75,10 @@ class Preset:
         harm_strength: on harmful source rows the user-item interaction is multiplied by
             ``1 - 2 * harm_strength`` (1: fully negated; 0.75, the default: -0.5, inverted
             and weaker; 0.5: no preference).
+        harm_quality: on harmful source rows the item-quality effect is multiplied by
+            ``1 - 2 * harm_quality`` (0, the default: untouched; 1: negated, so the harmful
+            rows also teach the opposite of the target's item and category popularity: a
+            first-order conflict, which a one-pass model learns long before the interaction).
         interaction: weight of the user-item interaction in the logit.
         quality: weight of the per-item quality (shared by both domains) in the logit.
         category_weight: how much of an item's latent vector is its category's centre (0..1).
@@ -99,6 +103,7 @@ class Preset:
     latent_dim: int = 8
     harmful_frac: float = 0.3
     harm_strength: float = 0.75
+    harm_quality: float = 0.0
     interaction: float = 2.0
     quality: float = 0.6
     category_weight: float = 0.8
@@ -110,7 +115,7 @@ class Preset:
     split_fracs: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def __post_init__(self) -> None:
-        for name in ("user_overlap", "item_overlap", "harmful_frac"):
+        for name in ("user_overlap", "item_overlap", "harmful_frac", "harm_strength", "harm_quality"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"preset {self.name}: {name} must be in [0, 1], got {v}")
@@ -205,7 +210,7 @@ def _split_rows(total: int, fracs: tuple[float, ...]) -> list[int]:
     return rows + [total - sum(rows)]
 
 
-KNOBS = ("user_overlap", "item_overlap", "harmful_frac", "harm_strength", "interaction", "quality",
+KNOBS = ("user_overlap", "item_overlap", "harmful_frac", "harm_strength", "harm_quality", "interaction", "quality",
          "category_weight", "user_anchor", "user_zipf", "item_zipf", "category_zipf")
 """Preset fields ``cctl-rec datagen --set NAME=VALUE`` may change (floats)."""
 

@@ -386,3 +386,26 @@ def test_check_auc_without_scipy():
     assert average_ranks(np.array([3.0, 1.0, 2.0, 2.0, 5.0, 1.0])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]
     # pairs (pos, neg): 0.9 > 0.1, 0.9 > 0.5, 0.5 > 0.1, 0.5 = 0.5 (half)
     assert auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.5, 0.5])) == 3.5 / 4
+
+
+def test_harm_quality_negates_the_quality_effect_on_harmful_rows_only():
+    """logit(harm_quality=1) - logit(harm_quality=0) = -2 * quality * q_i on harmful source rows, 0 elsewhere."""
+    from datagen.generator import Generator, calibrate
+    from datagen.hashing import hash_factors
+
+    out = {}
+    for hq in (0.0, 1.0):
+        gen = Generator(calibrate(resolve("tiny", knobs={"harm_quality": hq}), rows=1000))
+        out[hq] = gen.columns("src", np.random.default_rng(7), 5000, 0, 30 * 86400, with_seq=False)
+    a, b = out[0.0], out[1.0]
+    assert np.array_equal(a["item_id"], b["item_id"]) and np.array_equal(a["is_harmful"], b["is_harmful"])
+    h = a["is_harmful"]
+    assert 0 < h.sum() < len(h)
+    q = hash_factors(a["item_id"], gen.salt["quality"], 1)[:, 0]
+    want = np.where(h, -2.0 * gen.p.knobs["quality"] * q, 0.0)
+    np.testing.assert_allclose(b["logit_nobias"] - a["logit_nobias"], want, atol=1e-5)  # float32 logits
+
+
+def test_harm_knobs_outside_0_1_are_refused():
+    with pytest.raises(ValueError, match="harm_quality must be in \\[0, 1\\], got 1.5"):
+        resolve("tiny", knobs={"harm_quality": 1.5})

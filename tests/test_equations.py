@@ -172,3 +172,24 @@ def test_pairwise_influence_equals_a_loop_over_samples():
         gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(tower(xs[i:i + 1]), ys[i:i + 1]), params)
         want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)
+
+
+def test_influence_of_a_non_mlp_head_equals_a_loop_over_samples():
+    """Heads other than the plain MLP go through the double-backward path; same quantity."""
+    from cctl_rec.modules.heads import DeepFMHead
+    from cctl_rec.train.ifn import _mlp_sequence, per_sample_influence
+
+    torch.manual_seed(2)
+    head = DeepFMHead(6, 3, (4,))
+    assert _mlp_sequence(head) is None
+    xs, ys = torch.randn(5, 6), (torch.rand(5) < 0.5).float()
+    xe, ye = torch.randn(8, 6), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1])
+    got = per_sample_influence(head, xs, ys, xe, ye)
+    names = [n for n, _ in head.named_parameters() if n.endswith("bias")]
+    params = [p for n, p in head.named_parameters() if n != names[-1]]
+    ge = torch.autograd.grad(F.binary_cross_entropy_with_logits(head(xe), ye), params)
+    want = []
+    for i in range(5):
+        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(head(xs[i:i + 1]), ys[i:i + 1]), params)
+        want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)

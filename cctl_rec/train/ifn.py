@@ -25,6 +25,7 @@ from torch import nn
 from cctl_rec.config import SelectorConfig
 from cctl_rec.distributed.env import allreduce_mean_
 from cctl_rec.modules.selector import Selector
+from cctl_rec.modules.tower import Tower
 from cctl_rec.train.reinforce import Reinforce, RewardShaper
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,13 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
         infl_i = grad_theta L(y_i^s, f(x_i^s)) . grad_theta L_eval        (B_s values)
 
     with L_eval the target batch's BCE (``eval_loss="bce"``) or its pairwise ranking loss
-    (``"pairwise"``, :func:`pairwise_loss`).
-
-    positive when a step on sample i lowers the target loss. Computed for the whole batch with
-    the double-backward trick (no loop over samples): with per-sample weights eps (zeros),
-    infl = d/d eps [ grad_theta(sum_i eps_i l_i) . g_eval ]. Inputs are detached: the lookahead
-    covers the dense tower only, not the embedding tables.
+    (``"pairwise"``, :func:`pairwise_loss`); positive when a step on sample i lowers the target
+    loss. No loop over samples: for an MLP tower (Linear / ReLU layers, the SCN tower) each
+    Linear's share is exact and cheap, delta_i^T G a_i with a_i the layer's input, delta_i its
+    output gradient for sample i (one ordinary backward of sum_i l_i gives every delta_i) and G
+    the layer's L_eval gradient (:func:`_mlp_influence`); any other head goes through the
+    double-backward trick (:func:`_influence_double_backward`). Inputs are detached: the
+    lookahead covers the dense tower only, not the embedding tables.
 
     Args:
         tower: the mixed tower (B X W -> B logits).
@@ -65,19 +67,66 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
     """
     # The output bias is left out: its gradient is the batch's calibration error, shared by every
     # sample of a label, and it swamps the per-sample signal (tests/test_equations.py pins the rest).
-    params = [p for n, p in tower.named_parameters() if p.requires_grad and not (n == _last_bias(tower))]
+    last = _last_bias(tower)
+    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad and n != last]
+    params = [p for _, p in named]
     with torch.enable_grad():
         f_eval = tower(x_eval.detach())
         if eval_loss == "pairwise":
             l_eval = pairwise_loss(f_eval, y_eval)
         else:
             l_eval = F.binary_cross_entropy_with_logits(f_eval, y_eval)
-        g_eval = torch.autograd.grad(l_eval, params)
-        eps = torch.zeros(x_src.shape[0], dtype=x_src.dtype, requires_grad=True)
-        l_src = F.binary_cross_entropy_with_logits(tower(x_src.detach()), y_src, reduction="none")
-        g_src = torch.autograd.grad((eps * l_src).sum(), params, create_graph=True)
-        dot = sum((a * b).sum() for a, b in zip(g_src, g_eval))
-        (infl,) = torch.autograd.grad(dot, eps)
+        g_eval = dict(zip([n for n, _ in named], torch.autograd.grad(l_eval, params)))
+        seq = _mlp_sequence(tower)
+        if seq is not None:
+            return _mlp_influence(seq, x_src.detach(), y_src, g_eval, tower)
+        return _influence_double_backward(tower, params, list(g_eval.values()), x_src.detach(), y_src)
+
+
+def _mlp_sequence(tower: nn.Module) -> Optional[nn.Sequential]:
+    """The tower's layer stack if it is a plain MLP (only Linear and ReLU), else None."""
+    net = getattr(tower, "net", None)
+    if isinstance(tower, Tower) and isinstance(net, nn.Sequential) and all(
+            isinstance(m, (nn.Linear, nn.ReLU)) for m in net):
+        return net
+    return None
+
+
+def _mlp_influence(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, g_eval: dict[str, torch.Tensor],
+                   tower: nn.Module) -> torch.Tensor:
+    """sum over Linear layers l of (delta_l G_W_l) . a_l + delta_l . g_b_l per row: B values.
+    The per-row gradient of a Linear's weight is the outer product delta_i a_i^T, so its dot
+    with G_W is delta_i^T G_W a_i: one matmul per layer for the whole batch."""
+    names = {id(p): n for n, p in tower.named_parameters()}
+    inputs, outputs, a = [], [], x
+    for m in net:
+        if isinstance(m, nn.Linear):
+            inputs.append(a)
+            a = m(a)
+            outputs.append(a)
+        else:
+            a = m(a)
+    loss = F.binary_cross_entropy_with_logits(a.squeeze(-1), y, reduction="sum")   # sum: delta_i per row
+    deltas = torch.autograd.grad(loss, outputs)
+    infl = torch.zeros(x.shape[0], dtype=x.dtype)
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    for m, a_in, d in zip(linears, inputs, deltas):
+        gw = g_eval.get(names[id(m.weight)])
+        if gw is not None:
+            infl += ((d @ gw) * a_in.detach()).sum(1)
+        if m.bias is not None and names[id(m.bias)] in g_eval:
+            infl += d @ g_eval[names[id(m.bias)]]
+    return infl.detach()
+
+
+def _influence_double_backward(tower: nn.Module, params: list[torch.Tensor], g_eval: list[torch.Tensor],
+                               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """With per-sample weights eps (zeros), infl = d/d eps [ grad_theta(sum_i eps_i l_i) . g_eval ]."""
+    eps = torch.zeros(x.shape[0], dtype=x.dtype, requires_grad=True)
+    l_src = F.binary_cross_entropy_with_logits(tower(x), y, reduction="none")
+    g_src = torch.autograd.grad((eps * l_src).sum(), params, create_graph=True, allow_unused=True)
+    dot = sum((a * b).sum() for a, b in zip(g_src, g_eval) if a is not None)
+    (infl,) = torch.autograd.grad(dot, eps)
     return infl.detach()
 
 

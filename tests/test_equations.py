@@ -127,23 +127,30 @@ def test_shared_attributes_exclude_ids_and_mismatches():
     assert shared_attributes(s["src"], s["tgt"]) == ("gender", "device", "category", "brand", "hour")
 
 
-def test_per_sample_influence_equals_a_loop_over_samples():
+@pytest.mark.parametrize("head,eval_loss", [("mlp", "bce"), ("mlp", "pairwise"), ("deepfm", "bce")])
+def test_per_sample_influence_equals_a_loop_over_samples(head, eval_loss):
+    """The MLP tower's one-backward path and the other heads' double backward give the loop's
+    grad l_i . grad L_eval (output bias left out) for each source row."""
+    from cctl_rec.modules.heads import DeepFMHead
     from cctl_rec.modules.tower import Tower
-    from cctl_rec.train.ifn import per_sample_influence
+    from cctl_rec.train.ifn import _mlp_sequence, pairwise_loss, per_sample_influence
 
     torch.manual_seed(0)
-    tower = Tower(6, (5, 3))
+    net = Tower(6, (5, 3)) if head == "mlp" else DeepFMHead(6, 3, (4,))
+    assert (_mlp_sequence(net) is None) == (head != "mlp")
     xs, ys = torch.randn(7, 6), (torch.rand(7) < 0.5).float()
-    xe, ye = torch.randn(9, 6), (torch.rand(9) < 0.5).float()
-    got = per_sample_influence(tower, xs, ys, xe, ye)
-    params = list(tower.parameters())[:-1]  # the output bias is left out
-    ge = torch.autograd.grad(F.binary_cross_entropy_with_logits(tower(xe), ye), params)
+    xe, ye = torch.randn(9, 6), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 0])
+    got = per_sample_influence(net, xs, ys, xe, ye, eval_loss=eval_loss)
+    last_bias = [n for n, _ in net.named_parameters() if n.endswith("bias")][-1]
+    params = [p for n, p in net.named_parameters() if n != last_bias]
+    l_eval = pairwise_loss(net(xe), ye) if eval_loss == "pairwise" else F.binary_cross_entropy_with_logits(net(xe), ye)
+    ge = torch.autograd.grad(l_eval, params)
     want = []
     for i in range(7):
-        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(tower(xs[i:i + 1]), ys[i:i + 1]), params)
+        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(net(xs[i:i + 1]), ys[i:i + 1]), params)
         want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)
-    assert all(p.grad is None for p in tower.parameters())  # the lookahead leaves the tower's grads alone
+    assert all(p.grad is None for p in net.parameters())  # the lookahead leaves the tower's grads alone
 
 
 def test_pairwise_loss_by_hand_and_blind_to_a_shift():
@@ -154,42 +161,3 @@ def test_pairwise_loss_by_hand_and_blind_to_a_shift():
     assert abs(float(pairwise_loss(f, y)) - want) < 1e-6
     assert abs(float(pairwise_loss(f + 3.7, y)) - want) < 1e-5
     assert float(pairwise_loss(f, torch.zeros(3))) == 0.0  # one class only: no pairs
-
-
-def test_pairwise_influence_equals_a_loop_over_samples():
-    from cctl_rec.modules.tower import Tower
-    from cctl_rec.train.ifn import pairwise_loss, per_sample_influence
-
-    torch.manual_seed(1)
-    tower = Tower(6, (5, 3))
-    xs, ys = torch.randn(7, 6), (torch.rand(7) < 0.5).float()
-    xe, ye = torch.randn(9, 6), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 0])
-    got = per_sample_influence(tower, xs, ys, xe, ye, eval_loss="pairwise")
-    params = list(tower.parameters())[:-1]
-    ge = torch.autograd.grad(pairwise_loss(tower(xe), ye), params)
-    want = []
-    for i in range(7):
-        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(tower(xs[i:i + 1]), ys[i:i + 1]), params)
-        want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)
-
-
-def test_influence_of_a_non_mlp_head_equals_a_loop_over_samples():
-    """Heads other than the plain MLP go through the double-backward path; same quantity."""
-    from cctl_rec.modules.heads import DeepFMHead
-    from cctl_rec.train.ifn import _mlp_sequence, per_sample_influence
-
-    torch.manual_seed(2)
-    head = DeepFMHead(6, 3, (4,))
-    assert _mlp_sequence(head) is None
-    xs, ys = torch.randn(5, 6), (torch.rand(5) < 0.5).float()
-    xe, ye = torch.randn(8, 6), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1])
-    got = per_sample_influence(head, xs, ys, xe, ye)
-    names = [n for n, _ in head.named_parameters() if n.endswith("bias")]
-    params = [p for n, p in head.named_parameters() if n != names[-1]]
-    ge = torch.autograd.grad(F.binary_cross_entropy_with_logits(head(xe), ye), params)
-    want = []
-    for i in range(5):
-        gi = torch.autograd.grad(F.binary_cross_entropy_with_logits(head(xs[i:i + 1]), ys[i:i + 1]), params)
-        want.append(sum((a * b).sum() for a, b in zip(gi, ge)))
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)

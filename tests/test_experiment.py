@@ -35,6 +35,7 @@ def test_experiment_runs_every_model_and_seed_and_writes_the_report(tmp_path, ti
     # the two seeds differ (the seed reaches the run) and the alpha=0 runs differ from alpha=1
     assert s["models"]["DNN"]["auc"][0] != s["models"]["DNN"]["auc"][1]
     md = (out / "report.md").read_text()
+    assert f"Command: `cctl-rec experiment --config {cfg} --out {out}`" in md
     assert "| DNN | " in md and "0.7456" in md and "| CCTL (paper) | " in md
     for png in ("tiny-auc-vs-alpha.png", "tiny-learning-curves.png", "tiny-p-histogram.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png

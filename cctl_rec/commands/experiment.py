@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     records = run_all(spec, args.out)
-    command = "cctl-rec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["experiment"] \
-        else f"cctl-rec experiment --config {args.config} --out {args.out}"
+    command = shlex.join(["cctl-rec", "experiment", "--config", args.config, "--out", args.out]
+                         + (["--seeds", args.seeds] if args.seeds else []) + (["--only", args.only] if args.only else []))
     write_report(spec, records, args.out, command, time.perf_counter() - t0)
     failed = [r for r in records if r["status"] != "ok"]
     print(open(os.path.join(args.out, "report.md")).read())

@@ -1,4 +1,5 @@
-"""torchx components for cctl-rec: train, datagen and bench, thin wrappers over ``dist.ddp``.
+"""torchx components for cctl-rec: train, datagen and bench (thin wrappers over ``dist.ddp``) and
+experiment (one process that runs an experiment's trainings one after another).
 
 Each function's docstring is its ``torchx run ... --help``. Examples (from the repository root,
 with the virtualenv's ``bin`` on PATH, since torchx starts ``torchrun``)::
@@ -15,6 +16,9 @@ with the virtualenv's ``bin`` on PATH, since torchx starts ``torchrun``)::
         --run_dir runs/small -- run.checkpoint_every=500
     # a benchmark, its JSON into --out
     torchx run -s local_cwd launch/components.py:bench --what datagen --out bench-datagen.json -- --preset tiny
+    # an experiment (models x seeds; its runs with ranks > 1 start their own torchrun)
+    torchx run -s local_cwd launch/components.py:experiment --config configs/experiments/amazon.yaml \
+        --out runs/exp-amazon
 """
 
 
@@ -117,3 +121,28 @@ def bench(*extra: str, what: str, out: str = "", j: str = "1x1", gpu: int = 0, c
     args = ["bench", what, "--out", out or f"bench-{what}.json", *extra]
     return dist.ddp(*args, m="cctl_rec.cli", j=j, gpu=gpu, cpu=cpu, memMB=memMB, image=image, name=f"cctl-bench-{what}",
                     rdzv_port=rdzv_port, env=env)
+
+
+def experiment(config: str, out: str, seeds: str = "", only: str = "", cpu: int = 2, memMB: int = 16384,
+               image: str = IMAGE, env: Optional[Dict[str, str]] = None) -> specs.AppDef:
+    """Runs ``cctl-rec experiment``: every model x seed of ``config`` one after another, then
+    ``OUT/results.json`` and ``OUT/report.md``; rerunning skips the finished runs.
+
+    One plain process, not under torchrun: the experiment starts each training itself (under its
+    own torchrun when the spec's ``ranks`` > 1), which must not inherit an outer rendezvous.
+
+    Args:
+        config: experiment YAML, e.g. configs/experiments/amazon.yaml
+        out: output directory (runs/, results.json, report.md, plots)
+        seeds: comma-separated seeds replacing the spec's, e.g. 0,1
+        only: comma-separated model names to run
+        cpu: CPUs for the process
+        memMB: memory (MB)
+        image: container image, or the local directory holding the code
+        env: extra environment variables
+    """
+    args = ["-m", "cctl_rec.cli", "experiment", "--config", config, "--out", out]
+    args += (["--seeds", seeds] if seeds else []) + (["--only", only] if only else [])
+    role = specs.Role(name="experiment", image=image, entrypoint="python", args=args,
+                      resource=specs.Resource(cpu=cpu, gpu=0, memMB=memMB), env=dict(env or {}))
+    return specs.AppDef(name="cctl-experiment", roles=[role])

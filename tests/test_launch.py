@@ -23,6 +23,15 @@ class ComponentsTest(ComponentTestCase):
     def test_bench_validates(self) -> None:
         self.validate(components, "bench")
 
+    def test_experiment_validates(self) -> None:
+        self.validate(components, "experiment")
+
+    def test_experiment_appdef_is_one_plain_process(self) -> None:
+        role = components.experiment(config="configs/experiments/amazon.yaml", out="runs/e", seeds="0,1").roles[0]
+        assert role.entrypoint == "python" and role.num_replicas == 1
+        assert role.args == ["-m", "cctl_rec.cli", "experiment", "--config", "configs/experiments/amazon.yaml",
+                             "--out", "runs/e", "--seeds", "0,1"]
+
     def test_bench_appdef_passes_what_and_extra_through(self) -> None:
         app = components.bench("--preset", "tiny", "--rows", "1000", what="kernels", out="runs/k.json", j="1x2")
         role = app.roles[0]
@@ -79,3 +88,24 @@ def _torchx(tmp_path, tiny_data, j, port):
 def test_train_through_torchx_on_two_ranks(tmp_path, tiny_data, j, port):
     m = _torchx(tmp_path, tiny_data, j, port)
     assert m["world_size"] == 2 and m["steps"] == 12 and m["selector_updates"] == 3
+
+
+@pytest.mark.slow
+def test_experiment_through_torchx(tmp_path, tiny_data):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"""name: tx
+seeds: [0]
+datasets:
+  tiny: {{path: {tiny_data}}}
+overrides: [data.batch_size=64, run.steps=6, "model.tower=[16,8]", run.max_eval_rows=512]
+models:
+  - {{name: DNN, config: configs/cctl_tiny.yaml, overrides: [model.name=dnn]}}
+""")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    out = tmp_path / "out"
+    r = subprocess.run(["torchx", "run", "-s", "local_cwd", "launch/components.py:experiment", "--config", str(spec),
+                        "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [x["status"] for x in res["runs"]] == ["ok"]
+    assert (out / "report.md").read_text().startswith("# Experiment `tx`")

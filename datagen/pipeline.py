@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cctl_rec.data.manifest import FORMAT, atomic_write_bytes, join, write_manifest
 from datagen.generator import Generator, calibrate, schemas_of
-from datagen.presets import GenParams, resolve
+from datagen.presets import LEGACY_KNOBS, GenParams, resolve
 from datagen.stats import merge_stats
 from datagen.writer import (SPLIT_KEYS, ShardTask, clean_temps, is_complete, plan, split_rule,
                             write_shard)
@@ -80,6 +80,17 @@ def check_output(out: str) -> None:
                          f"{getattr(e, 'strerror', None) or e}") from None
 
 
+def _flat(d: dict) -> dict:
+    """{"knobs": {"a": 1}, "seed": 0} -> {"knobs.a": 1, "seed": 0}, so a refusal names the knob."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def _guard_params(out: str, params: GenParams) -> None:
     """Refuses to resume into a directory generated with other parameters."""
     path = join(out, PARAMS_FILE)
@@ -90,8 +101,12 @@ def _guard_params(out: str, params: GenParams) -> None:
                 theirs = json.load(f)
             except json.JSONDecodeError:
                 theirs = None
+        if isinstance(theirs, dict) and isinstance(theirs.get("knobs"), dict):
+            # a knob added later: data written before it existed had its neutral value
+            theirs["knobs"] = {**LEGACY_KNOBS, **theirs["knobs"]}
         if theirs is not None and theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            flat_mine, flat_theirs = _flat(mine), _flat(theirs)
+            diff = sorted(k for k in set(flat_mine) | set(flat_theirs) if flat_mine.get(k) != flat_theirs.get(k))
             raise ValueError(f"output {out!r} holds data generated with other parameters "
                              f"(differs in {', '.join(diff)}); use a new --out or empty it")
         if theirs == mine:

@@ -210,6 +210,10 @@ def _split_rows(total: int, fracs: tuple[float, ...]) -> list[int]:
     return rows + [total - sum(rows)]
 
 
+LEGACY_KNOBS = {"harm_quality": 0.0}
+"""Knobs added after datasets had been generated, with the value that reproduces those datasets
+(an output directory written before the knob existed resumes as if it had been given this)."""
+
 KNOBS = ("user_overlap", "item_overlap", "harmful_frac", "harm_strength", "harm_quality", "interaction", "quality",
          "category_weight", "user_anchor", "user_zipf", "item_zipf", "category_zipf")
 """Preset fields ``cctl-rec datagen --set NAME=VALUE`` may change (floats)."""

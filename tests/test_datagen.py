@@ -185,6 +185,21 @@ def test_other_params_refused(tmp_path):
     generate(out, "tiny", scale=0.05, progress=False)
     with pytest.raises(ValueError, match="other parameters"):
         generate(out, "tiny", scale=0.05, seed=1, progress=False)
+    with pytest.raises(ValueError, match=r"other parameters \(differs in knobs.harm_strength"):
+        generate(out, "tiny", scale=0.05, knobs={"harm_strength": 0.5}, progress=False)
+
+
+def test_data_written_before_a_knob_existed_resumes(tmp_path):
+    """A directory whose datagen-params.json predates harm_quality resumes (its neutral value)."""
+    out = str(tmp_path)
+    generate(out, "tiny", scale=0.05, progress=False)
+    path = tmp_path / "datagen-params.json"
+    old = json.loads(path.read_text())
+    del old["knobs"]["harm_quality"]
+    path.write_text(json.dumps(old))
+    generate(out, "tiny", scale=0.05, progress=False)  # no refusal
+    with pytest.raises(ValueError, match=r"differs in knobs.harm_quality"):
+        generate(out, "tiny", scale=0.05, knobs={"harm_quality": 1.0}, progress=False)
 
 
 def test_read_manifest_errors(tmp_path, tiny):

@@ -20,10 +20,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from cctl_rec.schema import HEAD_SEQUENCES
+
 SelectorMode = Literal["paper", "bernoulli", "influence", "fixed", "oracle", "supervised"]
 ModelName = Literal["cctl", "dnn"]
-TARGET_ONLY_HEADS = ("din", "minet")
-"""Heads that attend over the target rows' behaviour sequences (cctl_rec.modules.heads.HEAD_SEQUENCES)."""
+TARGET_ONLY_HEADS = tuple(HEAD_SEQUENCES)
+"""Heads that attend over the target rows' behaviour sequences (trained on target rows only)."""
 CROSS_DOMAIN_HEADS = ("conet",)
 """Heads with a source column that only source rows train."""
 

@@ -251,6 +251,5 @@ def serving_inputs(model: ServingModel, table, max_seq_len: int, path: str) -> t
     if "other_seq" not in table.column_names:
         raise ValueError(f"data file {path} lacks the other_seq column that model.head={model.head} reads (the "
                          f"user's recent source-domain items, list<int>, empty lists allowed)")
-    card = schema.feature(schema.feature("seq").table).cardinality
-    other = column_ids(DomainRows(table, path), "other_seq", card, max_seq_len)
+    other = column_ids(DomainRows(table, path), "other_seq", schema.seq_table_rows(), max_seq_len)
     return out + _padded(*other, max_seq_len)

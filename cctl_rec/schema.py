@@ -97,6 +97,11 @@ class DomainSchema:
                 return f
         raise KeyError(f"{self.domain} schema has no feature {name!r}")
 
+    def seq_table_rows(self) -> int:
+        """Rows of the item table ``seq`` is looked up in (also every per-position key and
+        MiNet's ``other_seq``)."""
+        return self.feature(self.feature(SEQ_COLUMN).table).cardinality
+
     @property
     def columns(self) -> list[str]:
         """Feature columns in KJT key order."""
@@ -114,7 +119,7 @@ class DomainSchema:
         for f in self.features:
             if f.name in exclude:
                 continue
-            card = self.feature(f.table).cardinality if f.is_seq else f.cardinality
+            card = self.seq_table_rows() if f.is_seq else f.cardinality
             rows, keys = out.setdefault(self.prefix + f.table, (card, []))
             keys.append(self.prefix + f.name)
         return [(name, rows, keys) for name, (rows, keys) in out.items()]

@@ -325,7 +325,7 @@ class Generator:
         Returns a dict of numpy arrays (``seq`` / ``other_seq`` as (offsets, values)) plus
         ``logit_nobias`` for calibration.
         """
-        p, dp, ds, k = self.p, self.p.domain(d), self.dom[d], self.p.knobs
+        dp, ds, k = self.p.domain(d), self.dom[d], self.p.knobs
         o = OTHER[d]
         ts = np.sort(rng.integers(ts_lo, ts_hi, rows, dtype=np.int64))
         r = zipf_rank(rng.random(rows), dp.users, float(k["user_zipf"]))
@@ -350,10 +350,9 @@ class Generator:
         z = self.user_latent(d, uid, fav, noise)
         v = self.item_latent(iid, cat)
         inter = np.einsum("ij,ij->i", z, v) * (1.0 / math.sqrt(self.K))
+        quality = hash_factors(iid, self.salt["quality"], 1)[:, 0]
         if harmful is not None:
             inter = inter * np.where(harmful, 1.0 - 2.0 * float(k["harm_strength"]), 1.0)
-        quality = hash_factors(iid, self.salt["quality"], 1)[:, 0]
-        if harmful is not None and float(k.get("harm_quality", 0.0)) != 0.0:
             quality = quality * np.where(harmful, 1.0 - 2.0 * float(k["harm_quality"]), 1.0)
         hour = ((ts - T0) // 3600) % 24
         ua = splitmix64(uid, self.salt["uattr"])

@@ -75,7 +75,7 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
                                                         cfg.selector.influence_target == "heldout_batch"):
             ParquetStream(data.paths("tgt/valid"), data.schemas["tgt"], d.batch_size, 0, world_size, cycle=True)
     ts = data.schemas["tgt"]
-    other_card = ts.feature(ts.feature(SEQ_COLUMN).table).cardinality
+    other_card = ts.seq_table_rows()
     reads_other = "other_seq" in HEAD_SEQUENCES.get(cfg.model.head, ())
     for st in streams:
         for path in st.paths:
@@ -106,7 +106,7 @@ def target_positions(tgt: DomainRows, ts: DomainSchema, tgt_feats: dict[str, tup
     ``t_other_seq@j``). ``other_seq`` holds source item ids; it is looked up in the TARGET item
     table (the converters give both item tables one id space; synthetic ids are global), so its
     ids must fit that table."""
-    card = ts.feature(ts.feature(SEQ_COLUMN).table).cardinality
+    card = ts.seq_table_rows()
     out: dict[str, tuple] = {}
     for column in positions.columns:
         if column == SEQ_COLUMN:

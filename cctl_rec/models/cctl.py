@@ -132,12 +132,13 @@ class CCTL(nn.Module):
         if self.positions is None:
             return ()
         p, names = self.schemas["tgt"].prefix, kjt.keys()
+        row = {k: i for i, k in enumerate(names)}
         lengths = kjt.lengths().view(len(names), -1)                          # F_kjt X B (key-major)
         out: list[torch.Tensor] = []
         for column in self.positions.columns:
             keys = self.positions.column_keys(p, column)
             out.append(torch.stack([pooled[k] for k in keys], dim=1))                        # B X L X D
-            out.append(torch.stack([lengths[names.index(k)] > 0 for k in keys], dim=1))      # B X L
+            out.append(lengths[[row[k] for k in keys]].t() > 0)                             # B X L
         return tuple(out)
 
     def predict(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:

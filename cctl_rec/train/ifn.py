@@ -68,19 +68,18 @@ def per_sample_influence(tower: nn.Module, x_src: torch.Tensor, y_src: torch.Ten
     # The output bias is left out: its gradient is the batch's calibration error, shared by every
     # sample of a label, and it swamps the per-sample signal (tests/test_equations.py pins the rest).
     last = _last_bias(tower)
-    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad and n != last]
-    params = [p for _, p in named]
+    params = [p for n, p in tower.named_parameters() if p.requires_grad and n != last]
     with torch.enable_grad():
         f_eval = tower(x_eval.detach())
         if eval_loss == "pairwise":
             l_eval = pairwise_loss(f_eval, y_eval)
         else:
             l_eval = F.binary_cross_entropy_with_logits(f_eval, y_eval)
-        g_eval = dict(zip([n for n, _ in named], torch.autograd.grad(l_eval, params)))
+        g_eval = torch.autograd.grad(l_eval, params)
         seq = _mlp_sequence(tower)
         if seq is not None:
-            return _mlp_influence(seq, x_src.detach(), y_src, g_eval, tower)
-        return _influence_double_backward(tower, params, list(g_eval.values()), x_src.detach(), y_src)
+            return _mlp_influence(seq, x_src.detach(), y_src, dict(zip(params, g_eval)))
+        return _influence_double_backward(tower, params, list(g_eval), x_src.detach(), y_src)
 
 
 def _mlp_sequence(tower: nn.Module) -> Optional[nn.Sequential]:
@@ -92,30 +91,26 @@ def _mlp_sequence(tower: nn.Module) -> Optional[nn.Sequential]:
     return None
 
 
-def _mlp_influence(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, g_eval: dict[str, torch.Tensor],
-                   tower: nn.Module) -> torch.Tensor:
-    """sum over Linear layers l of (delta_l G_W_l) . a_l + delta_l . g_b_l per row: B values.
-    The per-row gradient of a Linear's weight is the outer product delta_i a_i^T, so its dot
-    with G_W is delta_i^T G_W a_i: one matmul per layer for the whole batch."""
-    names = {id(p): n for n, p in tower.named_parameters()}
-    inputs, outputs, a = [], [], x
+def _mlp_influence(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
+                   g_eval: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sum over Linear layers l of (delta_l G_W_l) . a_l + delta_l . g_b_l per row: B values
+    (``g_eval``: parameter -> its L_eval gradient; a parameter left out, the output bias,
+    contributes nothing). The per-row gradient of a Linear's weight is the outer product
+    delta_i a_i^T, so its dot with G_W is delta_i^T G_W a_i: one matmul per layer for the batch."""
+    layers, a = [], x                                      # (Linear, its input, its output)
     for m in net:
+        out = m(a)
         if isinstance(m, nn.Linear):
-            inputs.append(a)
-            a = m(a)
-            outputs.append(a)
-        else:
-            a = m(a)
+            layers.append((m, a, out))
+        a = out
     loss = F.binary_cross_entropy_with_logits(a.squeeze(-1), y, reduction="sum")   # sum: delta_i per row
-    deltas = torch.autograd.grad(loss, outputs)
+    deltas = torch.autograd.grad(loss, [out for _, _, out in layers])
     infl = torch.zeros(x.shape[0], dtype=x.dtype)
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    for m, a_in, d in zip(linears, inputs, deltas):
-        gw = g_eval.get(names[id(m.weight)])
-        if gw is not None:
-            infl += ((d @ gw) * a_in.detach()).sum(1)
-        if m.bias is not None and names[id(m.bias)] in g_eval:
-            infl += d @ g_eval[names[id(m.bias)]]
+    for (m, a_in, _), d in zip(layers, deltas):
+        if m.weight in g_eval:
+            infl += ((d @ g_eval[m.weight]) * a_in.detach()).sum(1)
+        if m.bias is not None and m.bias in g_eval:
+            infl += d @ g_eval[m.bias]
     return infl.detach()
 
 

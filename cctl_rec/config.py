@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ TARGET_ONLY_HEADS = tuple(HEAD_SEQUENCES)
 """Heads that attend over the target rows' behaviour sequences (trained on target rows only)."""
 CROSS_DOMAIN_HEADS = ("conet",)
 """Heads with a source column that only source rows train."""
+
+
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in scientific notation, which YAML 1.1 reads as a string unless it has a dot."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -158,12 +163,20 @@ class SelectorConfig:
     """influence mode: scale = divide by a running mean |influence|; per_label = also centre it
     within each label class first. A sample's first-order influence is dominated by its label
     (every negative moves the output bias the same way), which says nothing about harm."""
+    influence_group: str = "item_id"
+    """influence mode: the selector is trained on the decayed mean influence of the source rows
+    sharing this source feature's id (single-id features: item_id, user_id, category, ...);
+    "" = each row's own influence. cctl_rec/train/influence_groups.py."""
+    influence_group_decay: float = 0.9
+    """influence mode: per-sighting decay of the group means (0: this step's rows only)."""
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, f"selector.alpha must be >= 0, got {self.alpha}")
         _check(0.0 <= self.gamma <= 1.0, f"selector.gamma must be in [0, 1], got {self.gamma}")
         _check(self.update_every > 0, f"selector.update_every must be > 0, got {self.update_every}")
         _check(self.lr > 0, f"selector.lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.influence_group_decay < 1.0,
+               f"selector.influence_group_decay must be in [0, 1), got {self.influence_group_decay}")
         _check(self.logit_clamp > 0, f"selector.logit_clamp must be > 0, got {self.logit_clamp}")
         _check(0.0 <= self.ema_baseline < 1.0, f"selector.ema_baseline must be in [0, 1), got {self.ema_baseline}")
         _check(all(h > 0 for h in self.hidden), f"selector.hidden widths must be > 0, got {list(self.hidden)}")
@@ -307,6 +320,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise TypeError(f"{path} must be an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ValueError(f"{path} must be a finite number, got {value!r}")

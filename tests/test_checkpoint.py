@@ -25,10 +25,12 @@ def _m(run_dir):
     return {k: m[k] for k in ("target_test", "target_valid", "selector", "reward_mean", "steps", "syncs")}
 
 
-def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path):
-    assert _train(tiny_data, tmp_path / "full", 14) == 0
-    assert _train(tiny_data, tmp_path / "cut", 5, "run.checkpoint_every=3") == 0   # "killed" after step 5
-    assert _train(tiny_data, tmp_path / "cut", 14) == 0                             # resumes at 5
+@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"]], ids=["bernoulli", "influence"])
+def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path, mode):
+    """The influence mode's group table and Adam state come back too."""
+    assert _train(tiny_data, tmp_path / "full", 14, *mode) == 0
+    assert _train(tiny_data, tmp_path / "cut", 5, "run.checkpoint_every=3", *mode) == 0   # "killed" after step 5
+    assert _train(tiny_data, tmp_path / "cut", 14, *mode) == 0                             # resumes at 5
     cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert cut["resumed_from_step"] == 5
     assert _m(tmp_path / "full") == _m(tmp_path / "cut")

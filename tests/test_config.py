@@ -15,6 +15,8 @@ def test_defaults_are_the_papers_choices():
 def test_overrides_and_round_trip(tmp_path):
     cfg = load_config("configs/cctl_tiny.yaml", ["selector.alpha=0.5", "model.tower=[64, 8]", "ren.enabled=false"])
     assert cfg.selector.alpha == 0.5 and cfg.model.tower == (64, 8) and cfg.ren.enabled is False
+    # YAML 1.1 reads 3e-4 (no dot) as a string; a float key takes it as the number it is
+    assert load_config(None, ["selector.lr=3e-4", "optim.dense_lr=1E-3"]).selector.lr == 3e-4
     p = tmp_path / "resolved.yaml"
     p.write_text(dump_yaml(cfg))
     assert load_config(str(p)) == cfg
@@ -28,6 +30,7 @@ def test_overrides_and_round_trip(tmp_path):
     ("data.batch_size=0", "data.batch_size must be > 0, got 0"),
     ("model.tower=[]", "model.tower must list at least one hidden width"),
     ("data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
+    ("selector.lr=3e", "selector.lr must be a number, got '3e'"),
     ("selector.mode=magic", "selector.mode must be one of"),
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("novalue", "must look like section.key=value"),

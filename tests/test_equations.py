@@ -161,3 +161,39 @@ def test_pairwise_loss_by_hand_and_blind_to_a_shift():
     assert abs(float(pairwise_loss(f, y)) - want) < 1e-6
     assert abs(float(pairwise_loss(f + 3.7, y)) - want) < 1e-5
     assert float(pairwise_loss(f, torch.zeros(3))) == 0.0  # one class only: no pairs
+
+
+def test_influence_groups_by_hand():
+    """zbar = decayed sum / decayed count of the z of the rows sharing an id (decay 0.5)."""
+    from cctl_rec.train.influence_groups import InfluenceGroups
+
+    g = InfluenceGroups("item_id", 5, decay=0.5)
+    zbar = g(torch.tensor([1, 1, 2]), torch.tensor([1.0, 3.0, 5.0]))
+    torch.testing.assert_close(zbar, torch.tensor([2.0, 2.0, 5.0]))
+    # id 1: S = 0.5 * 4 + 0 = 2, N = 0.5 * 2 + 1 = 2; id 2 is not seen, so it does not decay
+    torch.testing.assert_close(g(torch.tensor([1]), torch.tensor([0.0])), torch.tensor([1.0]))
+    assert float(g.sum[2]) == 5.0 and float(g.count[2]) == 1.0
+    with pytest.raises(ValueError, match=r"selector.influence_group=item_id: id 5 outside \[0, 5\)"):
+        g(torch.tensor([5]), torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="choose a coarser source feature"):
+        InfluenceGroups("user_id", 10**9, 0.9)
+
+
+def _groups_on_rank(rank, world):
+    from cctl_rec.train.influence_groups import InfluenceGroups
+
+    g = InfluenceGroups("item_id", 4, decay=0.0)
+    ids = torch.tensor([0, 1]) if rank == 0 else torch.tensor([1, 1, 3])
+    z = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([4.0, 6.0, 7.0])
+    return g(ids, z), g.sum.clone(), g.count.clone()
+
+
+@pytest.mark.dist
+def test_influence_groups_pool_every_rank():
+    """Each rank's zbar averages the rows of every rank, and the tables stay identical."""
+    from tests.dist_harness import run_distributed
+
+    (z0, s0, n0), (z1, s1, n1) = run_distributed(_groups_on_rank, 2)
+    torch.testing.assert_close(z0, torch.tensor([1.0, 4.0]))          # id 1: (2 + 4 + 6) / 3
+    torch.testing.assert_close(z1, torch.tensor([4.0, 4.0, 7.0]))
+    assert torch.equal(s0, s1) and torch.equal(n0, n1)

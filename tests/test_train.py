@@ -57,6 +57,9 @@ def test_dnn_baseline_has_no_source_parts(tiny_data, tmp_path):
     (["optim.sparse_optimizer=adam"], "adam is not supported by fbgemm's CPU TBE"),
     (["data.batch_size=100000"], "fewer than one batch of 100000"),
     (["selector.gamma=2"], "selector.gamma must be in [0, 1], got 2"),
+    (["selector.mode=influence", "selector.influence_group=seq"],
+     "selector.influence_group=seq: not a single-id source feature; expected one of user_id"),
+    (["selector.mode=influence", "selector.influence_group_decay=1"], "selector.influence_group_decay must be in [0, 1)"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tiny_data, tmp_path, capsys, args, msg):
     rc = main(["train", "--data", tiny_data, "--run-dir", str(tmp_path / "r"), *SMALL, *args])

@@ -70,3 +70,16 @@ def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[off:off + t.numel()].view_as(t))
         off += t.numel()
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order (``t`` on one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    ws = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ws)]
+    dist.all_gather(sizes, torch.tensor([t.numel()]))
+    n_max = int(max(int(x) for x in sizes))
+    parts = [torch.zeros(n_max, dtype=t.dtype) for _ in range(ws)]
+    dist.all_gather(parts, torch.cat([t, t.new_zeros(n_max - t.numel())]))
+    return torch.cat([p[:int(x)] for p, x in zip(parts, sizes)])

@@ -6,7 +6,8 @@ sharded; any world size can load them):
 - ``model/*``: every table and dense module of the DMP model (mixed, pure, source, SAN);
 - ``fused/*``: the fused TBE optimizer state (rowwise Adagrad momentum) of every table;
 - ``dense/*``, ``dp/*``: Adam moments of towers and SAN; the data_parallel tables' optimizer;
-- ``ifn/*``: the selector, its REINFORCE eligibility trace and accumulator (or its Adam state);
+- ``ifn/*``: the selector, its REINFORCE eligibility trace and accumulator (or its Adam state and
+  the influence mode's group table);
 
 and ``trainer.json`` (plain JSON, no pickle): step, syncs, reward sum, history, the shaper's
 baseline, and each rank's RNG state. The data streams' read positions follow from the step.
@@ -111,6 +112,8 @@ class TrainState:
                 for i, (e, a) in enumerate(zip(self.ifn.rl.trace, self.ifn.rl.acc)):
                     flat[f"ifn/trace/{i}"], flat[f"ifn/acc/{i}"] = e, a
             flat.update(_opt_tensors(self.ifn.opt, "ifn/opt"))
+            if self.ifn.groups is not None:
+                flat["ifn/groups/sum"], flat["ifn/groups/count"] = self.ifn.groups.sum, self.ifn.groups.count
         return flat
 
     def prepare(self) -> None:
@@ -138,6 +141,9 @@ class TrainState:
                     e.copy_(flat[f"ifn/trace/{i}"])
                     a.copy_(flat[f"ifn/acc/{i}"])
             _load_opt(self.ifn.opt, "ifn/opt", flat)
+            if self.ifn.groups is not None:
+                self.ifn.groups.sum.copy_(flat["ifn/groups/sum"])
+                self.ifn.groups.count.copy_(flat["ifn/groups/count"])
 
 
 def first_line(e: BaseException) -> str:

@@ -26,6 +26,7 @@ from cctl_rec.config import SelectorConfig
 from cctl_rec.distributed.env import allreduce_mean_
 from cctl_rec.modules.selector import Selector
 from cctl_rec.modules.tower import Tower
+from cctl_rec.train.influence_groups import InfluenceGroups
 from cctl_rec.train.reinforce import Reinforce, RewardShaper
 
 logger = logging.getLogger(__name__)
@@ -136,9 +137,11 @@ class IFN:
     Args:
         cfg: selector settings.
         in_dim: width of the SAN-aligned source representation.
+        group_ids: rows of the influence mode's group table (the cardinality of
+            ``selector.influence_group``; unused otherwise).
     """
 
-    def __init__(self, cfg: SelectorConfig, in_dim: int) -> None:
+    def __init__(self, cfg: SelectorConfig, in_dim: int, group_ids: int = 0) -> None:
         self.cfg = cfg
         self.selector = Selector(in_dim, cfg.hidden, cfg.logit_clamp, cfg.init_bias)
         if _world() > 1:  # one selector: identical on every rank
@@ -153,6 +156,9 @@ class IFN:
             self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
         self.shaper = RewardShaper(cfg.ema_baseline, cfg.reward_norm)
         self.infl_scale: Optional[float] = None
+        self.groups: Optional[InfluenceGroups] = None
+        if cfg.mode == "influence" and cfg.influence_group:
+            self.groups = InfluenceGroups(cfg.influence_group, group_ids, cfg.influence_group_decay)
 
     @property
     def needs_influence(self) -> bool:
@@ -177,8 +183,9 @@ class IFN:
 
     def step(self, step: int, logits: torch.Tensor, reward: float, actions: Optional[torch.Tensor],
              harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None,
-             labels: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """Trains the selector after one SCN step; returns what it logs."""
+             labels: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """Trains the selector after one SCN step; returns what it logs. ``group_ids``: B_s ids of
+        ``selector.influence_group`` (influence mode with groups)."""
         mode, out = self.cfg.mode, {}
         if self.rl is not None:
             if mode == "paper":
@@ -213,6 +220,9 @@ class IFN:
             scale = float(influence.abs().mean()) + 1e-12
             self.infl_scale = scale if self.infl_scale is None else 0.99 * self.infl_scale + 0.01 * scale
             z = (influence / self.infl_scale).clamp(-5, 5)
+            if self.groups is not None:
+                assert group_ids is not None
+                z = self.groups(group_ids, z)
             loss = -(z * torch.sigmoid(logits)).mean()
             self._apply(loss)
             out["influence_pos_frac"] = float((influence > 0).float().mean())

@@ -29,7 +29,7 @@ from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml, to_dict
 from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
-from cctl_rec.distributed.env import init_distributed
+from cctl_rec.distributed.env import gather_cat, init_distributed
 from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.metrics import BinaryMetrics, selector_stats
@@ -77,6 +77,35 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any
                                 cfg.selector.influence_loss)
 
 
+def influence_group_rows(module: CCTL, cfg: TrainConfig) -> int:
+    """Rows of the influence mode's group table: the cardinality of ``selector.influence_group``
+    in the source schema (0 without groups); a one-line error for a feature that cannot group."""
+    name = cfg.selector.influence_group
+    if cfg.selector.mode != "influence" or not name:
+        return 0
+    ss = module.schemas["src"]
+    if name not in ss.columns or ss.feature(name).is_seq:
+        ok = ", ".join(f.name for f in ss.features if not f.is_seq)
+        raise ValueError(f"selector.influence_group={name}: not a single-id source feature; expected one of {ok} "
+                         f"(or '' for no groups)")
+    return ss.feature(name).cardinality
+
+
+def source_ids(module: CCTL, batch: Any, name: str) -> torch.Tensor:
+    """B_s ids of the single-id source feature ``name``: from the mixed network's input when the
+    feature is looked up in a shared table, else from the source tables' input."""
+    n_s = batch.num_src
+    if name in module.shared:
+        jt, start = batch.mixed[module.schemas["tgt"].prefix + name], batch.tgt_label.shape[0]
+    else:
+        jt, start = batch.src[module.schemas["src"].prefix + name], 0
+    lengths = jt.lengths()[start:start + n_s]
+    if not bool((lengths == 1).all()):
+        raise ValueError(f"selector.influence_group={name}: every source row needs exactly one {name} id")
+    off = int(jt.lengths()[:start].sum())
+    return jt.values()[off:off + n_s]
+
+
 def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
     """The logged values of one step (LOG_KEYS), averaged over ranks; ``p``: the selector's
     detached probabilities or None."""
@@ -87,19 +116,6 @@ def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: t
              float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
              float(p[h].mean()) if p is not None and h.any() else 0.0]
     return dict(zip(LOG_KEYS, _allreduce_mean(local)))
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order."""
-    ws = dist.get_world_size()
-    if ws == 1:
-        return t
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ws)]
-    dist.all_gather(sizes, torch.tensor([t.numel()]))
-    n_max = int(max(x.item() for x in sizes))
-    parts = [torch.zeros(n_max, dtype=t.dtype) for _ in range(ws)]
-    dist.all_gather(parts, torch.cat([t, torch.zeros(n_max - t.numel(), dtype=t.dtype)]))
-    return torch.cat([p[:int(x.item())] for p, x in zip(parts, sizes)])
 
 
 def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
@@ -129,7 +145,7 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
                 kept.append(z)
     out: dict[str, Any] = {n: m.compute() for n, m in meters.items()}
     if keep_logits:
-        out["logits"] = _gather(torch.cat(kept) if kept else torch.zeros(0))
+        out["logits"] = gather_cat(torch.cat(kept) if kept else torch.zeros(0))
     return out
 
 
@@ -152,7 +168,7 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
         h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
             else None
         hs.append(torch.from_numpy(h.astype(bool)) if h is not None else torch.zeros(len(r), dtype=torch.bool))
-    p, h = _gather(torch.cat(ps)), _gather(torch.cat(hs))
+    p, h = gather_cat(torch.cat(ps)), gather_cat(torch.cat(hs))
     return selector_stats(p, h, data.has_harmful)
 
 
@@ -195,7 +211,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     ifn: Optional[IFN] = None
     if with_source:
         check_same_layout(module.mixed_tgt, module.pure_tgt)
-        ifn = IFN(cfg.selector, module.width)
+        ifn = IFN(cfg.selector, module.width, influence_group_rows(module, cfg))
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
 
     # --- resume from the newest complete checkpoint of this run directory
@@ -279,7 +295,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         glob = step_stats(losses, reward, p, h)
         extra = {}
         if ifn is not None and logits is not None:
-            extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label)
+            gids = source_ids(module, batch, ifn.groups.feature) if ifn.groups is not None else None
+            extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids)
         if with_source and step % cfg.scn.sync_every == 0:
             sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
             syncs += 1

@@ -11,14 +11,12 @@ from __future__ import annotations
 import ast
 import errno
 import glob
-import hashlib
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pyarrow as pa

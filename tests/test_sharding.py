@@ -1,7 +1,6 @@
 """Sharded (DistributedModelParallel over 2 gloo ranks) == unsharded, for an EBC and for CCTL."""
 
 import glob
-import os
 
 import pytest
 import torch

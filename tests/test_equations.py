@@ -197,3 +197,22 @@ def test_influence_groups_pool_every_rank():
     torch.testing.assert_close(z0, torch.tensor([1.0, 4.0]))          # id 1: (2 + 4 + 6) / 3
     torch.testing.assert_close(z1, torch.tensor([4.0, 4.0, 7.0]))
     assert torch.equal(s0, s1) and torch.equal(n0, n1)
+
+
+def test_influence_selector_is_held_to_its_keep_rate():
+    """With no information in the influence (all equal), the only force on the selector is the
+    keep penalty: mean p moves from 0.5 to selector.influence_keep; with keep 0 it stays."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+
+    x, y = torch.randn(256, 6), (torch.rand(256) < 0.1).float()
+    for keep, lo, hi in [(0.2, 0.15, 0.25), (0.0, 0.49, 0.51)]:
+        torch.manual_seed(0)
+        ifn = IFN(SelectorConfig(mode="influence", influence_group="", influence_keep=keep, lr=1e-2), 6)
+        with torch.no_grad():
+            ifn.selector.net[-1].weight.zero_()   # p = 0.5 on every row to start
+        for step in range(300):
+            logits = ifn.selector.logits(x)
+            ifn.step(step, logits, 0.0, None, None, influence=torch.ones(256), labels=y)
+        p = float(torch.sigmoid(ifn.selector.logits(x)).mean())
+        assert lo < p < hi, (keep, p)

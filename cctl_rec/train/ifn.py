@@ -32,6 +32,10 @@ from cctl_rec.train.reinforce import Reinforce, RewardShaper
 logger = logging.getLogger(__name__)
 
 
+KEEP_PENALTY = 10.0
+"""Weight of (mean p - selector.influence_keep)^2 in the influence mode's selector loss."""
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -223,7 +227,12 @@ class IFN:
             if self.groups is not None:
                 assert group_ids is not None
                 z = self.groups(group_ids, z)
-            loss = -(z * torch.sigmoid(logits)).mean()
+            p = torch.sigmoid(logits)
+            loss = -(z * p).mean()
+            if self.cfg.influence_keep > 0:
+                # the influence ranks the rows; the source budget (mean p) is held, as L2RW
+                # normalises its weights: left free, it drifts with the selector's inputs
+                loss = loss + KEEP_PENALTY * (p.mean() - self.cfg.influence_keep) ** 2
             self._apply(loss)
             out["influence_pos_frac"] = float((influence > 0).float().mean())
         return out

@@ -63,16 +63,20 @@ def _dist_train(rank, world, data, run_dir, steps, extra):
 
 
 @pytest.mark.dist
-def test_two_rank_resume_and_reload_on_one_rank(tiny_data, tmp_path):
-    full = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "full"), 10, ["dist.sharding=table_wise"])
-    run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 4, ["dist.sharding=table_wise"])
-    cut = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 10, ["dist.sharding=table_wise"])
+@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"]], ids=["bernoulli", "influence"])
+def test_two_rank_resume_and_reload_on_one_rank(tiny_data, tmp_path, mode):
+    """Influence mode: the group table is pooled over ranks (identical on both) and comes back."""
+    ex = ["dist.sharding=table_wise", *mode]
+    full = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "full"), 10, ex)
+    assert full[0]["selector"] == full[1]["selector"]
+    run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 4, ex)
+    cut = run_distributed(_dist_train, 2, tiny_data, str(tmp_path / "cut"), 10, ex)
     assert cut[0]["resumed_from_step"] == 4
     for k in ("target_test", "selector", "reward_mean"):
         assert cut[0][k] == full[0][k], k
     # the 2-rank checkpoint loads on 1 rank (resharded by DCP) and training goes on
     shutil.copytree(tmp_path / "full", tmp_path / "one")
-    one = run_distributed(_dist_train, 1, tiny_data, str(tmp_path / "one"), 24, ["dist.sharding=table_wise"])
+    one = run_distributed(_dist_train, 1, tiny_data, str(tmp_path / "one"), 24, ex)
     assert one[0]["resumed_from_step"] == 20 and one[0]["steps"] == 24
 
 

@@ -221,7 +221,11 @@ class IFN:
                         influence[m] -= influence[m].mean()
             # Normalise by a running scale of |influence| so the step does not depend on the
             # loss scale; clip so a few outliers cannot dominate.
-            scale = float(influence.abs().mean()) + 1e-12
+            # (averaged over ranks: every rank keeps the same running scale, so a resumed run,
+            # which restores rank 0's, continues exactly)
+            scale_t = influence.abs().mean().reshape(1).float()
+            allreduce_mean_([scale_t])
+            scale = float(scale_t) + 1e-12
             self.infl_scale = scale if self.infl_scale is None else 0.99 * self.infl_scale + 0.01 * scale
             z = (influence / self.infl_scale).clamp(-5, 5)
             if self.groups is not None:

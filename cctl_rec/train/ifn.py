@@ -9,7 +9,9 @@ Modes (``selector.mode``):
 - ``supervised``: the selector is fitted to 1 - is_harmful (a check that its inputs suffice).
 - ``influence``: the selector follows a per-sample influence signal (not in the paper, see
   :func:`per_sample_influence`): a meta-gradient step of Learning-to-Reweight / Meta-Weight-Net
-  form, grad_phi sum_i z_i p_i(phi) with z_i the normalised influence of sample i.
+  form, grad_phi sum_i zbar_i p_i(phi) with zbar_i the normalised influence of sample i averaged
+  over the rows sharing its item (:mod:`cctl_rec.train.influence_groups`), plus a penalty holding
+  the mean p at ``selector.influence_keep``.
 """
 
 from __future__ import annotations

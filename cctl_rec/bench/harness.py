@@ -47,8 +47,7 @@ from cctl_rec.schema import DomainSchema
 from cctl_rec.train import losses as losses_mod
 from cctl_rec.train.ifn import IFN
 from cctl_rec.train.losses import scn_losses
-from cctl_rec.train.loop import (evaluate, heldout_reward, influence_group_rows, source_ids, step_influence,
-                                 step_stats)
+from cctl_rec.train.loop import evaluate, heldout_reward, step_influence, step_stats
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
 
 from cctl_rec.bench.common import Sections
@@ -97,7 +96,7 @@ class Harness:
         self.ifn: Optional[IFN] = None
         if self.with_source:
             check_same_layout(self.module.mixed_tgt, self.module.pure_tgt)
-            self.ifn = IFN(cfg.selector, self.module.width, influence_group_rows(self.module, cfg))
+            self.ifn = IFN(cfg.selector, self.module.width, self.module.schemas["src"])
             sync_mixed_to_pure(self.module, self.dense_opt, cfg.scn.sync_optimizer_state, self.dp_tables)
         self.heldout = heldout_batches(self.data, cfg.data, self.rank, self.world, 0) if self.with_source and (
             cfg.scn.reward_source == "heldout_batch" or
@@ -216,7 +215,7 @@ class Harness:
             if ifn is not None and logits is not None:
                 if self.on_logits is not None:
                     self.on_logits(logits)
-                gids = source_ids(module, batch, ifn.groups.feature) if ifn.groups is not None else None
+                gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
                 extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids)
                 if extra.get("selector_update"):
                     t.add("update_ran", 0.0)  # a marker: the per-step statistics leave this step out

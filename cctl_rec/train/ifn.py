@@ -28,6 +28,7 @@ from cctl_rec.config import SelectorConfig
 from cctl_rec.distributed.env import allreduce_mean_
 from cctl_rec.modules.selector import Selector
 from cctl_rec.modules.tower import Tower
+from cctl_rec.schema import DomainSchema
 from cctl_rec.train.influence_groups import InfluenceGroups
 from cctl_rec.train.reinforce import Reinforce, RewardShaper
 
@@ -143,11 +144,10 @@ class IFN:
     Args:
         cfg: selector settings.
         in_dim: width of the SAN-aligned source representation.
-        group_ids: rows of the influence mode's group table (the cardinality of
-            ``selector.influence_group``; unused otherwise).
+        source: the source schema (the influence mode's group feature is one of its columns).
     """
 
-    def __init__(self, cfg: SelectorConfig, in_dim: int, group_ids: int = 0) -> None:
+    def __init__(self, cfg: SelectorConfig, in_dim: int, source: Optional[DomainSchema] = None) -> None:
         self.cfg = cfg
         self.selector = Selector(in_dim, cfg.hidden, cfg.logit_clamp, cfg.init_bias)
         if _world() > 1:  # one selector: identical on every rank
@@ -164,7 +164,9 @@ class IFN:
         self.infl_scale: Optional[float] = None
         self.groups: Optional[InfluenceGroups] = None
         if cfg.mode == "influence" and cfg.influence_group:
-            self.groups = InfluenceGroups(cfg.influence_group, group_ids, cfg.influence_group_decay)
+            if source is None:
+                raise ValueError("selector.influence_group needs the source schema (IFN(..., source=))")
+            self.groups = InfluenceGroups.of(source, cfg.influence_group, cfg.influence_group_decay)
 
     @property
     def needs_influence(self) -> bool:

@@ -77,35 +77,6 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any
                                 cfg.selector.influence_loss)
 
 
-def influence_group_rows(module: CCTL, cfg: TrainConfig) -> int:
-    """Rows of the influence mode's group table: the cardinality of ``selector.influence_group``
-    in the source schema (0 without groups); a one-line error for a feature that cannot group."""
-    name = cfg.selector.influence_group
-    if cfg.selector.mode != "influence" or not name:
-        return 0
-    ss = module.schemas["src"]
-    if name not in ss.columns or ss.feature(name).is_seq:
-        ok = ", ".join(f.name for f in ss.features if not f.is_seq)
-        raise ValueError(f"selector.influence_group={name}: not a single-id source feature; expected one of {ok} "
-                         f"(or '' for no groups)")
-    return ss.feature(name).cardinality
-
-
-def source_ids(module: CCTL, batch: Any, name: str) -> torch.Tensor:
-    """B_s ids of the single-id source feature ``name``: from the mixed network's input when the
-    feature is looked up in a shared table, else from the source tables' input."""
-    n_s = batch.num_src
-    if name in module.shared:
-        jt, start = batch.mixed[module.schemas["tgt"].prefix + name], batch.tgt_label.shape[0]
-    else:
-        jt, start = batch.src[module.schemas["src"].prefix + name], 0
-    lengths = jt.lengths()[start:start + n_s]
-    if not bool((lengths == 1).all()):
-        raise ValueError(f"selector.influence_group={name}: every source row needs exactly one {name} id")
-    off = int(jt.lengths()[:start].sum())
-    return jt.values()[off:off + n_s]
-
-
 def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
     """The logged values of one step (LOG_KEYS), averaged over ranks; ``p``: the selector's
     detached probabilities or None."""
@@ -211,7 +182,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     ifn: Optional[IFN] = None
     if with_source:
         check_same_layout(module.mixed_tgt, module.pure_tgt)
-        ifn = IFN(cfg.selector, module.width, influence_group_rows(module, cfg))
+        ifn = IFN(cfg.selector, module.width, module.schemas["src"])
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
 
     # --- resume from the newest complete checkpoint of this run directory
@@ -295,7 +266,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         glob = step_stats(losses, reward, p, h)
         extra = {}
         if ifn is not None and logits is not None:
-            gids = source_ids(module, batch, ifn.groups.feature) if ifn.groups is not None else None
+            gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
             extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids)
         if with_source and step % cfg.scn.sync_every == 0:
             sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1")
     p.add_argument("--only", default=None, help="comma-separated model names to run (the report covers all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="1-rank runs in parallel, one worker process per core (default 1); each worker imports "
+                        "torch once and trains its runs one after another")
     p.set_defaults(func=run)
 
 
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.experiment.runner import run_all
     from cctl_rec.experiment.spec import load_spec
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: expected an integer >= 1")
     spec = load_spec(args.config)
     if args.seeds:
         try:
@@ -56,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    records = run_all(spec, args.out)
+    records = run_all(spec, args.out, jobs=args.jobs)
     command = shlex.join(["cctl-rec", "experiment", "--config", args.config, "--out", args.out]
-                         + (["--seeds", args.seeds] if args.seeds else []) + (["--only", args.only] if args.only else []))
+                         + (["--seeds", args.seeds] if args.seeds else []) + (["--only", args.only] if args.only else [])
+                         + (["--jobs", str(args.jobs)] if args.jobs != 1 else []))
     write_report(spec, records, args.out, command, time.perf_counter() - t0)
     failed = [r for r in records if r["status"] != "ok"]
     print(open(os.path.join(args.out, "report.md")).read())

@@ -1,9 +1,11 @@
-"""Runs an experiment's models x datasets x seeds, one training process (or torchrun job) at a time.
+"""Runs an experiment's models x datasets x seeds.
 
-Each run is ``cctl-rec train`` in its own process (a fresh process group per run), writing to
-``OUT/runs/<dataset>/<model>/seed<k>``; a run whose ``metrics.json`` exists is not run again, so an
-interrupted experiment continues where it stopped. A run that fails is recorded with the tail of
-its log and the experiment goes on; the command exits nonzero at the end.
+Each run is ``cctl-rec train`` writing to ``OUT/runs/<dataset>/<model>/seed<k>``: 1-rank runs go
+to ``jobs`` worker processes pinned one per core, each running its runs one after another in
+process (:mod:`cctl_rec.experiment.worker`: the imports are paid once per worker, not per run);
+multi-rank runs are torchrun jobs, one at a time. A run whose ``metrics.json`` exists is not run
+again, so an interrupted experiment continues where it stopped. A run that fails is recorded with
+the line of its log that says why and the experiment goes on; the command exits nonzero at the end.
 """
 
 from __future__ import annotations
@@ -83,29 +85,76 @@ def train_command(run: Run, spec: ExperimentSpec, run_dir: str, port: int) -> li
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "-m", "cctl_rec.cli", *args]
 
 
-def run_all(spec: ExperimentSpec, out: str, port: int = 29730) -> list[dict[str, Any]]:
-    """Runs what is missing and returns one record per run (metrics or the failure)."""
+def _in_process(cmd: list[str], log_path: str) -> tuple[int, Optional[str], float]:
+    """Worker task: one 1-rank run through the CLI in the worker's process."""
+    from cctl_rec.experiment.worker import run_cli
+
+    t0 = time.perf_counter()
+    rc, err = run_cli(cmd[len(_cli()):], log_path)
+    return rc, err, time.perf_counter() - t0
+
+
+def _subprocess(cmd: list[str], log_path: str) -> tuple[int, Optional[str], float]:
+    from cctl_rec.experiment.worker import error_line
+
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    return rc, error_line(log_path) if rc else None, time.perf_counter() - t0
+
+
+def default_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) -> list[dict[str, Any]]:
+    """Runs what is missing (1-rank runs on ``jobs`` pinned workers) and returns one record per
+    run, in plan order (metrics, or the failure and the line of its log that says why)."""
     for ds in spec.datasets:
         prepare_data(ds)
-    records = []
     runs = plan_runs(spec)
+    todo: dict[int, tuple[list[str], str]] = {}
+    for i, run in enumerate(runs):
+        run_dir = os.path.join(out, "runs", run.key)
+        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+            os.makedirs(run_dir, exist_ok=True)
+            todo[i] = (train_command(run, spec, run_dir, port + i % 50), os.path.join(run_dir, "train.log"))
+    done: dict[int, tuple[int, Optional[str], float]] = {}
+    if todo and spec.ranks == 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        from cctl_rec.experiment.worker import pin
+
+        cores = default_cores()
+        n = max(1, min(jobs, len(todo)))
+        logger.info("%d run(s) to do on %d worker(s) pinned to cores %s", len(todo), n, cores[:n])
+        with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=pin,
+                                    initargs=(cores[:n] if len(cores) >= n else cores,)) as pool:
+            futs = {pool.submit(_in_process, *todo[i]): i for i in todo}
+            for k, f in enumerate(cf.as_completed(futs), 1):
+                i = futs[f]
+                try:
+                    done[i] = f.result()
+                except Exception as e:  # a worker died (killed, out of memory): the run failed
+                    done[i] = (1, f"worker died: {type(e).__name__}: {e}"[:300], 0.0)
+                logger.info("[%d/%d] %s%s", k, len(todo), runs[i].key,
+                            f" failed: {done[i][1]}" if done[i][0] else f" ({done[i][2]:.1f}s)")
+    else:
+        for k, i in enumerate(todo, 1):
+            logger.info("[%d/%d] %s", k, len(todo), runs[i].key)
+            done[i] = _subprocess(*todo[i])
+    records = []
     for i, run in enumerate(runs):
         run_dir = os.path.join(out, "runs", run.key)
         metrics_path = os.path.join(run_dir, "metrics.json")
         rec: dict[str, Any] = {"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
                                "alpha": run.alpha, "run_dir": run_dir}
-        if not os.path.exists(metrics_path):
-            os.makedirs(run_dir, exist_ok=True)
-            cmd = train_command(run, spec, run_dir, port + i % 50)
-            logger.info("[%d/%d] %s", i + 1, len(runs), run.key)
-            t0 = time.perf_counter()
-            with open(os.path.join(run_dir, "train.log"), "w") as log:
-                r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-            rec["wall_seconds"] = time.perf_counter() - t0
-            if r.returncode != 0 or not os.path.exists(metrics_path):
-                with open(os.path.join(run_dir, "train.log")) as f:
-                    tail = [ln for ln in f.read().splitlines() if ln.strip()][-1:] or ["(no output)"]
-                rec.update(status="failed", error=tail[0][:300], command=" ".join(cmd))
+        if i in done:
+            rc, err, secs = done[i]
+            rec["wall_seconds"] = secs
+            if rc != 0 or not os.path.exists(metrics_path):
+                rec.update(status="failed", error=err or "(no metrics.json written)", command=" ".join(todo[i][0]))
                 logger.error("%s failed: %s", run.key, rec["error"])
                 records.append(rec)
                 continue

@@ -321,3 +321,18 @@ def test_real_amazon_counts_match_the_measured_numbers(tmp_path):
     assert st["users"] == {"src": 1_426, "tgt": 1_381, "both": 1_329, "id_space": 1_478}
     assert st["items"] == {"src": 723, "tgt": 1_338, "id_space": 2_061}
     assert st["splits"]["tgt/train"]["users"] == 1_381 and st["leakage_check"] == "passed"
+
+
+def test_shared_id_tables_train_on_converted_data(amazon_out, tmp_path):
+    """Issue 16: ``model.share_ids=true ren.enabled=false`` crashed at step 0 on converted data
+    ("need at least one array to concatenate"): the converted schemas are the same in both
+    domains, so every source feature is looked up in the target tables and the source KJT has
+    no key. It trains, and the source rows are scored at the end."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", amazon_out, "--run-dir", str(run), "data.batch_size=64", "data.src_ratio=1",
+                 "model.tower=[16]", "model.san_hidden=[8]", "model.share_ids=true", "ren.enabled=false",
+                 "run.steps=3", "run.threads=1", "run.log_every=3", "scn.sync_every=2",
+                 "selector.update_every=2"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["selector"]["rows"] > 0 and 0.0 < m["target_test"]["auc"] < 1.0
+    assert "src" not in json.loads((run / "plan.json").read_text())  # no source table left to shard

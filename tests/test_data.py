@@ -197,3 +197,14 @@ def test_closing_a_prefetch_stops_its_reader():
     assert not any(t.name == "cctl-prefetch" and t.is_alive() for t in threading.enumerate())
     n = len(read)
     assert n <= 3 + 2 + 1  # read ahead by at most depth (+ the one in the reader's hands)
+
+
+def test_a_kjt_without_keys_keeps_the_row_count():
+    """Every source feature looked up in the target tables (``model.share_ids`` on converted
+    data) leaves the source KJT without keys; building it used to fail with "need at least one
+    array to concatenate"."""
+    from cctl_rec.data.reader import make_kjt
+
+    kjt = make_kjt([], [{}, {}], [3, 2])
+    assert kjt.keys() == [] and kjt.stride() == 5 and kjt.values().numel() == 0
+

@@ -248,7 +248,12 @@ def features(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq:
 def make_kjt(keys: list[str], parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], sizes: list[int]
              ) -> KeyedJaggedTensor:
     """One KJT stacking row blocks: block ``j`` has ``sizes[j]`` rows and the (values, lengths) of
-    ``parts[j]``; a key missing from a block gives empty bags there."""
+    ``parts[j]``; a key missing from a block gives empty bags there. No keys (every source
+    feature looked up in the target tables, ``model.share_ids``): a KJT without keys whose
+    stride is still the rows' count."""
+    if not keys:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return KeyedJaggedTensor(keys=[], values=empty, lengths=empty.clone(), stride=int(sum(sizes)))
     vals, lens = [], []
     for k in keys:
         for part, n in zip(parts, sizes):

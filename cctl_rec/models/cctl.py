@@ -102,6 +102,10 @@ class CCTL(nn.Module):
         if with_source:
             self.mixed_tgt = build_ebc(ts, d, device, positions=self.positions)
             self.src = build_ebc(ss, d, device, exclude=self.shared)
+            # False when every source feature is looked up in the target tables (share_ids on
+            # data whose two schemas are the same, e.g. converted data): ``src`` has no table
+            # and is never called (an EBC without tables cannot pool)
+            self.src_has_tables = bool(ss.keys_without(self.shared))
             src_dims = {t: ss.token_width(t, d) for t in TOKENS}
             same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
                              [k[2:] for k in ts.token_features(t)])
@@ -173,7 +177,10 @@ class CCTL(nn.Module):
         """SAN-aligned representation of source-only KJTs (own tables; shared attributes in the
         target layout), for scoring source rows outside training: B_s X W_t."""
         shared = self.mixed_tgt(shared_kjt).to_dict() if shared_kjt is not None else None
-        return self.source_repr(self.src(src_kjt).to_dict(), n_src, shared)
+        return self.source_repr(self._src_pooled(src_kjt), n_src, shared)
+
+    def _src_pooled(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        return self.src(kjt).to_dict() if self.src_has_tables else {}
 
     def forward(self, batch: CCTLBatch) -> CCTLOutput:
         ts, ss = self.schemas["tgt"], self.schemas["src"]
@@ -188,7 +195,7 @@ class CCTL(nn.Module):
         if batch.src is None:  # no source rows this step (data.src_ratio=0)
             return CCTLOutput(logit_tgt=self.mixed_tower(x_tgt), logit_pure=logit_pure, x_tgt=x_tgt)
         n_s = batch.num_src
-        src = self.src(batch.src).to_dict()                                   # (B_s + B_t) rows
+        src = self._src_pooled(batch.src)                                     # (B_s + B_t) rows
         x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
         x_all = torch.cat([x_tgt, x_src], dim=0)
         if self.cfg.head in DOMAIN_HEADS:  # STAR / CoNet: each domain through its own factors / column

@@ -247,7 +247,7 @@ def test_implicit_keeps_their_test_split_and_carves_valid_from_train(implicit_di
 @pytest.mark.parametrize("content, expect", [
     ("", "is empty"),
     ("user\titem\trating\nA\tb\t5\n", "header 'user\\titem\\trating', expected the columns user_id item_id rating"),
-    (HEADER + "A\tb\t5\nA\tc\n", "line 3: 2 column(s) in 'A\\tc', expected 3 (user item rating)"),
+    (HEADER + "A\tb\t5\nA\tc\n", "line 3: 2 column(s) in 'A\\tc', expected 3 (user item rating [timestamp])"),
     (HEADER + "A\tb\tfive\n", "line 2: rating 'five' is not a number"),
     (HEADER + "A\tb\t7\n", "line 2: rating 7 is outside [1, 5]"),
     (HEADER, "has a header but no rows"),
@@ -287,7 +287,7 @@ def test_missing_inputs_are_one_line(tmp_path, capsys, implicit_dirs):
     (lonely / "test.txt").write_text("1\t2\n")
     assert main(["convert", "implicit", "--src-dir", implicit_dirs[0], "--tgt-dir", str(lonely),
                  "--out", str(out)]) == 2
-    assert "line 1: 2 column(s) in '1\\t2', expected 3 (user item value)" in capsys.readouterr().err
+    assert "line 1: 2 column(s) in '1\\t2', expected 3 (user item value [timestamp])" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -336,3 +336,243 @@ def test_shared_id_tables_train_on_converted_data(amazon_out, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 3 and m["selector"]["rows"] > 0 and 0.0 < m["target_test"]["auc"] < 1.0
     assert "src" not in json.loads((run / "plan.json").read_text())  # no source table left to shard
+
+
+# ------------------------------------------------------------------------- sparsity, cold users, harm
+KEEP = ["user_id", "item_id", "context", "label", "other_seq", "user_in_other", "item_in_other"]
+"""The target valid/test columns a sparse conversion leaves as the dense one's (``seq`` is drawn
+from the kept train positives only, ``user_group`` follows the thinned counts)."""
+
+
+def _amazon(amazon_like, root, **kw):
+    from cctl_rec.data.convert.common import Corruption, Sparsity
+
+    sp = {k: kw.pop(k) for k in ("keep_frac", "cold_user_frac", "cold_k") if k in kw}
+    c = {k: kw.pop(k) for k in ("frac", "mode") if k in kw}
+    kw = {"seed": 3, "max_seq_len": 8, **kw}
+    return convert_amazon(str(root), src=amazon_like[0], tgt=amazon_like[1],
+                          sparsity=Sparsity(**sp) if sp else None, corruption=Corruption(**c) if c else None, **kw)
+
+
+def _pairs(t):
+    return list(zip(t.column("user_id").to_pylist(), t.column("item_id").to_pylist()))
+
+
+def _per_user(t):
+    out = {}
+    for u in t.column("user_id").to_pylist():
+        out[u] = out.get(u, 0) + 1
+    return out
+
+
+def test_keep_frac_one_is_the_dense_conversion_byte_for_byte(amazon_like, amazon_out, tmp_path):
+    _amazon(amazon_like, tmp_path / "one", keep_frac=1.0)
+    for f in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
+        f = f"{f}/part-00000.parquet"
+        assert open(os.path.join(amazon_out, f), "rb").read() == (tmp_path / "one" / f).read_bytes(), f
+
+
+def test_sparse_target_thins_train_only_and_sequences_come_from_the_kept_rows(amazon_like, amazon_out, tmp_path):
+    m = _amazon(amazon_like, tmp_path / "s30", keep_frac=0.3)
+    sparse = str(tmp_path / "s30")
+    for k in ("tgt/valid", "tgt/test"):  # the evaluation rows (and their order) are the dense ones
+        assert _split(sparse, k).select(KEEP).equals(_split(amazon_out, k).select(KEEP)), k
+    dense_n, kept_n = _per_user(_split(amazon_out, "tgt/train")), _per_user(_split(sparse, "tgt/train"))
+    assert kept_n == {u: max(1, int(np.floor(0.3 * n + 0.5))) for u, n in dense_n.items()}
+    assert set(_pairs(_split(sparse, "tgt/train"))) <= set(_pairs(_split(amazon_out, "tgt/train")))
+    _assert_no_leakage(sparse)  # every seq / other_seq item is a train positive of the SPARSE data
+    st = m["stats"]["target_sparsity"]
+    assert st["train_units_dense"] == sum(dense_n.values()) and st["train_units_kept"] == sum(kept_n.values())
+    assert m["params"]["target_sparsity"]["tgt_keep_frac"] == 0.3
+    # a smaller share keeps a subset of a larger one's rows (one seeded order per user)
+    _amazon(amazon_like, tmp_path / "s10", keep_frac=0.1)
+    assert set(_pairs(_split(str(tmp_path / "s10"), "tgt/train"))) <= set(_pairs(_split(sparse, "tgt/train")))
+    # the source rows are the dense ones; only their other_seq (target train positives) thins
+    a, b = _split(sparse, "src/train"), _split(amazon_out, "src/train")
+    assert a.drop_columns(["other_seq"]).equals(b.drop_columns(["other_seq"]))
+
+
+def test_user_group_marks_users_with_few_train_rows(amazon_like, tmp_path):
+    m = _amazon(amazon_like, tmp_path / "g", keep_frac=0.2, cold_k=3)
+    root = str(tmp_path / "g")
+    n = _per_user(_split(root, "tgt/train"))
+    for k in ("tgt/train", "tgt/valid", "tgt/test"):
+        t = _split(root, k)
+        assert t.schema.field("user_group").type == pa.int8()
+        for u, g in zip(t.column("user_id").to_pylist(), t.column("user_group").to_pylist()):
+            assert g == int(n.get(u, 0) <= 3)
+    g = m["stats"]["user_groups"]
+    assert g["cold_users"] == sum(c <= 3 for c in n.values()) and g["cold_users"] + g["warm_users"] == 40
+    test = _split(root, "tgt/test")
+    assert g["tgt/test"]["cold"]["rows"] == sum(test.column("user_group").to_pylist())
+    assert g["tgt/test"]["cold"]["rows"] + g["tgt/test"]["warm"]["rows"] == test.num_rows
+    assert "at most 3" in g["rule"] and "at most 3" in m["params"]["target_sparsity"]["user_group_rule"]
+
+
+def test_cold_start_users_keep_k_train_rows_and_form_the_cold_group(amazon_like, amazon_out, tmp_path):
+    m = _amazon(amazon_like, tmp_path / "c", cold_user_frac=0.25, cold_k=2)
+    root = str(tmp_path / "c")
+    dense_n, n = _per_user(_split(amazon_out, "tgt/train")), _per_user(_split(root, "tgt/train"))
+    cold = {u for u, k in n.items() if k < dense_n[u]}
+    assert len(cold) == 10 and m["stats"]["target_sparsity"]["cold_start_users"] == 10  # round(0.25 * 40)
+    assert all(n[u] == min(2, dense_n[u]) for u in cold) and all(n[u] == dense_n[u] for u in n if u not in cold)
+    for k in ("tgt/valid", "tgt/test"):
+        t = _split(root, k)
+        assert t.select(KEEP).equals(_split(amazon_out, k).select(KEEP))
+        got = dict(zip(t.column("user_id").to_pylist(), t.column("user_group").to_pylist()))
+        assert {u for u, g in got.items() if g == 1} == cold & set(got)
+    assert m["stats"]["user_groups"]["cold_users"] == 10 and "cold-start" in m["stats"]["user_groups"]["rule"]
+    _assert_no_leakage(root)
+    other = _amazon(amazon_like, tmp_path / "c2", cold_user_frac=0.25, cold_k=2, seed=4)
+    assert other["stats"]["target_sparsity"]["cold_start_users"] == 10
+
+
+def test_sparse_implicit_keeps_the_dense_negatives_of_valid_and_test(implicit_dirs, implicit_out, tmp_path):
+    from cctl_rec.data.convert.common import Sparsity
+
+    out, _ = implicit_out
+    sparse = str(tmp_path / "s")
+    m = convert_implicit(sparse, implicit_dirs[0], implicit_dirs[1], neg_per_pos=2, seed=5, max_seq_len=6,
+                         sparsity=Sparsity(keep_frac=0.3))
+    for k in ("tgt/valid", "tgt/test"):
+        assert _split(sparse, k).select(KEEP).equals(_split(out, k).select(KEEP)), k
+    t = _split(sparse, "tgt/train").to_pylist()
+    per_user = {}
+    for r in t:
+        per_user.setdefault(r["user_id"], [0, 0])[r["label"]] += 1
+    dense = {}
+    for r in _split(out, "tgt/train").to_pylist():
+        dense.setdefault(r["user_id"], [0, 0])[r["label"]] += 1
+    for u, (neg, pos) in per_user.items():  # a kept positive keeps its 2 negatives
+        assert pos == max(1, int(np.floor(0.3 * dense[u][1] + 0.5))) and neg == 2 * pos
+    assert set(_pairs(_split(sparse, "tgt/train"))) <= set(_pairs(_split(out, "tgt/train")))
+    negs = sum(int((_split(sparse, k).column("label").to_numpy() == 0).sum()) for k in ("tgt/train", "tgt/valid",
+                                                                                       "tgt/test"))
+    assert m["stats"]["target_sparsity"]["sampled_negatives_kept"] == negs
+    _assert_no_leakage(sparse)
+
+
+@pytest.mark.parametrize("mode", ["label", "item"])
+def test_corrupted_source_rows_are_marked_and_sequences_stay_clean(amazon_like, amazon_out, tmp_path, mode):
+    m = _amazon(amazon_like, tmp_path / mode, frac=0.3, mode=mode)
+    root = str(tmp_path / mode)
+    for f in ("tgt/train", "tgt/valid", "tgt/test"):  # the target files do not change at all
+        f = f"{f}/part-00000.parquet"
+        assert open(os.path.join(amazon_out, f), "rb").read() == open(os.path.join(root, f), "rb").read(), f
+    bad, clean = _split(root, "src/train"), _split(amazon_out, "src/train")
+    assert bad.schema.field("is_harmful").type == pa.bool_() and not bad.schema.field("is_harmful").nullable
+    h = np.array(bad.column("is_harmful").to_pylist())
+    assert h.sum() == int(np.floor(0.3 * bad.num_rows + 0.5)) == m["stats"]["corruption"]["rows"]
+    for col in ("user_id", "seq", "other_seq", "context", "user_in_other"):  # drawn before the corruption
+        assert bad.column(col).equals(clean.column(col)), col
+    y, y0 = np.array(bad.column("label").to_pylist()), np.array(clean.column("label").to_pylist())
+    i, i0 = np.array(bad.column("item_id").to_pylist()), np.array(clean.column("item_id").to_pylist())
+    if mode == "label":
+        assert (y[h] == 1 - y0[h]).all() and (y[~h] == y0[~h]).all() and (i == i0).all()
+    else:
+        lo = m["stats"]["items"]["tgt"]
+        assert (i[h] != i0[h]).all() and (i[~h] == i0[~h]).all() and (y == y0).all()
+        assert lo <= i.min() and i.max() < lo + m["stats"]["items"]["src"]
+    assert m["params"]["corruption"] == {"frac": 0.3, "mode": mode, "rule": m["stats"]["corruption"]["rule"]}
+    assert "is_harmful" not in _split(amazon_out, "src/train").column_names  # none asked: no column
+
+
+# ------------------------------------------------------------------------------ files as they are
+def test_headerless_comma_and_timestamp_files_read_as_the_header_tsv(amazon_like, amazon_out, tmp_path):
+    """Amazon's ratings_*.csv: 'user,item,rating,timestamp', no header. The timestamp is checked
+    and ignored: the dataset is the one of the header TSV."""
+    for name, fmt in (("csv", lambda r, t: f"{r[0]},{r[1]},{r[2]},{t}\n"),
+                      ("tsv4", lambda r, t: f"{r[0]}\t{r[1]}\t{r[2]}\t{t}\n"),
+                      ("bare", lambda r, t: f"{r[0]} {r[1]} {r[2]}\n")):
+        files = []
+        for k, path in enumerate(amazon_like):
+            rows = [ln.split("\t") for ln in open(path).read().splitlines()[1:]]
+            p = tmp_path / f"{name}{k}"
+            p.write_text("".join(fmt(r, 1_400_000_000 + j) for j, r in enumerate(rows)))
+            files.append(str(p))
+        m = _amazon(files, tmp_path / f"out-{name}")
+        for f in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
+            f = f"{f}/part-00000.parquet"
+            assert open(os.path.join(amazon_out, f), "rb").read() == (tmp_path / f"out-{name}" / f).read_bytes()
+        assert m["stats"]["input"]["tgt"]["header"] is False
+        assert m["stats"]["input"]["tgt"]["timestamp_column"] is (name != "bare")
+    hdr = tmp_path / "hdr"
+    hdr.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\nA\tm1\t5\t12\n")
+    from cctl_rec.data.convert.common import read_triples
+
+    t = read_triples(str(hdr), ("user_id", "item_id", "rating"), "rating", "--tgt")
+    assert t.header and t.timestamps and t.values.tolist() == [5.0]
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("user_id\titem_id\trating\ttimestamp\nA\tb\t5\t100\nA\tc\t4\n",
+     "line 3: 3 column(s) in 'A\\tc\\t4', expected 4 (user item rating [timestamp]) like line 2"),
+    ("A,b,5,100\nA,c,4\n", "line 2: 3 column(s) in 'A,c,4', expected 4 (user item rating [timestamp]) like line 1"),
+    ("A\tb\t5\tyesterday\n", "line 1: timestamp 'yesterday' is not a number (a 4th column is read as a timestamp)"),
+    ("A\tb\t5\t1\t2\n", "line 1: 5 column(s)"),
+])
+def test_bad_rows_of_files_as_they_are_are_one_line(tmp_path, capsys, content, expect):
+    bad = tmp_path / "bad.inter"
+    bad.write_text(content)
+    good = _write(tmp_path / "good.inter", [("A", "m", 5)])
+    assert main(["convert", "amazon", "--src", str(bad), "--tgt", good, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_implicit_header_line_is_refused_with_how_to_drop_it(tmp_path, capsys, implicit_dirs):
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "train.txt").write_text("user\titem\tvalue\n1\t2\t1\n")
+    (d / "test.txt").write_text("1\t3\t1\n")
+    assert main(["convert", "implicit", "--src-dir", implicit_dirs[0], "--tgt-dir", str(d),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "if line 1 is a header, remove it" in err[0] and "tail -n +2" in err[0]
+
+
+def test_neg_per_pos_0_needs_both_labels_in_the_files(implicit_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", "implicit", "--src-dir", implicit_dirs[0], "--tgt-dir", implicit_dirs[1],
+                 "--neg-per-pos", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--neg-per-pos 0 samples no negatives" in err[0] and "--neg-per-pos N >= 1" in err[0]
+    assert not out.exists()
+    rng = np.random.default_rng(0)  # a rating file: --min-positive 4 gives the negatives
+    rated = tmp_path / "rated"
+    rated.mkdir()
+    for f, n in (("train.txt", 600), ("test.txt", 60)):
+        rows = {(int(rng.integers(30)), int(rng.integers(100))): int(rng.integers(1, 6)) for _ in range(n)}
+        _write(rated / f, [(u, i, v) for (u, i), v in rows.items()], header=None)
+    m = convert_implicit(str(out), implicit_dirs[0], str(rated), neg_per_pos=0, min_positive=4)
+    assert m["stats"]["negatives"]["tgt"]["sampled"] == 0
+    assert 0 < m["stats"]["splits"]["tgt/test"]["ctr"] < 1
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--tgt-keep-frac", "0"], "--tgt-keep-frac must be in (0, 1], got 0.0"),
+    (["--cold-user-frac", "1.5"], "--cold-user-frac must be in [0, 1], got 1.5"),
+    (["--cold-k", "-1"], "--cold-k must be an integer >= 0, got -1"),
+    (["--corrupt-frac", "-0.1"], "--corrupt-frac must be in [0, 1], got -0.1"),
+])
+def test_bad_sparsity_and_harm_options_are_one_line(amazon_like, tmp_path, capsys, args, expect):
+    assert main(["convert", "amazon", "--src", amazon_like[0], "--tgt", amazon_like[1],
+                 "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["amazon", "implicit"])
+def test_help_documents_every_option(source, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", source, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for opt in ("--tgt-keep-frac", "--cold-user-frac", "--cold-k", "--corrupt-frac", "--corrupt-mode", "--seed",
+                "--max-seq-len", "--shard-rows", "timestamp"):
+        assert opt in out, opt
+    if source == "implicit":
+        assert "0: none, the labels come from the values alone" in out
+    else:
+        assert "without the header" in out

@@ -38,7 +38,11 @@ logger = logging.getLogger(__name__)
 
 LIST_COLUMNS = ("seq", "other_seq")
 BOOL_COLUMNS = ("user_in_other", "item_in_other")
-OPTIONAL_COLUMNS = ("is_harmful",)
+OPTIONAL_COLUMNS = ("is_harmful", "user_group")
+"""Non-feature columns a split may carry: ``is_harmful`` (bool, source: ground truth of harm,
+synthetic or ``convert --corrupt-frac``), ``user_group`` (int8, target valid/test: 0 warm, 1
+cold; ``convert``), read for analysis and the grouped metrics, never model features."""
+GROUP_COLUMN = "user_group"
 
 
 def _first_line(e: BaseException) -> str:
@@ -91,6 +95,9 @@ def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_
             ok, want = pa.types.is_integer(t), "integer"
         if not ok:
             raise ValueError(f"data file {path}: column {c!r} has type {t}, expected {want}")
+    for c, want, ok in (("is_harmful", "bool", pa.types.is_boolean), (GROUP_COLUMN, "integer", pa.types.is_integer)):
+        if c in have and not ok(arrow.field(c).type):
+            raise ValueError(f"data file {path}: column {c!r} has type {arrow.field(c).type}, expected {want}")
     extra = sorted(have - set(need) - {"ts", *OPTIONAL_COLUMNS})
     if extra:
         logger.warning("data file %s: ignoring extra column(s) %s", path, extra)
@@ -292,6 +299,19 @@ def labels(rows: DomainRows) -> torch.Tensor:
         bad = y[(y < 0) | (y > 1)][0]
         raise ValueError(f"data file {rows.path}: column 'label' has value {int(bad)}; expected 0 or 1")
     return torch.from_numpy(y.astype(np.float32))
+
+
+def group_column(rows: DomainRows) -> Optional[torch.Tensor]:
+    """B int64 user groups (0 warm, 1 cold) of target rows, or None when the file has no
+    ``user_group`` column."""
+    if GROUP_COLUMN not in rows.table.column_names:
+        return None
+    g = _int_column(rows.table, GROUP_COLUMN, rows.path, "user groups 0 (warm) or 1 (cold)")
+    if g.size and (g.min() < 0 or g.max() > 1):
+        bad = g[(g < 0) | (g > 1)][0]
+        raise ValueError(f"data file {rows.path}: column {GROUP_COLUMN!r} has value {int(bad)}; expected 0 (warm) "
+                         f"or 1 (cold)")
+    return torch.from_numpy(g)
 
 
 def bool_column(rows: DomainRows, name: str) -> torch.Tensor:

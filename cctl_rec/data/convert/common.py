@@ -48,6 +48,14 @@ DOMAIN_CODE = {"src": 1, "tgt": 2}
 # Seed purposes (SeedSequence spawn keys): each random decision has its own stream.
 _SPLIT, _POOL, _SEQ, _OTHER, _SHUFFLE = 1, 2, 3, 4, 5
 NEG_PURPOSE = 6  # seed purpose of sampled negatives (implicit converter)
+_THIN, _COLD, _CORRUPT = 7, 8, 9
+GROUP_COLUMN = "user_group"
+"""int8 column of the target rows (every split): the row's user group, for the grouped
+valid/test metrics."""
+GROUP_NAMES = ("warm", "cold")
+"""``user_group`` code -> name (0 warm, 1 cold)."""
+HARMFUL_COLUMN = "is_harmful"
+CORRUPT_MODES = ("label", "item")
 CONTEXT = "context"
 """The one context feature: the constant 0 (the public data have no context; the model needs a
 non-empty context token, and a constant adds no signal that could leak)."""
@@ -74,13 +82,16 @@ def round_half_up(x: float) -> int:
 # --------------------------------------------------------------------------------------- input
 @dataclass(frozen=True)
 class Triples:
-    """The rows of one ``user item value`` text file, raw string ids, in file order.
+    """The rows of one ``user item value [timestamp]`` text file, raw string ids, in file order.
 
     Attributes:
         path: the file.
         users, items: N raw ids (numpy unicode arrays).
         values: N float64 (rating or implicit 1).
         lines: N 1-based line numbers (for messages).
+        timestamps: the file has a fourth (timestamp) column; checked to be numeric, otherwise
+            ignored (no converter orders by time: see ``docs/data.md``).
+        header: the file starts with a header line.
     """
 
     path: str
@@ -88,25 +99,45 @@ class Triples:
     items: np.ndarray
     values: np.ndarray
     lines: np.ndarray
+    timestamps: bool = False
+    header: bool = False
 
     def __len__(self) -> int:
         return int(self.values.size)
 
 
+TIMESTAMP = "timestamp"
+
+
+def _is_number(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
 def read_triples(path: str, header: Optional[tuple[str, str, str]], value_name: str, what: str) -> Triples:
-    """Reads a whitespace-separated ``user item value`` file.
+    """Reads a ``user item value [timestamp]`` file: tab/space-separated, or comma-separated
+    when its first line holds a comma (e.g. Amazon's ``ratings_*.csv``).
+
+    A fourth column is a timestamp: it must be a number on every line and is otherwise
+    ignored. Every line has the column count of the first row.
 
     Args:
         path: the file (local path or iopath URI).
-        header: the expected first line's column names (a ``:type`` suffix, RecBole style, is
-            allowed), or None for a file without header.
+        header: the column names a header line must have (a ``:type`` suffix, RecBole style, is
+            allowed; a fourth ``timestamp`` column may follow); the first line is a header iff
+            its third field is not a number, so a file without one is read too. None: the file
+            has no header (a first line that is not data is refused, naming how to drop it).
         value_name: what the third column is called in messages (``rating``, ``value``).
         what: the file's role in messages (``--src``, ``target train`` ...).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: empty file, wrong header, a line without exactly 3 columns, a non-numeric
-            or non-finite value; the message names the file, the line and the value.
+        ValueError: empty file, wrong header, a line without 3 or 4 columns (or another count
+            than the first row's), a non-numeric or non-finite value or timestamp; the message
+            names the file, the line and the value.
     """
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"{what} file {path} does not exist")
@@ -121,39 +152,56 @@ def read_triples(path: str, header: Optional[tuple[str, str, str]], value_name: 
         raise ValueError(f"{what} file {path} is not UTF-8 text (byte {e.start}); expected "
                          f"'user item {value_name}' lines") from None
     lines = text.splitlines()
-    want = f"user item {value_name}"
+    want = f"user item {value_name} [{TIMESTAMP}]"
     numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
     if not numbered:
         raise ValueError(f"{what} file {path} is empty; expected "
-                         f"{'a header ' + repr(' '.join(header)) + ' and ' if header else ''}"
+                         f"{'a header ' + repr(' '.join(header)) + ' (optional) and ' if header else ''}"
                          f"'{want}' lines")
-    if header is not None:
-        n, first = numbered[0]
-        names = tuple(c.split(":", 1)[0] for c in first.split())
-        if names != header:
+    sep = "," if "," in numbered[0][1] else None
+
+    def fields(ln: str) -> list[str]:
+        return [c.strip() for c in ln.split(sep)] if sep else ln.split()
+
+    n, first = numbered[0]
+    first_fields = fields(first)
+    has_header = False
+    if len(first_fields) >= 3 and not _is_number(first_fields[2]):
+        if header is None:
+            raise ValueError(f"{what} file {path} line {n}: {value_name} {first_fields[2]!r} is not a number; "
+                             f"if line {n} is a header, remove it (these files have none: "
+                             f"tail -n +2 FILE > NEW)")
+        names = tuple(c.split(":", 1)[0] for c in first_fields)
+        if names not in (header, header + (TIMESTAMP,)):
             raise ValueError(f"{what} file {path} line {n}: header {first.strip()!r}, expected the "
-                             f"columns {' '.join(header)} (tab-separated)")
+                             f"columns {' '.join(header)} [{TIMESTAMP}] (tab-separated), or no header")
+        has_header = True
         numbered = numbered[1:]
         if not numbered:
             raise ValueError(f"{what} file {path} has a header but no rows; expected '{want}' lines")
+    ncol = len(fields(numbered[0][1]))
     users, items, values, nums = [], [], [], []
     for n, ln in numbered:
-        parts = ln.split()
-        if len(parts) != 3:
+        parts = fields(ln)
+        if len(parts) not in (3, 4) or len(parts) != ncol:
+            like = f" like line {numbered[0][0]}" if len(parts) in (3, 4) else ""
             raise ValueError(f"{what} file {path} line {n}: {len(parts)} column(s) in {ln.strip()!r}, "
-                             f"expected 3 ({want})")
+                             f"expected {ncol if ncol in (3, 4) else 3} ({want}){like}")
         try:
             v = float(parts[2])
         except ValueError:
             raise ValueError(f"{what} file {path} line {n}: {value_name} {parts[2]!r} is not a number") from None
         if not math.isfinite(v):
             raise ValueError(f"{what} file {path} line {n}: {value_name} {parts[2]!r} is not finite")
+        if ncol == 4 and not _is_number(parts[3]):
+            raise ValueError(f"{what} file {path} line {n}: {TIMESTAMP} {parts[3]!r} is not a number "
+                             f"(a 4th column is read as a timestamp)")
         users.append(parts[0])
         items.append(parts[1])
         values.append(v)
         nums.append(n)
     return Triples(path, np.array(users, dtype=str), np.array(items, dtype=str),
-                   np.array(values, dtype=np.float64), np.array(nums, dtype=np.int64))
+                   np.array(values, dtype=np.float64), np.array(nums, dtype=np.int64), ncol == 4, has_header)
 
 
 def input_record(path: str) -> dict[str, Any]:
@@ -270,6 +318,9 @@ class Domain:
         label: N int8 in {0, 1}.
         split: N int8: TRAIN, VALID or TEST (the source is all TRAIN).
         sampled: N bool: a sampled negative (implicit data), not an observed row.
+        keep: N bool: False on a target train row dropped by the sparsity options. Dropped rows
+            are not written and never enter a sequence; they are kept here so that the kept
+            rows' ``other_seq`` (drawn from the other domain) is the dense conversion's.
     """
 
     name: str
@@ -278,17 +329,27 @@ class Domain:
     label: np.ndarray
     split: np.ndarray
     sampled: np.ndarray = field(default=None)  # type: ignore[assignment]
+    keep: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = self.user.size
         if self.sampled is None:
             self.sampled = np.zeros(n, dtype=bool)
+        if self.keep is None:
+            self.keep = np.ones(n, dtype=bool)
         order = np.lexsort((self.label, self.item, self.user))
-        for name in ("user", "item", "label", "split", "sampled"):
+        for name in ("user", "item", "label", "split", "sampled", "keep"):
             setattr(self, name, np.ascontiguousarray(getattr(self, name)[order]))
 
     def __len__(self) -> int:
         return int(self.user.size)
+
+    def kept(self) -> "Domain":
+        """The rows written (``keep``)."""
+        if self.keep.all():
+            return self
+        k = self.keep
+        return Domain(self.name, self.user[k], self.item[k], self.label[k], self.split[k], self.sampled[k])
 
 
 def user_groups(user: np.ndarray) -> list[np.ndarray]:
@@ -333,6 +394,152 @@ def check_fracs(valid_frac: float, test_frac: float) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {v}")
     if valid_frac + test_frac >= 1.0:
         raise ValueError(f"--valid-frac + --test-frac must be < 1, got {valid_frac} + {test_frac}")
+
+
+# ------------------------------------------------------------------------- sparsity and harm
+@dataclass(frozen=True)
+class Sparsity:
+    """Target sparsity of a conversion (``--tgt-keep-frac``, ``--cold-user-frac``, ``--cold-k``).
+
+    Args:
+        keep_frac: share of each target user's train units kept (seeded), at least one.
+        cold_user_frac: share of target users (seeded) who keep only ``cold_k`` train units.
+        cold_k: train units a cold-start user keeps; without cold-start users, the user group
+            rule's bound (cold = at most ``cold_k`` train units after thinning).
+
+    A unit is an observed target train row (with the implicit converter: together with the
+    negatives sampled for it).
+    """
+
+    keep_frac: float = 1.0
+    cold_user_frac: float = 0.0
+    cold_k: int = 5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.keep_frac, (int, float)) and math.isfinite(self.keep_frac)
+                and 0.0 < self.keep_frac <= 1.0):
+            raise ValueError(f"--tgt-keep-frac must be in (0, 1], got {self.keep_frac}")
+        if not (isinstance(self.cold_user_frac, (int, float)) and math.isfinite(self.cold_user_frac)
+                and 0.0 <= self.cold_user_frac <= 1.0):
+            raise ValueError(f"--cold-user-frac must be in [0, 1], got {self.cold_user_frac}")
+        if not isinstance(self.cold_k, int) or isinstance(self.cold_k, bool) or self.cold_k < 0:
+            raise ValueError(f"--cold-k must be an integer >= 0, got {self.cold_k!r}")
+
+    def thinning_rule(self) -> str:
+        rule = ("target train: all rows kept" if self.keep_frac >= 1.0 else
+                f"target train thinned per user, seeded: each user's train units in a seeded order, the first "
+                f"max(1, round({self.keep_frac:g} * n)) kept")
+        if self.cold_user_frac > 0:
+            rule += (f"; cold start: a seeded round({self.cold_user_frac:g} * U) of the U target users keep only "
+                     f"the first min({self.cold_k}, kept) of the same order")
+        return (rule + "; a unit is an observed train row (implicit: with its sampled negatives); valid/test "
+                "rows are the dense conversion's; sequences come from the kept train positives")
+
+    def group_rule(self) -> str:
+        if self.cold_user_frac > 0:
+            return "user_group 1 (cold) iff the user is one of the cold-start users, else 0 (warm)"
+        return (f"user_group 1 (cold) iff the user has at most {self.cold_k} target train units after "
+                f"thinning, else 0 (warm)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tgt_keep_frac": self.keep_frac, "cold_user_frac": self.cold_user_frac, "cold_k": self.cold_k,
+                "thinning_rule": self.thinning_rule(), "user_group_rule": self.group_rule()}
+
+
+def target_sparsity(d: Domain, sp: Sparsity, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Thins the target train rows of ``d`` (rules: :meth:`Sparsity.thinning_rule`).
+
+    Every row of ``d`` is a unit (the implicit converter calls this before it adds the sampled
+    negatives, which then follow their positive). Each user's kept rows are a prefix of one
+    seeded order of its train rows, so a smaller share keeps a subset of a larger one's rows.
+
+    Returns:
+        (keep: N bool, False on the dropped train rows; cold: the sorted user ids of the cold
+        group; statistics for the manifest).
+    """
+    keep = np.ones(len(d), dtype=bool)
+    code = DOMAIN_CODE[d.name]
+    users = np.unique(d.user)
+    chosen = np.empty(0, np.int64)
+    if sp.cold_user_frac > 0:
+        n_cold = round_half_up(sp.cold_user_frac * users.size)
+        chosen = np.sort(rng_for(seed, _COLD, code).permutation(users)[:n_cold])
+    chosen_set = set(chosen.tolist())
+    tr = np.flatnonzero(d.split == TRAIN)
+    for g in user_groups(d.user[tr]):
+        rows = tr[g]
+        u, n = int(d.user[rows[0]]), rows.size
+        k = n if sp.keep_frac >= 1.0 else max(1, round_half_up(sp.keep_frac * n))
+        if u in chosen_set:
+            k = min(k, sp.cold_k)
+        if k < n:
+            keep[rows[rng_for(seed, _THIN, code, u).permutation(n)[k:]]] = False
+    kept = (d.split == TRAIN) & keep
+    per_user = np.bincount(d.user[kept], minlength=int(users.max()) + 1 if users.size else 0)
+    cold = chosen if sp.cold_user_frac > 0 else users[per_user[users] <= sp.cold_k]
+    stats = {"train_units_dense": int(tr.size), "train_units_kept": int(kept.sum()),
+             "cold_start_users": int(chosen.size), "target_users": int(users.size),
+             "cold_users": int(cold.size), "warm_users": int(users.size - cold.size)}
+    return keep, cold, stats
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Known harm in the source (``--corrupt-frac``, ``--corrupt-mode``).
+
+    Args:
+        frac: share of the source rows corrupted (seeded, exactly round(frac * N) rows).
+        mode: ``label``: the label flipped; ``item``: the item replaced by a uniformly random
+            other source item (the label kept).
+    """
+
+    frac: float = 0.0
+    mode: str = "label"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.frac, (int, float)) and math.isfinite(self.frac) and 0.0 <= self.frac <= 1.0):
+            raise ValueError(f"--corrupt-frac must be in [0, 1], got {self.frac}")
+        if self.mode not in CORRUPT_MODES:
+            raise ValueError(f"--corrupt-mode must be one of {', '.join(CORRUPT_MODES)}, got {self.mode!r}")
+
+    def rule(self) -> str:
+        what = ("its label flipped" if self.mode == "label" else
+                "its item replaced by a uniformly random other source item (label kept)")
+        return (f"source: a seeded round({self.frac:g} * N) of the N source rows corrupted, {what}, after the "
+                f"sequences were drawn from the clean rows; {HARMFUL_COLUMN} marks them")
+
+
+def corrupt_source(t: pa.Table, c: Corruption, seed: int, item_range: tuple[int, int]
+                   ) -> tuple[pa.Table, dict[str, Any]]:
+    """The source table with ``round(c.frac * N)`` seeded rows corrupted and the column
+    ``is_harmful`` (bool, not null: the synthetic data's) appended; and its statistics."""
+    n = t.num_rows
+    k = round_half_up(c.frac * n)
+    rng = rng_for(seed, _CORRUPT, DOMAIN_CODE["src"])
+    idx = np.sort(rng.permutation(n)[:k])
+    harmful = np.zeros(n, dtype=bool)
+    harmful[idx] = True
+    label = t.column("label").to_numpy().astype(np.int8)
+    flipped = int((label[idx] == 1).sum())
+    if c.mode == "label":
+        label = label.copy()
+        label[idx] = 1 - label[idx]
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(label, pa.int8()))
+    elif k:
+        lo, hi = item_range
+        if hi - lo < 2:
+            raise ValueError(f"--corrupt-mode item needs at least 2 source items to replace one by another, "
+                             f"the source has {hi - lo}; use --corrupt-mode label")
+        item = t.column("item_id").to_numpy().astype(np.int64)
+        new = lo + rng.integers(0, hi - lo - 1, size=k)
+        new += new >= item[idx]  # uniform over the source items other than the row's own
+        item = item.copy()
+        item[idx] = new
+        t = t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(item, pa.int64()))
+    t = t.append_column(pa.field(HARMFUL_COLUMN, pa.bool_(), nullable=False), pa.array(harmful, pa.bool_()))
+    stats = {"mode": c.mode, "frac": c.frac, "rows": k, "share": round(k / max(1, n), 6),
+             "corrupted_positives": flipped, "rule": c.rule()}
+    return t, stats
 
 
 # ----------------------------------------------------------------------------------- sequences
@@ -386,13 +593,24 @@ def sample_sequences(user: np.ndarray, item: np.ndarray, pools: dict[int, np.nda
 
 
 # -------------------------------------------------------------------------------------- tables
-def domain_tables(d: Domain, other: Domain, seed: int, max_len: int) -> dict[str, pa.Table]:
+def domain_tables(d: Domain, other: Domain, seed: int, max_len: int, cold: Optional[np.ndarray] = None
+                  ) -> dict[str, pa.Table]:
     """The Parquet tables of one domain's splits (``train``, and ``valid``/``test`` when it has
-    rows there), rows shuffled with a seeded permutation per split."""
-    own_pools = train_positive_pools(d, seed)
+    rows there), rows shuffled with a seeded permutation per split. With ``cold`` (sorted user
+    ids), the rows get the int8 column ``user_group`` (1: the user is in ``cold``; written on
+    every split so the target splits share one schema; evaluated on valid/test).
+
+    Only the kept rows (``Domain.keep``) of both domains are written and enter sequences;
+    ``other_seq`` is drawn on every row of ``d`` (kept or not) and then taken, so a kept row gets
+    the dense conversion's ``other_seq`` (it holds no row of ``d``'s domain)."""
+    other = other.kept()
     other_pools = train_positive_pools(other, seed)
-    seq = sample_sequences(d.user, d.item, own_pools, max_len, True, seed, _SEQ, d.name)
     other_seq = sample_sequences(d.user, d.item, other_pools, max_len, False, seed, _OTHER, d.name)
+    if not d.keep.all():
+        other_seq = other_seq.take(pa.array(np.flatnonzero(d.keep), pa.int64()))
+        d = d.kept()
+    own_pools = train_positive_pools(d, seed)
+    seq = sample_sequences(d.user, d.item, own_pools, max_len, True, seed, _SEQ, d.name)
     other_users = np.unique(other.user[other.split == TRAIN])
     table = pa.table({
         "user_id": pa.array(d.user, pa.int64()),
@@ -410,7 +628,10 @@ def domain_tables(d: Domain, other: Domain, seed: int, max_len: int) -> dict[str
         if idx.size == 0:
             continue
         idx = idx[rng_for(seed, _SHUFFLE, DOMAIN_CODE[d.name], code).permutation(idx.size)]
-        out[f"{d.name}/{name}"] = table.take(pa.array(idx, pa.int64()))
+        part = table.take(pa.array(idx, pa.int64()))
+        if cold is not None:
+            part = part.append_column(GROUP_COLUMN, pa.array(np.isin(d.user[idx], cold).astype(np.int8), pa.int8()))
+        out[f"{d.name}/{name}"] = part
     return out
 
 
@@ -576,14 +797,45 @@ def write_dataset(out: str, tables: dict[str, pa.Table], schemas: dict[str, Doma
     return manifest
 
 
+def group_stats(tables: dict[str, pa.Table]) -> dict[str, Any]:
+    """Rows, users and positives per user group of the target tables."""
+    out: dict[str, Any] = {}
+    for key in ("tgt/train", "tgt/valid", "tgt/test"):
+        t = tables.get(key)
+        if t is None or GROUP_COLUMN not in t.column_names:
+            continue
+        g = t.column(GROUP_COLUMN).to_numpy()
+        u, y = t.column("user_id").to_numpy(), t.column("label").to_numpy()
+        out[key] = {name: {"rows": int((g == code).sum()), "users": int(np.unique(u[g == code]).size),
+                           "positives": int(y[g == code].sum())} for code, name in enumerate(GROUP_NAMES)}
+    return out
+
+
 def build_and_write(out: str, src: Domain, tgt: Domain, ids: IdSpace, seed: int, max_seq_len: int,
-                    shard_rows: int, meta: dict[str, Any], extra_stats: dict[str, Any]) -> dict[str, Any]:
-    """Sequences, tables, the leakage check, statistics, and the write; returns the manifest."""
+                    shard_rows: int, meta: dict[str, Any], extra_stats: dict[str, Any],
+                    cold: Optional[np.ndarray] = None, corruption: Optional[Corruption] = None) -> dict[str, Any]:
+    """Sequences, tables, the leakage check, the source corruption, statistics, and the write;
+    returns the manifest.
+
+    Args:
+        cold: sorted user ids of the cold group (``user_group`` 1 on their valid/test rows);
+            None: no ``user_group`` column.
+        corruption: known harm applied to the source rows after the sequences were drawn from
+            the clean rows (and checked); None or frac 0: none, and no ``is_harmful`` column.
+    """
     if max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be >= 1, got {max_seq_len}")
-    tables = {**domain_tables(tgt, src, seed, max_seq_len), **domain_tables(src, tgt, seed, max_seq_len)}
+    tables = {**domain_tables(tgt, src, seed, max_seq_len, cold), **domain_tables(src, tgt, seed, max_seq_len)}
     check_no_leakage(tables)
-    stats = {**dataset_stats(src, tgt, ids, tables), **extra_stats}
+    extra_stats = dict(extra_stats)
+    if corruption is not None and corruption.frac > 0 and "src/train" in tables:
+        tables["src/train"], extra_stats["corruption"] = corrupt_source(tables["src/train"], corruption, seed,
+                                                                        ids.item_range("src"))
+    stats = {**dataset_stats(src.kept(), tgt.kept(), ids, tables), **extra_stats}
+    if "corruption" in extra_stats:  # the stored (corrupted) labels
+        stats["ctr"]["src"] = stats["splits"]["src/train"]["ctr"]
+    if cold is not None:
+        stats.setdefault("user_groups", {}).update(group_stats(tables))
     meta = {**meta, "seed": seed, "max_seq_len": max_seq_len, "stats": stats}
     return write_dataset(out, tables, id_schemas(ids.n_users, ids.n_items), ids.maps(), meta, shard_rows)
 

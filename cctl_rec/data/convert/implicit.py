@@ -21,6 +21,12 @@ Rules (recorded in the manifest):
   (user, item) pair appears twice, so a sampled negative is never a positive of the user, nor a
   train negative a test negative. A user with fewer such items gets all of them (counted in the
   manifest as ``negatives.short_users``);
+- target sparsity (``sparsity``): the observed target train rows thinned per user, cold-start
+  users; a sampled negative is kept iff its positive is (negatives are sampled on the dense rows,
+  so valid/test rows are the dense conversion's); ``user_group`` on valid/test rows;
+- corruption (``corruption``): labels flipped or items replaced on a seeded share of the source
+  rows, marked ``is_harmful``, after the sequences were drawn;
+- a 4th (timestamp) column is checked to be numeric and ignored;
 - sequences: see :mod:`cctl_rec.data.convert.common` (train positives only).
 
 Example::
@@ -31,15 +37,15 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from iopath.common.file_io import g_pathmgr
 
 from cctl_rec.data.convert.common import (DOMAIN_CODE, NEG_PURPOSE, PRESET_PREFIX, SEQUENCE_RULE, TEST, TRAIN,
-                                          VALID, Domain, IdSpace, Pairs, Triples, build_and_write, check_fracs,
-                                          check_seed, dedupe_mean, input_record, per_user_split, read_triples,
-                                          rng_for, user_groups)
+                                          VALID, Corruption, Domain, IdSpace, Pairs, Sparsity, Triples,
+                                          build_and_write, check_fracs, check_seed, dedupe_mean, input_record,
+                                          per_user_split, read_triples, rng_for, target_sparsity, user_groups)
 from cctl_rec.data.manifest import join
 
 logger = logging.getLogger(__name__)
@@ -74,12 +80,13 @@ def _pair_keys(p: Pairs) -> np.ndarray:
 
 
 def sample_negatives(d: Domain, item_range: tuple[int, int], neg_per_pos: int, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(user, item, split) of the sampled negatives of ``d`` and the number of users that had
-    fewer candidate items than ``neg_per_pos`` x positives (rule: module docstring)."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """(user, item, split) of the sampled negatives of ``d``, the number of users that had
+    fewer candidate items than ``neg_per_pos`` x positives (rule: module docstring), and each
+    negative's anchor: the index of the row of ``d`` (its positive) it goes with."""
     lo, hi = item_range
     n_items = hi - lo
-    users, items, splits, short = [], [], [], 0
+    users, items, splits, anchors, short = [], [], [], [], 0
     for g in user_groups(d.user):
         pos = g[d.label[g] == 1]
         need = neg_per_pos * pos.size
@@ -104,34 +111,56 @@ def sample_negatives(d: Domain, item_range: tuple[int, int], neg_per_pos: int, s
             chosen = rng.permutation(np.setdiff1d(np.arange(n_items), seen))[:take]
         users.append(np.full(take, u, dtype=np.int64))
         items.append(chosen + lo)
-        splits.append(d.split[pos[np.arange(take) // neg_per_pos]])
+        anchor = pos[np.arange(take) // neg_per_pos]
+        splits.append(d.split[anchor])
+        anchors.append(anchor)
     if not users:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int8), short
-    return np.concatenate(users), np.concatenate(items), np.concatenate(splits), short
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int8), short, np.empty(0, np.int64)
+    return (np.concatenate(users), np.concatenate(items), np.concatenate(splits), short,
+            np.concatenate(anchors).astype(np.int64))
+
+
+def _check_both_labels(t: Domain, min_positive: float) -> None:
+    """--neg-per-pos 0: every target split needs both label classes from the values alone."""
+    for code, name in ((TRAIN, "train"), (VALID, "valid"), (TEST, "test")):
+        y = t.label[t.split == code]
+        if y.size and y.min() == y.max():
+            only = "positives" if y[0] == 1 else "negatives"
+            raise ValueError(f"--neg-per-pos 0 samples no negatives, and every target {name} row is one of the "
+                             f"{only} (value {'>=' if y[0] == 1 else '<'} --min-positive {min_positive:g}): AUC "
+                             f"needs both labels; use --neg-per-pos N >= 1 for implicit 'user item 1' files, or "
+                             f"--neg-per-pos 0 only with rating files and a --min-positive some values fall below")
 
 
 def convert_implicit(out: str, src_dir: str, tgt_dir: str, neg_per_pos: int = 4, seed: int = 0,
                      valid_frac: float = 0.1, min_positive: float = 1.0, max_seq_len: int = 20,
-                     shard_rows: int = 1_000_000) -> dict[str, Any]:
+                     shard_rows: int = 1_000_000, sparsity: Optional[Sparsity] = None,
+                     corruption: Optional[Corruption] = None) -> dict[str, Any]:
     """Converts a source and a target folder of ``user item value`` files into a dataset.
 
     Args:
         out: dataset root (created; an earlier conversion there is replaced).
         src_dir: source domain folder (``train.txt``, optional ``test.txt``).
         tgt_dir: target domain folder (``train.txt`` and ``test.txt``).
-        neg_per_pos: sampled negatives per positive (0: none; then every label must come from
-            the values).
+        neg_per_pos: sampled negatives per positive (0: none; every label then comes from the
+            values, for rating files with ``min_positive``; refused when a target split would
+            hold one label class, e.g. an implicit ``user item 1`` file).
         seed: seeds the valid split, the negatives, the sequences and the row order.
         valid_frac: per-user share of the target train rows moved to valid.
         min_positive: a (mean) value >= this is a positive.
         max_seq_len: longest ``seq`` / ``other_seq`` written.
         shard_rows: rows per Parquet shard.
+        sparsity: target train thinning and cold-start users, by observed train row (its
+            sampled negatives follow it); negatives are sampled on the dense data, so valid/test
+            rows are the dense conversion's.
+        corruption: known harm in the source rows (default: none, no ``is_harmful`` column).
 
     Returns:
         The manifest written last to ``out/manifest.json``.
     """
     check_seed(seed)
     check_fracs(valid_frac, 0.0)
+    sparsity, corruption = sparsity or Sparsity(), corruption or Corruption()
     if not isinstance(neg_per_pos, int) or neg_per_pos < 0:
         raise ValueError(f"--neg-per-pos must be an integer >= 0, got {neg_per_pos!r}")
     src_files = _files(src_dir, "--src-dir", need_test=False)
@@ -156,13 +185,20 @@ def convert_implicit(out: str, src_dir: str, tgt_dir: str, neg_per_pos: int = 4,
     t = dom["tgt"]
     tr = np.flatnonzero(t.split == TRAIN)
     t.split[tr[per_user_split(t.user[tr], valid_frac, 0.0, seed, "tgt") == VALID]] = VALID
+    if neg_per_pos == 0:
+        _check_both_labels(t, min_positive)
     negatives = {}
+    keep, cold, thin = target_sparsity(t, sparsity, seed)  # on the observed rows; negatives follow
     for name, d in list(dom.items()):
-        nu, ni, ns, short = sample_negatives(d, ids.item_range(name), neg_per_pos, seed)
+        # sampled on the dense rows, so the valid/test negatives do not depend on the thinning
+        nu, ni, ns, short, anchor = sample_negatives(d, ids.item_range(name), neg_per_pos, seed)
         negatives[name] = {"sampled": int(nu.size), "short_users": short}
+        k_obs, k_neg = (keep, keep[anchor]) if name == "tgt" else (np.ones(len(d), bool), np.ones(nu.size, bool))
         dom[name] = Domain(name, np.concatenate([d.user, nu]), np.concatenate([d.item, ni]),
                            np.concatenate([d.label, np.zeros(nu.size, np.int8)]), np.concatenate([d.split, ns]),
-                           np.concatenate([d.sampled, np.ones(nu.size, bool)]))
+                           np.concatenate([d.sampled, np.ones(nu.size, bool)]), np.concatenate([k_obs, k_neg]))
+        if name == "tgt":
+            thin["sampled_negatives_kept"] = int(k_neg.sum())
     extra = {
         "input": {
             "src": {"rows": sum(len(x) for x in src_raw), "pairs": int(src_pairs.values.size),
@@ -171,10 +207,15 @@ def convert_implicit(out: str, src_dir: str, tgt_dir: str, neg_per_pos: int = 4,
             "tgt": {"train_rows": len(tgt_raw[0]), "test_rows": len(tgt_raw[1]),
                     "duplicate_rows_removed": tgt_train.duplicates + tgt_test.duplicates,
                     "train_pairs_dropped_in_test": int(in_test.sum()),
-                    "positive_share": round(float((dom["tgt"].label[~dom["tgt"].sampled]).mean()), 6)},
+                    "positive_share": round(float(t.label.mean()), 6)},
         },
         "negatives": negatives,
+        "target_sparsity": thin,
+        "user_groups": {"rule": sparsity.group_rule(), "cold_users": thin["cold_users"],
+                        "warm_users": thin["warm_users"]},
     }
+    for d, raws in (("src", src_raw), ("tgt", tgt_raw)):
+        extra["input"][d]["timestamp_column"] = any(r.timestamps for r in raws)
     meta = {
         "preset": PRESET_PREFIX + "implicit",
         "split_rule": (f"target: {TEST_FILE} is test (a pair also in {TRAIN_FILE} stays in test only); valid "
@@ -188,9 +229,14 @@ def convert_implicit(out: str, src_dir: str, tgt_dir: str, neg_per_pos: int = 4,
                    "valid_frac": valid_frac, "min_positive": min_positive,
                    "label_rule": f"label = 1 iff value >= {min_positive:g}; sampled negatives 0",
                    "dedupe_rule": "one row per (user, item) and file: the mean value of its duplicates",
+                   "timestamp_rule": "a 4th (timestamp) column is checked to be numeric and ignored",
+                   "target_sparsity": sparsity.to_json(),
+                   "corruption": {"frac": corruption.frac, "mode": corruption.mode,
+                                  "rule": corruption.rule() if corruption.frac > 0 else "none"},
                    "shard_rows": shard_rows},
     }
     logger.info("implicit: %d source rows, %d target rows (%d + %d sampled negatives), %d users",
                 len(dom["src"]), len(dom["tgt"]), negatives["src"]["sampled"], negatives["tgt"]["sampled"],
                 ids.n_users)
-    return build_and_write(out, dom["src"], dom["tgt"], ids, seed, max_seq_len, shard_rows, meta, extra)
+    return build_and_write(out, dom["src"], dom["tgt"], ids, seed, max_seq_len, shard_rows, meta, extra, cold,
+                           corruption)

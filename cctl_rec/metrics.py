@@ -27,6 +27,49 @@ class BinaryMetrics:
         return {"auc": float(self.auc.compute()), "logloss": float(self.logloss.compute())}
 
 
+GROUP_NAMES = ("warm", "cold")
+"""``user_group`` code -> name (the converters' column on target valid/test rows)."""
+
+
+class GroupMetrics:
+    """AUC and logloss per user group (``GROUP_NAMES``), beside the overall :class:`BinaryMetrics`.
+
+    Every rank must call :meth:`update` for every batch (an empty group is fine) and
+    :meth:`compute` together: rows and positives are summed across ranks first, and a group
+    without rows, or with one label class, reports ``auc`` None (and, without rows, ``logloss``
+    None) instead of calling the metric, never 0.0.
+    """
+
+    def __init__(self) -> None:
+        self.meters = [BinaryMetrics() for _ in GROUP_NAMES]
+        self.counts = torch.zeros(len(GROUP_NAMES), 2, dtype=torch.float64)  # rows, positives
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> None:
+        logits, labels, groups = logits.detach().cpu(), labels.detach().cpu(), groups.detach().cpu()
+        for code, m in enumerate(self.meters):
+            sel = groups == code
+            m.update(logits[sel], labels[sel])
+            self.counts[code, 0] += float(sel.sum())
+            self.counts[code, 1] += float(labels[sel].sum())
+
+    def compute(self) -> dict[str, dict[str, Optional[float]]]:
+        import torch.distributed as dist
+
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        out: dict[str, dict[str, Optional[float]]] = {}
+        for code, (name, m) in enumerate(zip(GROUP_NAMES, self.meters)):
+            rows, pos = int(counts[code, 0]), int(counts[code, 1])
+            auc = logloss = None
+            if rows:  # the same on every rank: all compute (a collective) or none
+                logloss = float(m.logloss.compute())
+                if 0 < pos < rows:
+                    auc = float(m.auc.compute())
+            out[name] = {"auc": auc, "logloss": logloss, "rows": rows}
+        return out
+
+
 def harmful_auc(p: torch.Tensor, harmful: torch.Tensor) -> Optional[float]:
     """AUROC of (1 - p) separating harmful from clean source samples; None without both classes."""
     h = harmful.long()

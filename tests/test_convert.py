@@ -477,6 +477,33 @@ def test_corrupted_source_rows_are_marked_and_sequences_stay_clean(amazon_like, 
     assert "is_harmful" not in _split(amazon_out, "src/train").column_names  # none asked: no column
 
 
+def test_corrupted_data_feeds_the_oracle_and_the_grouped_metrics(amazon_like, tmp_path):
+    """The converted ``is_harmful`` is read as the synthetic one: the oracle selector trains on it,
+    the harmful AUROC is measured; ``metrics.json`` splits the target AUC by user group."""
+    from cctl_rec.data.loader import Dataset
+
+    root = tmp_path / "data"
+    m = _amazon(amazon_like, root, keep_frac=0.5, cold_user_frac=0.3, cold_k=2, frac=0.3, mode="label")
+    assert Dataset(str(root)).has_harmful
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--run-dir", str(run), "data.batch_size=64", "data.src_ratio=1",
+                 "model.tower=[16]", "model.san_hidden=[8]", "selector.mode=oracle", "run.steps=4",
+                 "run.threads=1", "run.log_every=4", "scn.sync_every=2"]) == 0
+    r = json.loads((run / "metrics.json").read_text())
+    assert r["selector"]["harmful_auc"] is not None and r["selector"]["p_harmful"] is not None
+    for split in ("test", "valid"):
+        g = r[f"target_{split}_groups"]
+        want = m["stats"]["user_groups"][f"tgt/{split}"]
+        assert set(g) == {"cold", "warm"}
+        assert {k: g[k]["rows"] for k in g} == {k: want[k]["rows"] for k in want}
+        for k in g:
+            if g[k]["rows"]:
+                assert g[k]["logloss"] > 0 and (g[k]["auc"] is None or 0.0 <= g[k]["auc"] <= 1.0)
+            else:
+                assert g[k]["logloss"] is None and g[k]["auc"] is None
+        assert g["cold"]["rows"] > 0 and g["warm"]["rows"] > 0
+
+
 # ------------------------------------------------------------------------------ files as they are
 def test_headerless_comma_and_timestamp_files_read_as_the_header_tsv(amazon_like, amazon_out, tmp_path):
     """Amazon's ratings_*.csv: 'user,item,rating,timestamp', no header. The timestamp is checked

@@ -208,3 +208,25 @@ def test_a_kjt_without_keys_keeps_the_row_count():
     kjt = make_kjt([], [{}, {}], [3, 2])
     assert kjt.keys() == [] and kjt.stride() == 5 and kjt.values().numel() == 0
 
+
+def test_target_batches_carry_the_user_group_when_the_split_has_it(tiny_data, tmp_path):
+    t = _tgt_table(tiny_data)
+    groups = np.arange(64) % 3 == 0
+    path = _write(tmp_path / "g.parquet", t.append_column("user_group", pa.array(groups.astype(np.int8))))
+    b = build_batch(next(iter(ParquetStream([path], SCHEMAS["tgt"], 64))), None, SCHEMAS, DataConfig())
+    assert b.tgt_group.tolist() == groups.astype(int).tolist()
+    plain = build_batch(next(iter(ParquetStream(_files(tiny_data, "tgt/train"), SCHEMAS["tgt"], 8))), None, SCHEMAS,
+                        DataConfig())
+    assert plain.tgt_group is None and plain.to(torch.device("cpu")).tgt_group is None
+    assert b.to(torch.device("cpu")).tgt_group.tolist() == b.tgt_group.tolist()
+
+
+@pytest.mark.parametrize("column,msg", [
+    (pa.array(np.full(64, 2, np.int8)), "column 'user_group' has value 2; expected 0 (warm) or 1 (cold)"),
+    (pa.array(np.zeros(64, np.float32)), "column 'user_group' has type float, expected integer"),
+])
+def test_bad_user_groups_fail_with_one_line(tiny_data, tmp_path, column, msg):
+    path = _write(tmp_path / "bad.parquet", _tgt_table(tiny_data).append_column("user_group", column))
+    with pytest.raises(ValueError) as e:
+        build_batch(next(iter(ParquetStream([path], SCHEMAS["tgt"], 32))), None, SCHEMAS, DataConfig())
+    assert msg in str(e.value) and path in str(e.value) and "\n" not in str(e.value)

@@ -33,6 +33,8 @@ class CCTLBatch(Pipelineable):
             source attribute is shared: the mixed network then reads ``tgt``.
         src_label: ``B_s`` float labels.
         src_harmful: ``B_s`` bools (ground truth, analysis only; all False when unknown).
+        tgt_group: ``B_t`` int64 user groups of the target rows (0 warm, 1 cold; the split's
+            ``user_group`` column, evaluation only), or None when the split has none.
     """
 
     tgt: KeyedJaggedTensor
@@ -44,6 +46,7 @@ class CCTLBatch(Pipelineable):
     mixed: Optional[KeyedJaggedTensor] = None
     src_label: Optional[torch.Tensor] = None
     src_harmful: Optional[torch.Tensor] = None
+    tgt_group: Optional[torch.Tensor] = None
 
     @property
     def num_src(self) -> int:

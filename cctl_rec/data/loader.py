@@ -11,8 +11,8 @@ from cctl_rec.config import DataConfig, TrainConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
 from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_list_bounds,
-                                  check_range, check_sequence_lengths, open_parquet, column_ids, features, labels,
-                                  make_kjt, position_features)
+                                  check_range, check_sequence_lengths, open_parquet, column_ids, features,
+                                  group_column, labels, make_kjt, position_features)
 from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions
 
 logger = logging.getLogger(__name__)
@@ -34,13 +34,22 @@ class Dataset:
         if src:
             with open_parquet(src[0]) as pf:
                 self.has_harmful = "is_harmful" in pf.schema_arrow.names
-        """The source rows carry the ground-truth ``is_harmful`` column (synthetic data)."""
+        """The source rows carry the ground-truth ``is_harmful`` column (synthetic data, or
+        ``convert --corrupt-frac``)."""
 
     def paths(self, split: str) -> list[str]:
         return shard_paths(self.root, self.manifest, split)
 
     def has_split(self, split: str) -> bool:
         return bool(self.manifest["splits"].get(split))
+
+    def has_column(self, split: str, name: str) -> bool:
+        """The split's files carry column ``name`` (every shard has the first one's columns)."""
+        paths = self.paths(split) if self.has_split(split) else []
+        if not paths:
+            return False
+        with open_parquet(paths[0]) as pf:
+            return name in pf.schema_arrow.names
 
     def verify(self, splits: list[str], mode: str, rank: int = 0, world_size: int = 1) -> None:
         """Checks this rank's share (every ``world_size``-th file) of the splits' shards against
@@ -140,6 +149,7 @@ def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, D
         user_in_other=user_in,
         item_in_other=bool_column(tgt, "item_in_other"),
         seq_mask=user_in & torch.from_numpy((seq_len > 0) & (other_l > 0)),
+        tgt_group=group_column(tgt),
     )
     if src is not None:
         ren = {ss.prefix + "user_id": tgt_feats[ts.prefix + "user_id"],

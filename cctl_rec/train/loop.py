@@ -32,7 +32,8 @@ from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import gather_cat, init_distributed
 from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
-from cctl_rec.metrics import BinaryMetrics, selector_stats
+from cctl_rec.data.reader import GROUP_COLUMN
+from cctl_rec.metrics import BinaryMetrics, GroupMetrics, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
@@ -104,9 +105,13 @@ def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
 @torch.no_grad()
 def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: int, world: int,
              networks: tuple[str, ...] = ("pure",), keep_logits: bool = False) -> dict[str, Any]:
-    """AUC / logloss of each network on a target split, reduced across ranks (and, with
-    ``keep_logits``, the first network's logits of every rank in row order under "logits")."""
+    """AUC / logloss of each network on a target split, reduced across ranks; under "groups" the
+    first network's per user group (``{"cold": {"auc", "logloss", "rows"}, "warm": ...}``, auc
+    None for a group with one label class or no rows) when the split has ``user_group``, else
+    None (and, with ``keep_logits``, the first network's logits of every rank in row order under
+    "logits")."""
     meters = {n: BinaryMetrics() for n in networks}
+    groups = GroupMetrics() if data.has_column(split, GROUP_COLUMN) else None
     kept = []
     for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows, positions=module.positions):
         for n in networks:
@@ -114,7 +119,10 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
             meters[n].update(z, b.tgt_label)
             if keep_logits and n == networks[0]:
                 kept.append(z)
+            if groups is not None and n == networks[0]:
+                groups.update(z, b.tgt_label, b.tgt_group)
     out: dict[str, Any] = {n: m.compute() for n, m in meters.items()}
+    out["groups"] = groups.compute() if groups is not None else None
     if keep_logits:
         out["logits"] = gather_cat(torch.cat(kept) if kept else torch.zeros(0))
     return out
@@ -315,6 +323,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         "model": cfg.model.name if not with_source else f"cctl/{cfg.selector.mode}",
         "steps": steps, "world_size": world, "tower": "pure",
         "target_test": test["pure"], "target_valid": valid["pure"],
+        "target_test_groups": test["groups"], "target_valid_groups": valid["groups"],
         "selector": sel, "reward_mean": reward_sum / max(steps, 1) if with_source else None,
         "reward_source": cfg.scn.reward_source, "syncs": syncs + (1 if with_source else 0),
         "selector_updates": ifn.rl.updates if ifn is not None and ifn.rl is not None else 0,

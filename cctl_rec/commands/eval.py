@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from typing import Optional
 
 from iopath.common.file_io import g_pathmgr
 
@@ -16,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.json")
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.add_argument("--by-seed", action="store_true",
-                   help="group runs named NAME-s<seed> and report mean ± std over seeds")
+                   help="group the runs that differ only in their seed (a NAME-s<k> directory, or a seed<k> "
+                        "path component as in an experiment's DATASET/MODEL/seed<k>) and report mean ± std "
+                        "over seeds")
     p.set_defaults(func=run)
 
 
@@ -31,14 +35,29 @@ def load_metrics(run_dir: str) -> dict:
             raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
 
 
+GROUPS = ("cold", "warm")
+
+
+def group_auc(m: dict, group: str, split: str = "target_test") -> Optional[float]:
+    """A run's target AUC on one user group (``metrics.json``'s ``<split>_groups``), or None."""
+    return ((m.get(f"{split}_groups") or {}).get(group) or {}).get("auc")
+
+
+def _has_groups(ms: list[dict]) -> bool:
+    return any(m.get("target_test_groups") for m in ms)
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| run | model | steps | ranks | test AUC | test logloss | valid AUC | p_mean | p_clean | p_harm "
+    groups = _has_groups([m for _, m in rows])
+    gh = "".join(f" test AUC {g} |" for g in GROUPS) if groups else ""
+    lines = [f"| run | model | steps | ranks | test AUC |{gh} test logloss | valid AUC | p_mean | p_clean | p_harm "
              "| harmful AUROC | samples/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|" + "---|" * (len(GROUPS) if groups else 0) + "---|---|---|---|---|---|---|"]
     for name, m in rows:
         s = m.get("selector") or {}
+        gc = "".join(f" {fmt(group_auc(m, g))} |" for g in GROUPS) if groups else ""
         lines.append(f"| {name} | {m['model']} | {m['steps']} | {m['world_size']} | {fmt(m['target_test']['auc'])} "
-                     f"| {fmt(m['target_test']['logloss'])} | {fmt(m['target_valid']['auc'])} | "
+                     f"|{gc} {fmt(m['target_test']['logloss'])} | {fmt(m['target_valid']['auc'])} | "
                      f"{fmt(s.get('p_mean'), 3)} | {fmt(s.get('p_clean'), 3)} | {fmt(s.get('p_harmful'), 3)} | "
                      f"{fmt(s.get('harmful_auc'), 3)} | {m['train_samples_per_s']:.0f} |")
     return "\n".join(lines)
@@ -53,17 +72,43 @@ def _stat(xs: list) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def grouped(rows: list[tuple[str, dict]]) -> str:
-    import re
+_SEED_DIR = re.compile(r"seed\d+")
+_SEED_SUFFIX = re.compile(r"-s\d+$")
 
+
+def seed_group(run_dir: str) -> str:
+    """The run's path without its seed: a ``seed<k>`` component (an experiment's
+    ``DATASET/MODEL/[alpha<a>/]seed<k>``) dropped and a ``-s<k>`` suffix stripped from every
+    component, so runs that differ only in the seed share it."""
+    parts = os.path.normpath(run_dir).split(os.sep)
+    return os.sep.join(_SEED_SUFFIX.sub("", p) for p in parts if not _SEED_DIR.fullmatch(p)) or "."
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Each path relative to the folder all of their parents share (``amazon/dnn/seed0``, ``dnn``)."""
+    paths = [os.path.normpath(k) for k in paths]
+    parents = [os.path.dirname(k) or "." for k in paths]
+    try:
+        common = os.path.commonpath(parents) if parents else ""
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    return [os.path.relpath(k, common) if common else k for k in paths]
+
+
+def grouped(rows: list[tuple[str, dict]]) -> str:
+    """Mean ± std over seeds of the runs grouped by :func:`seed_group` (``rows``: run dir, metrics)."""
     groups: dict[str, list[dict]] = {}
-    for name, m in rows:
-        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(m)
-    lines = ["| runs | seeds | test AUC | test logloss | p_clean | p_harm | harmful AUROC | mean reward |",
-             "|---|---|---|---|---|---|---|---|"]
+    for run_dir, m in rows:
+        groups.setdefault(seed_group(run_dir), []).append(m)
+    labels = dict(zip(groups, _labels(list(groups))))
+    with_groups = _has_groups([m for _, m in rows])
+    gh = "".join(f" test AUC {g} |" for g in GROUPS) if with_groups else ""
+    lines = [f"| runs | seeds | test AUC |{gh} test logloss | p_clean | p_harm | harmful AUROC | mean reward |",
+             "|---|---|---|" + "---|" * (len(GROUPS) if with_groups else 0) + "---|---|---|---|---|"]
     for g, ms in groups.items():
         sel = [m.get("selector") or {} for m in ms]
-        lines.append(f"| {g} | {len(ms)} | {_stat([m['target_test']['auc'] for m in ms])} | "
+        gc = "".join(f" {_stat([group_auc(m, x) for m in ms])} |" for x in GROUPS) if with_groups else ""
+        lines.append(f"| {labels[g]} | {len(ms)} | {_stat([m['target_test']['auc'] for m in ms])} |{gc} "
                      f"{_stat([m['target_test']['logloss'] for m in ms])} | {_stat([s.get('p_clean') for s in sel])} | "
                      f"{_stat([s.get('p_harmful') for s in sel])} | {_stat([s.get('harmful_auc') for s in sel])} | "
                      f"{_stat([m.get('reward_mean') for m in ms])} |")
@@ -71,10 +116,10 @@ def grouped(rows: list[tuple[str, dict]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = [(os.path.basename(os.path.normpath(d)), load_metrics(d)) for d in args.run_dirs]
     if args.by_seed:
-        print(grouped(rows))
+        print(grouped([(d, load_metrics(d)) for d in args.run_dirs]))
         return 0
+    rows = [(name, load_metrics(d)) for name, d in zip(_labels(args.run_dirs), args.run_dirs)]
     if args.json:
         print(json.dumps({n: {k: v for k, v in m.items() if k != "history"} for n, m in rows}, indent=2))
     else:

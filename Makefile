@@ -26,6 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
+# Unit tests only: no process started, none over ~5 s (tests marked `slow` or `dist` left out);
+# under 2 minutes on one core (docs/testing.md).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -287,6 +287,7 @@ def test_other_seq_outside_the_target_item_table_fails_in_one_line(tmp_path):
 # ---------------------------------------------------------------------- training and export
 
 
+@pytest.mark.slow  # trains and exports each head: 2-6 s each on one core
 @pytest.mark.parametrize("overrides", [["model.name=dnn", "model.head=din"], ["model.name=dnn", "model.head=minet"],
                                        ["model.head=conet", "selector.mode=fixed"]])
 def test_trains_and_export_serves_the_same_logits(tiny_data, tmp_path, overrides):

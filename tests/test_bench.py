@@ -51,6 +51,7 @@ def test_harness_step_is_train_step(tiny_data, extra):
     h.close()
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_train(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "train", "--parts", "throughput,breakdown,threads,auc", "--auc-steps", "3")
     r = res["results"]
@@ -69,6 +70,7 @@ def test_bench_train(tiny_data, tmp_path):
                                                    "bf16 speed-up (CCTL)", "bf16 target AUC"}
 
 
+@pytest.mark.slow  # a spawned process per variant
 def test_bench_train_rss_in_a_fresh_process(tiny_data):
     from cctl_rec.bench.common import BenchOptions
     from cctl_rec.bench.train import VARIANTS, measure_rss
@@ -78,6 +80,7 @@ def test_bench_train_rss_in_a_fresh_process(tiny_data):
     assert out["dnn/fp32"]["peak_rss_mib"] > 100 and out["dnn/fp32"]["steps"] == 3
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_sync(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "sync", "--table-rows", "1000,20000")
     s = res["results"]["sizes"]
@@ -86,6 +89,7 @@ def test_bench_sync(tiny_data, tmp_path):
     assert s["20000"]["target_table_rows"] > s["1000"]["target_table_rows"] and 0 < s["20000"]["share_at_k1000"]
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_reward(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "reward", "selector.update_every=2")
     r = res["results"]
@@ -93,6 +97,7 @@ def test_bench_reward(tiny_data, tmp_path):
     assert r["paper"]["update_ms"]["median"] > 0 and r["paper"]["bookkeeping_share"] > 0
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_data(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "data")
     r = res["results"]
@@ -100,6 +105,7 @@ def test_bench_data(tiny_data, tmp_path):
     assert r["readers"]["cctl"]["rows_per_item"] == 128 * 5 and r["ratio"]["cctl"] > 0
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_kernels(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "kernels", "--table-rows", "5000")
     r = res["results"]
@@ -120,6 +126,7 @@ def test_bench_scaling_counts_collectives(tiny_data, tmp_path):
     assert all(t["met"] for t in res["targets"])  # the sync sends nothing
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_stress_checks_every_window(tiny_data, tmp_path):
     rc, res = _bench(tiny_data, tmp_path, "stress", "--stress-steps", "44", "--sync-every", "2",
                      "--update-every", "2", "--rss-every", "2")
@@ -130,6 +137,7 @@ def test_bench_stress_checks_every_window(tiny_data, tmp_path):
     assert r["rss"]["growth"] is not None and len(r["rss_samples"]) == 23
 
 
+@pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_stress_fails_on_a_broken_sync(tiny_data, tmp_path, monkeypatch, capsys):
     import cctl_rec.bench.harness as harness
 

@@ -25,6 +25,7 @@ def _m(run_dir):
     return {k: m[k] for k in ("target_test", "target_valid", "selector", "reward_mean", "steps", "syncs")}
 
 
+@pytest.mark.slow  # two training runs and a resume: 3-6 s on one core
 @pytest.mark.parametrize("mode", [[], ["selector.mode=influence"]], ids=["bernoulli", "influence"])
 def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path, mode):
     """The influence mode's group table and Adam state come back too."""

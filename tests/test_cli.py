@@ -8,6 +8,7 @@ import pytest
 from cctl_rec.cli import COMMANDS, main
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess) imports every command
 def test_help_lists_every_subcommand():
     r = subprocess.run([sys.executable, "-m", "cctl_rec.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
@@ -34,6 +35,7 @@ def test_doctor_reports_the_tested_stack(capsys):
     assert "OK (tested combination)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # generation in spawned worker processes
 def test_bench_datagen_measures_real_generation(tmp_path, capsys):
     import json
 

@@ -112,6 +112,7 @@ def test_manifest_written_last_and_readable(tiny):
     assert sum(e["rows"] for e in entries) == TINY.tgt.samples + TINY.src.samples
 
 
+@pytest.mark.slow  # spawned worker processes
 def test_workers_give_identical_bytes(tiny, tmp_path):
     _, m1 = tiny
     m2 = generate(str(tmp_path), "tiny", workers=2, progress=False)

@@ -20,6 +20,7 @@ def _spec(tmp_path, tiny_data, models, extra=""):
     return str(p)
 
 
+@pytest.mark.slow  # runs in spawned worker processes
 def test_experiment_runs_every_model_and_seed_and_writes_the_report(tmp_path, tiny_data, capsys):
     cfg = _spec(tmp_path, tiny_data, [("DNN", ["model.name=dnn"]), ("CCTL (paper)", [])],
                 "alpha_sweep: {model: CCTL (paper), values: [0.0, 1.0]}\npaper: {DNN: 0.7456}\n")
@@ -45,6 +46,7 @@ def test_experiment_runs_every_model_and_seed_and_writes_the_report(tmp_path, ti
     assert (out / "runs/tiny/dnn/seed0/metrics.json").stat().st_mtime == mtime
 
 
+@pytest.mark.slow  # runs in spawned worker processes
 def test_a_failing_run_is_reported_and_the_rest_still_run(tmp_path, tiny_data, capsys):
     cfg = _spec(tmp_path, tiny_data, [("bad", ["selector.gamma=7"]), ("DNN", ["model.name=dnn"])])
     out = tmp_path / "out"

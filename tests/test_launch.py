@@ -60,6 +60,7 @@ class ComponentsTest(ComponentTestCase):
         assert args.endswith("selector.alpha=0.5")
 
 
+@pytest.mark.slow  # torchx in a subprocess
 def test_bench_dryrun_through_the_torchx_cli():
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = subprocess.run(["torchx", "run", "--dryrun", "-s", "local_cwd", "launch/components.py:bench", "--what",

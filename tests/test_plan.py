@@ -13,6 +13,7 @@ def _plan(tmp_path, *args):
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.slow  # plans 16 GPUs' tables: 5-9 s on one core
 def test_meituan_on_16_gpus_plans_every_table_with_mirrored_target_tables(tmp_path):
     rc, rep = _plan(tmp_path, "--preset", "meituan", "--world-size", "16", "--device", "cuda", "--hbm-gb", "80")
     assert rc == 0 and rep["fits"] and rep["uvm_tables"] == []

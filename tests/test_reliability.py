@@ -621,6 +621,7 @@ def _python(script: str, *args, timeout: int = 600) -> subprocess.CompletedProce
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # kills a training subprocess
 @rel("fault", "a kill during a checkpoint write", expect="SIGKILL halfway through writing step 6's checkpoint: "
      "step 3's checkpoint is byte-identical, no step 6 appears, the rerun resumes from step 3 (temp directory "
      "removed) and ends where an uninterrupted run ends")
@@ -662,6 +663,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # kills a datagen subprocess
 @rel("fault", "a kill during datagen", expect="SIGKILL while a shard is half written: no manifest (train refuses "
      "the directory in one line), the rerun completes, every shard verifies against its sha256, no temp file is "
      "left and the bytes equal an uninterrupted run's")

@@ -39,6 +39,7 @@ def test_missing_torchrec():
         check_stack(dict(GOOD, torchrec=None), import_module=lambda m: None)
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_import_guard_fires_at_import_time(tmp_path):
     # a fake fbgemm_gpu package earlier on sys.path simulates a broken binary
     (tmp_path / "fbgemm_gpu").mkdir()

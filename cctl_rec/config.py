@@ -23,7 +23,7 @@ import yaml
 
 from cctl_rec.schema import HEAD_SEQUENCES
 
-SelectorMode = Literal["paper", "bernoulli", "influence", "fixed", "oracle", "supervised"]
+SelectorMode = Literal["paper", "bernoulli", "influence", "evidence", "fixed", "oracle", "supervised"]
 ModelName = Literal["cctl", "dnn"]
 TARGET_ONLY_HEADS = tuple(HEAD_SEQUENCES)
 """Heads that attend over the target rows' behaviour sequences (trained on target rows only)."""
@@ -107,6 +107,9 @@ class ModelConfig:
     """> 0: the Finetune baseline — the mixed network is trained on source rows only (through SAN,
     every weight 1, target loss off) for this many steps, then on target rows only; use it with
     selector.mode=fixed."""
+    finetune_frac: float = 0.0
+    """> 0: the Finetune baseline with its source-only phase given as this share of the run's steps
+    (so the same setting fits runs of any length); model.finetune_steps, when set, wins."""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """Eq. 3/4 write sums; mean (per domain) keeps the scale independent of the batch size."""
 
@@ -117,6 +120,7 @@ class ModelConfig:
         _check(all(h > 0 for h in self.san_hidden), f"model.san_hidden widths must be > 0, got {list(self.san_hidden)}")
         _check(self.dann_weight >= 0, f"model.dann_weight must be >= 0, got {self.dann_weight}")
         _check(self.finetune_steps >= 0, f"model.finetune_steps must be >= 0, got {self.finetune_steps}")
+        _check(0.0 <= self.finetune_frac < 1.0, f"model.finetune_frac must be in [0, 1), got {self.finetune_frac}")
         _check(not (self.head in TARGET_ONLY_HEADS and self.name != "dnn"),
                f"model.head={self.head} is trained on target rows only (the source rows' SAN output has no "
                f"per-position sequences); use it with model.name=dnn, got model.name={self.name}")
@@ -135,11 +139,14 @@ class SelectorConfig:
     supervised: the selector fitted to the is_harmful flag (a plumbing check; analysis only)."""
     hidden: tuple[int, ...] = (64, 32)
     alpha: float = 1.0
-    """Scale of the REINFORCE update (Eq. 9); 0 = plain multi-domain training."""
+    """Scale of the REINFORCE update (Eq. 9); 0 = plain multi-domain training, every source weight 1
+    (the paper, §3.5: "alpha = 0 ... degenerates into a multi-domain model")."""
     gamma: float = 0.8
     """Discount of the accumulated reward r_accu = sum_j gamma^j r_{k+j}."""
     update_every: int = 1000
-    """Steps between two selector updates (the paper: 1000)."""
+    """Steps between two selector updates (the paper: 1000). 0 = derived from the run's length:
+    total steps / 20, between 1 and 1000, so a run of 80-400 steps (a sparse target, a few epochs)
+    gets ~20 updates, and a streaming run of 20k+ steps the paper's 1000 (:func:`update_every_for`)."""
     lr: float = 1e-3
     """Learning rate of the selector's own optimizer in influence/supervised modes."""
     logit_clamp: float = 8.0
@@ -151,8 +158,10 @@ class SelectorConfig:
     """If > 0, subtract an EMA (this decay) of the reward from each reward (variance reduction)."""
     causal_credit: bool = False
     """Credit step t's reward only to earlier steps' choices (the paper's r_accu includes r_k)."""
-    init_bias: float = 0.0
-    """Initial bias of the sigmoid layer (0 -> p = 0.5 at start)."""
+    init_p: float = 0.5
+    """Every source row's weight p at the start (the sigmoid layer's bias is logit(init_p), within
+    +-logit_clamp). The paper does not say; 0.5 (bias 0) is the plain initialisation. Near 1 the run
+    starts where plain mixing (Mix) is, so a selector that learns nothing loses nothing."""
     influence_target: Literal["train_batch", "heldout_batch"] = "heldout_batch"
     influence_loss: Literal["bce", "pairwise"] = "pairwise"
     """influence mode: the target loss whose gradient scores the source rows. bce = the tower's
@@ -169,16 +178,52 @@ class SelectorConfig:
     "" = each row's own influence. cctl_rec/train/influence_groups.py."""
     influence_group_decay: float = 0.9
     """influence mode: per-sighting decay of the group means (0: this step's rows only)."""
+    evidence_label_shift: bool = True
+    """evidence mode: lower the source label the source over-represents relative to the target,
+    w_y = r_y / max r, r_y = P_t(y) / P_s(y) (cctl_rec/train/evidence.py:LabelShift)."""
+    evidence_groups: bool = False
+    """evidence mode: also lower (label, margin) groups whose influence on a held-out target batch is
+    significantly worse than target rows alike (EvidenceTable). Off: measured on real data with 30%
+    flipped labels, a row's first-order influence ranks the flipped rows as the MOST helpful
+    (harmful AUROC 0.18-0.22 for pairwise and BCE influence, docs/selector.md)."""
+    evidence_decay: float = 0.98
+    """evidence mode: per-step decay of the per-group influence statistics (~50-step memory)."""
+    evidence_bins: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    """evidence mode: edges of the margin bins, margin = (2y - 1) * the mixed tower's logit on the
+    source row (negative: the model disagrees with the row's label). Groups = label x bin."""
+    evidence_reference: Literal["target", "zero"] = "target"
+    """evidence mode: what a source group's mean influence is compared with. target: the mean
+    influence of the step's own target rows of the same (label, margin) group — rows known to belong
+    to the target, so a source group is lowered only when it does worse than target rows alike
+    (each domain centred per label first). zero: its own label's mean (the source compared with
+    itself: on clean data it lowers the below-average half; measured, docs/selector.md)."""
+    evidence_t: float = 2.0
+    """evidence mode: a group's weight drops below 1 only when its mean influence is below zero by
+    more than this many standard errors."""
+    evidence_strength: float = 2.0
+    """evidence mode: weight of a harmful group = exp(strength * mean normalised influence)."""
     influence_keep: float = 0.5
     """influence mode: the mean p the selector is held to (a penalty 10 (mean p - keep)^2 per step;
     0 = none). The influence decides which source rows; this decides how much source. Without it
     the mean p drifts late in a run (to 0.999 on one seed, costing 0.016 AUC with no harmful rows)."""
 
+    @property
+    def needs_influence(self) -> bool:
+        """Whether the mode scores source rows by their influence on the target each step."""
+        return self.mode == "influence" or (self.mode == "evidence" and self.evidence_groups)
+
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, f"selector.alpha must be >= 0, got {self.alpha}")
         _check(0.0 <= self.gamma <= 1.0, f"selector.gamma must be in [0, 1], got {self.gamma}")
-        _check(self.update_every > 0, f"selector.update_every must be > 0, got {self.update_every}")
+        _check(self.update_every >= 0, f"selector.update_every must be >= 0 (0: from the run's length), got "
+                                       f"{self.update_every}")
         _check(self.lr > 0, f"selector.lr must be > 0, got {self.lr}")
+        _check(0.0 < self.init_p < 1.0, f"selector.init_p must be in (0, 1), got {self.init_p}")
+        _check(0.0 <= self.evidence_decay < 1.0, f"selector.evidence_decay must be in [0, 1), got {self.evidence_decay}")
+        _check(len(self.evidence_bins) > 0 and all(a < b for a, b in zip(self.evidence_bins, self.evidence_bins[1:])),
+               f"selector.evidence_bins must be increasing, got {list(self.evidence_bins)}")
+        _check(self.evidence_t >= 0, f"selector.evidence_t must be >= 0, got {self.evidence_t}")
+        _check(self.evidence_strength > 0, f"selector.evidence_strength must be > 0, got {self.evidence_strength}")
         _check(0.0 <= self.influence_keep < 1.0, f"selector.influence_keep must be in [0, 1), got {self.influence_keep}")
         _check(0.0 <= self.influence_group_decay < 1.0,
                f"selector.influence_group_decay must be in [0, 1), got {self.influence_group_decay}")

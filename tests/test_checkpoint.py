@@ -26,9 +26,10 @@ def _m(run_dir):
 
 
 @pytest.mark.slow  # two training runs and a resume: 3-6 s on one core
-@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"]], ids=["bernoulli", "influence"])
+@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"], ["selector.mode=evidence", "selector.evidence_groups=true"]],
+                         ids=["bernoulli", "influence", "evidence"])
 def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path, mode):
-    """The influence mode's group table and Adam state come back too."""
+    """The influence mode's group table and Adam state, the evidence mode's tables, come back too."""
     assert _train(tiny_data, tmp_path / "full", 14, *mode) == 0
     assert _train(tiny_data, tmp_path / "cut", 5, "run.checkpoint_every=3", *mode) == 0   # "killed" after step 5
     assert _train(tiny_data, tmp_path / "cut", 14, *mode) == 0                             # resumes at 5
@@ -64,7 +65,8 @@ def _dist_train(rank, world, data, run_dir, steps, extra):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"]], ids=["bernoulli", "influence"])
+@pytest.mark.parametrize("mode", [[], ["selector.mode=influence"], ["selector.mode=evidence", "selector.evidence_groups=true"]],
+                         ids=["bernoulli", "influence", "evidence"])
 def test_two_rank_resume_and_reload_on_one_rank(tiny_data, tmp_path, mode):
     """Influence mode: the group table is pooled over ranks (identical on both) and comes back."""
     ex = ["dist.sharding=table_wise", *mode]

@@ -47,7 +47,7 @@ from cctl_rec.schema import DomainSchema
 from cctl_rec.train import losses as losses_mod
 from cctl_rec.train.ifn import IFN
 from cctl_rec.train.losses import scn_losses
-from cctl_rec.train.loop import evaluate, heldout_reward, step_influence, step_stats
+from cctl_rec.train.loop import _total_steps, evaluate, finetune_steps, heldout_reward, step_influence, step_stats
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
 
 from cctl_rec.bench.common import Sections
@@ -88,6 +88,7 @@ class Harness:
                               pg=dist.GroupMember.WORLD)
         self.dmp = shard(model, self.plan, self.device)
         self.module: CCTL = self.dmp.module
+        self.total = _total_steps(cfg, self.stream)
         dense = [p for name in ("mixed_tower", "san", "pure_tower", "domain_clf") if hasattr(self.module, name)
                  for p in getattr(self.module, name).parameters()]
         self.dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
@@ -96,11 +97,12 @@ class Harness:
         self.ifn: Optional[IFN] = None
         if self.with_source:
             check_same_layout(self.module.mixed_tgt, self.module.pure_tgt)
-            self.ifn = IFN(cfg.selector, self.module.width, self.module.schemas["src"])
+            self.ifn = IFN(cfg.selector, self.module.width, self.module.schemas["src"], total_steps=self.total)
             sync_mixed_to_pure(self.module, self.dense_opt, cfg.scn.sync_optimizer_state, self.dp_tables)
         self.heldout = heldout_batches(self.data, cfg.data, self.rank, self.world, 0) if self.with_source and (
             cfg.scn.reward_source == "heldout_batch" or
-            (cfg.selector.mode == "influence" and cfg.selector.influence_target == "heldout_batch")) else None
+            (cfg.selector.needs_influence and cfg.selector.influence_target == "heldout_batch")
+        ) else None
         self.batches: Iterator[CCTLBatch] = prefetch(self.stream.iterate(0), cfg.data.prefetch)
         self.sections = Sections()
         self.syncs = 0
@@ -188,10 +190,12 @@ class Harness:
         with t.span("selector_score"):
             if with_source and out.x_src is not None:
                 assert ifn is not None
-                weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful)
+                weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful, batch.src_label,
+                                                       out.logit_src)
             tgt_weight = 1.0
-            if cfg.model.finetune_steps and weights is not None:  # Finetune baseline: source, then target
-                pre = step <= cfg.model.finetune_steps
+            ft = finetune_steps(cfg, self.total)
+            if ft and weights is not None:  # Finetune baseline: source, then target
+                pre = step <= ft
                 weights, tgt_weight = torch.full_like(weights, 1.0 if pre else 0.0), 0.0 if pre else 1.0
         with t.span("losses"), self.amp():
             losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
@@ -216,7 +220,8 @@ class Harness:
                 if self.on_logits is not None:
                     self.on_logits(logits)
                 gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
-                extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids)
+                extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids,
+                                 out.logit_src, batch.tgt_label, out.logit_tgt)
                 if extra.get("selector_update"):
                     t.add("update_ran", 0.0)  # a marker: the per-step statistics leave this step out
         with t.span("sync"):

@@ -33,6 +33,8 @@ def summarize(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, 
     for ds in spec.datasets:
         rows = {}
         for m in spec.models:
+            if not m.runs_on(ds.name):
+                continue
             rs = [r for r in records if r["dataset"] == ds.name and r["model"] == m.name and r["alpha"] is None]
             ok = [r for r in rs if r["status"] == "ok"]
             sel = [r["metrics"].get("selector") or {} for r in ok]
@@ -44,7 +46,14 @@ def summarize(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, 
                 "p_clean_minus_harm": [s["p_clean"] - s["p_harmful"] for s in sel
                                        if s.get("p_clean") is not None and s.get("p_harmful") is not None],
                 "train_seconds": [r["metrics"]["train_seconds"] for r in ok],
+                "wall_seconds": [r["wall_seconds"] for r in rs if "wall_seconds" in r],
+                "p_mean": [s["p_mean"] for s in sel if s.get("p_mean") is not None],
             }
+            for group in ("cold", "warm"):  # target test AUC by user group, where the data has groups
+                g = [((r["metrics"].get("target_test_groups") or {}).get(group) or {}).get("auc") for r in ok]
+                if any(x is not None for x in g):
+                    rows[m.name][f"auc_{group}"] = [x for x in g if x is not None]
+                    rows[m.name][f"seeds_{group}"] = [r["seed"] for r, x in zip(ok, g) if x is not None]
         sweep = {}
         if spec.alpha_sweep:
             from cctl_rec.experiment.runner import model_alpha
@@ -60,9 +69,12 @@ def summarize(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, 
     return out
 
 
-def _paired(a: dict, b: dict) -> Optional[tuple[float, float, int, int]]:
-    """(mean diff, std, wins, n) of a - b over the seeds both have."""
-    pairs = [(x, y) for s, x in zip(a["seeds"], a["auc"]) for t, y in zip(b["seeds"], b["auc"]) if s == t]
+def _paired(a: dict, b: dict, key: str = "auc") -> Optional[tuple[float, float, int, int]]:
+    """(mean diff, std, wins, n) of a - b over the seeds both have (``key``: auc, auc_cold, auc_warm)."""
+    sk = "seeds" if key == "auc" else "seeds_" + key.split("_", 1)[1]
+    if key not in a or key not in b:
+        return None
+    pairs = [(x, y) for s, x in zip(a[sk], a[key]) for t, y in zip(b[sk], b[key]) if s == t]
     if not pairs:
         return None
     d = [x - y for x, y in pairs]
@@ -70,34 +82,82 @@ def _paired(a: dict, b: dict) -> Optional[tuple[float, float, int, int]]:
     return m, s, sum(x > 0 for x in d), len(d)
 
 
+def cross_dataset(spec: ExperimentSpec, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per model over the datasets it ran on: mean of its per-dataset paired Δ AUC against the
+    first reference, datasets where that mean is > 0, seed wins, and its average rank by mean test
+    AUC (1 = best, among the models each dataset has)."""
+    ref = spec.references[0]
+    out: dict[str, dict[str, Any]] = {}
+    for ds, res in summary.items():
+        rows = {n: r for n, r in res["models"].items() if r["auc"]}
+        order = sorted(rows, key=lambda n: -statistics.mean(rows[n]["auc"]))
+        for n in rows:
+            o = out.setdefault(n, {"deltas": [], "ranks": [], "wins": 0, "pairs": 0, "datasets": []})
+            o["ranks"].append(order.index(n) + 1)
+            o["datasets"].append(ds)
+            d = _paired(rows[n], rows[ref]) if ref in rows and n != ref else None
+            if d:
+                o["deltas"].append(d[0])
+                o["wins"] += d[2]
+                o["pairs"] += d[3]
+    for o in out.values():
+        o["mean_delta"] = statistics.mean(o["deltas"]) if o["deltas"] else None
+        o["datasets_ahead"] = sum(d > 0 for d in o["deltas"])
+        o["avg_rank"] = statistics.mean(o["ranks"])
+    return out
+
+
 def markdown(spec: ExperimentSpec, summary: dict[str, Any], command: str, versions: dict[str, str],
              seconds: float, plots: list[str]) -> str:
     lines = [f"# Experiment `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description, ""]
-    lines += [f"Command: `{command}`  ", f"Seeds: {list(spec.seeds)}, ranks per run: {spec.ranks}, "
+    seeds = {ds.name: list(spec.seeds_of(ds)) for ds in spec.datasets}
+    seed_txt = (str(list(spec.seeds)) if all(v == list(spec.seeds) for v in seeds.values()) else
+                "; ".join(f"{k} {v}" for k, v in seeds.items()))
+    lines += [f"Command: `{command}`  ", f"Seeds: {seed_txt}, ranks per run: {spec.ranks}, "
               f"wall time of this invocation: {seconds / 60:.1f} min  ",
               "Machine: " + f"{platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}  ",
               "Packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     lines += ["Every model gets the same budget: the epochs, batch size, learning rates, embedding and "
               "tower sizes of its config (below), no per-model tuning. Target test AUC / logloss of the "
-              "served network (mean ± std over seeds); Δ is paired by seed against the baseline.", ""]
+              "served network (mean ± std over seeds); Δ is paired by seed (mean ± std of the "
+              "differences, and in how many seeds the model is ahead).", ""]
+    refs = spec.references
+    xd = cross_dataset(spec, summary)
+    if len(summary) > 1:
+        lines += [f"## Summary across datasets (reference: {refs[0]})", "",
+                  f"| model | datasets | mean Δ AUC vs {refs[0]} | datasets ahead | seed wins | average rank |",
+                  "|---|---|---|---|---|---|"]
+        for name, o in sorted(xd.items(), key=lambda kv: kv[1]["avg_rank"]):
+            md = f"{o['mean_delta']:+.4f}" if o["mean_delta"] is not None else "-"
+            ahead = f"{o['datasets_ahead']}/{len(o['deltas'])}" if o["deltas"] else "-"
+            wins = f"{o['wins']}/{o['pairs']}" if o["pairs"] else "-"
+            lines.append(f"| {name} | {len(o['datasets'])} | {md} | {ahead} | {wins} | {o['avg_rank']:.2f} |")
+        lines.append("")
     for ds, res in summary.items():
         rows = res["models"]
-        base = rows.get(spec.baseline)
-        lines += [f"## {ds}", "", "| model | test AUC | test logloss | Δ AUC vs " + spec.baseline +
-                  " (wins) | paper AUC | harmful AUROC | p_clean − p_harm | train s (load-dependent) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        groups = [g for g in ("cold", "warm") if any(f"auc_{g}" in r for r in rows.values())]
+        lines += [f"## {ds}", "", "| model | test AUC | test logloss | " +
+                  "".join(f"Δ AUC vs {ref} (wins) | " for ref in refs) +
+                  "".join(f"{g} AUC (Δ vs {refs[0]}) | " for g in groups) +
+                  "paper AUC | harmful AUROC | p_clean − p_harm | mean p | train s (load-dependent) |",
+                  "|---|---|---|" + "---|" * (len(refs) + len(groups)) + "---|---|---|---|---|"]
         for name, r in rows.items():
-            d = _paired(r, base) if base is not None and name != spec.baseline else None
-            dtxt = f"{d[0]:+.4f} ± {d[1]:.4f} ({d[2]}/{d[3]})" if d else "-"
+            cells = []
+            for ref in refs:
+                d = _paired(r, rows[ref]) if ref in rows and name != ref else None
+                cells.append(f"{d[0]:+.4f} ± {d[1]:.4f} ({d[2]}/{d[3]})" if d else "-")
+            for g in groups:
+                d = _paired(r, rows[refs[0]], f"auc_{g}") if refs[0] in rows and name != refs[0] else None
+                cells.append(_fmt(r.get(f"auc_{g}", [])) + (f" ({d[0]:+.4f})" if d else ""))
             paper = f"{spec.paper[name]:.4f}" if name in spec.paper else "-"
             fail = f" ({len(r['failed'])} failed)" if r["failed"] else ""
-            lines.append(f"| {name}{fail} | {_fmt(r['auc'])} | {_fmt(r['logloss'])} | {dtxt} | {paper} | "
-                         f"{_fmt(r['harmful_auc'], 3)} | {_fmt(r['p_clean_minus_harm'], 3)} | "
-                         f"{_fmt(r['train_seconds'], 0)} |")
+            lines.append(f"| {name}{fail} | {_fmt(r['auc'])} | {_fmt(r['logloss'])} | " + " | ".join(cells) +
+                         f" | {paper} | {_fmt(r['harmful_auc'], 3)} | {_fmt(r['p_clean_minus_harm'], 3)} | "
+                         f"{_fmt(r['p_mean'], 3)} | {_fmt(r['train_seconds'], 0)} |")
         lines.append("")
-        if spec.ablation:
+        if spec.ablation and all(a in rows for a in spec.ablation):
             lines += ["Ablation (paired against the first):", "", "| model | test AUC | Δ vs " + spec.ablation[0] + " |",
                       "|---|---|---|"]
             first = rows[spec.ablation[0]]
@@ -111,9 +171,14 @@ def markdown(spec: ExperimentSpec, summary: dict[str, Any], command: str, versio
             lines += [f"| {a} | {_fmt(v)} |" for a, v in res["alpha_sweep"].items()]
             lines.append("")
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Configs", ""] + [f"- {m.name}: `{m.config}` {' '.join(m.overrides)}" for m in spec.models]
+    lines += ["## Configs", ""] + [f"- {m.name}: `{m.config}` {' '.join(m.overrides)}" +
+                                   (f" (datasets {', '.join(m.datasets)})" if m.datasets else "")
+                                   for m in spec.models]
     if spec.overrides:
         lines.append(f"- every run: {' '.join(spec.overrides)}")
+    for ds in spec.datasets:
+        if ds.overrides:
+            lines.append(f"- {ds.name}: {' '.join(ds.overrides)}")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +294,7 @@ def write_report(spec: ExperimentSpec, records: list[dict[str, Any]], out: str, 
     summary = summarize(spec, records)
     names = plots(spec, records, summary, out)
     results = {"experiment": spec.name, "command": command, "versions": versions, "seconds": seconds,
-               "summary": summary, "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}
+               "summary": summary, "cross_dataset": cross_dataset(spec, summary), "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}
     atomic_write_bytes(os.path.join(out, "results.json"), (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(os.path.join(out, "report.md"),
                        markdown(spec, summary, command, versions, seconds, names).encode())

@@ -39,12 +39,14 @@ class Run:
 
 def plan_runs(spec: ExperimentSpec) -> list[Run]:
     """Every run, seeds innermost; the alpha sweep after the models."""
-    runs = [Run(ds, m, s) for ds in spec.datasets for m in spec.models for s in spec.seeds]
+    runs = [Run(ds, m, s) for ds in spec.datasets for m in spec.models if m.runs_on(ds.name)
+            for s in spec.seeds_of(ds)]
     if spec.alpha_sweep:
         name, values = spec.alpha_sweep
         model = next(m for m in spec.models if m.name == name)
         own = model_alpha(spec, model)  # the model's own runs already give this point
-        runs += [Run(ds, model, s, a) for ds in spec.datasets for a in values if a != own for s in spec.seeds]
+        runs += [Run(ds, model, s, a) for ds in spec.datasets if model.runs_on(ds.name) for a in values if a != own
+                 for s in spec.seeds_of(ds)]
     return runs
 
 
@@ -76,7 +78,7 @@ def prepare_data(ds: DataSpec) -> None:
 def train_command(run: Run, spec: ExperimentSpec, run_dir: str, port: int) -> list[str]:
     """The ``cctl-rec train`` command line of ``run`` (under torchrun when ``spec.ranks`` > 1)."""
     args = ["train", "--config", run.model.config, "--data", run.dataset.path, "--run-dir", run_dir,
-            *spec.overrides, *run.model.overrides, f"run.seed={run.seed}"]
+            *spec.overrides, *run.dataset.overrides, *run.model.overrides, f"run.seed={run.seed}"]
     if run.alpha is not None:
         args.append(f"selector.alpha={run.alpha}")
     if spec.ranks == 1:

@@ -15,6 +15,11 @@ Example::
     paper: {DNN: 0.7456, CCTL (paper): 0.7790}
 
 ``prepare`` holds ``cctl-rec`` arguments that create the dataset when its manifest is missing.
+A dataset may set its own ``seeds`` (fewer on a large dense variant) and ``overrides`` (epochs,
+source ratio: applied after the experiment's, before the model's); a model may be limited to some
+datasets with ``datasets: [name or fnmatch pattern, ...]`` (the oracle where harm is known).
+``compare`` lists the models every other model is paired against by seed (default: the
+baseline); the first is the reference of the cross-dataset summary (mean paired Δ, wins, rank).
 Unknown keys are refused with their path.
 """
 
@@ -32,6 +37,13 @@ class ModelSpec:
     name: str
     config: str
     overrides: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    """fnmatch patterns of the datasets this model runs on (empty: all)."""
+
+    def runs_on(self, dataset: str) -> bool:
+        import fnmatch
+
+        return not self.datasets or any(fnmatch.fnmatchcase(dataset, p) for p in self.datasets)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,9 @@ class DataSpec:
     name: str
     path: str
     prepare: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    """this dataset's seeds (empty: the experiment's)."""
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,15 @@ class ExperimentSpec:
     baseline: str = "DNN"
     ablation: tuple[str, ...] = ()
     description: str = ""
+    compare: tuple[str, ...] = ()
+    """models every model is paired against (empty: the baseline); the first is the summary's reference."""
+
+    def seeds_of(self, ds: DataSpec) -> tuple[int, ...]:
+        return ds.seeds or self.seeds
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return self.compare or (self.baseline,)
 
 
 def _strs(v: Any, where: str) -> tuple[str, ...]:
@@ -62,6 +86,13 @@ def _strs(v: Any, where: str) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, (str, int, float)) for x in v):
         raise ValueError(f"{where}: expected a list of strings, got {v!r}")
     return tuple(str(x) for x in v)
+
+
+def _seeds(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                   for s in v):
+        raise ValueError(f"{where} must be a non-empty list of integers >= 0, got {v!r}")
+    return tuple(v)
 
 
 def _keys(d: Any, allowed: set[str], where: str) -> dict:
@@ -76,18 +107,19 @@ def _keys(d: Any, allowed: set[str], where: str) -> dict:
 def load_spec(path: str) -> ExperimentSpec:
     """Reads and checks an experiment YAML (configs paths must exist; names unique)."""
     d = _keys(load_yaml(path), {"name", "description", "seeds", "ranks", "datasets", "overrides", "models",
-                                "alpha_sweep", "paper", "baseline", "ablation"}, path)
+                                "alpha_sweep", "paper", "baseline", "ablation", "compare"}, path)
     for k in ("name", "models", "datasets"):
         if k not in d:
             raise ValueError(f"{path}: missing key {k!r}")
     models = []
     for i, m in enumerate(d["models"] or []):
-        m = _keys(m, {"name", "config", "overrides"}, f"{path}: models[{i}]")
+        m = _keys(m, {"name", "config", "overrides", "datasets"}, f"{path}: models[{i}]")
         if "name" not in m or "config" not in m:
             raise ValueError(f"{path}: models[{i}] needs name and config, got {sorted(m)}")
         if not os.path.exists(m["config"]):
             raise FileNotFoundError(f"{path}: models[{i}] ({m['name']}): config {m['config']} does not exist")
-        models.append(ModelSpec(str(m["name"]), str(m["config"]), _strs(m.get("overrides"), f"models[{i}].overrides")))
+        models.append(ModelSpec(str(m["name"]), str(m["config"]), _strs(m.get("overrides"), f"models[{i}].overrides"),
+                                _strs(m.get("datasets"), f"models[{i}].datasets")))
     if not models:
         raise ValueError(f"{path}: models must list at least one model")
     names = [m.name for m in models]
@@ -95,15 +127,15 @@ def load_spec(path: str) -> ExperimentSpec:
         raise ValueError(f"{path}: model names must be unique, got {names}")
     datasets = []
     for name, ds in (d["datasets"] or {}).items():
-        ds = _keys(ds, {"path", "prepare"}, f"{path}: datasets.{name}")
+        ds = _keys(ds, {"path", "prepare", "seeds", "overrides"}, f"{path}: datasets.{name}")
         if "path" not in ds:
             raise ValueError(f"{path}: datasets.{name} needs a path")
-        datasets.append(DataSpec(str(name), str(ds["path"]), _strs(ds.get("prepare"), f"datasets.{name}.prepare")))
+        ds_seeds = _seeds(ds.get("seeds"), f"{path}: datasets.{name}.seeds") if "seeds" in ds else ()
+        datasets.append(DataSpec(str(name), str(ds["path"]), _strs(ds.get("prepare"), f"datasets.{name}.prepare"),
+                                 ds_seeds, _strs(ds.get("overrides"), f"datasets.{name}.overrides")))
     if not datasets:
         raise ValueError(f"{path}: datasets must name at least one dataset")
-    seeds = d.get("seeds", [0, 1, 2])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ValueError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    seeds = _seeds(d.get("seeds", [0, 1, 2]), f"{path}: seeds")
     ranks = d.get("ranks", 1)
     if not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"{path}: ranks must be an integer >= 1, got {ranks!r}")
@@ -119,6 +151,14 @@ def load_spec(path: str) -> ExperimentSpec:
     paper = d.get("paper") or {}
     if not isinstance(paper, dict) or not all(isinstance(v, (int, float)) for v in paper.values()):
         raise ValueError(f"{path}: paper must map model names to numbers, got {paper!r}")
+    for m in models:
+        if m.datasets and not any(m.runs_on(ds.name) for ds in datasets):
+            raise ValueError(f"{path}: model {m.name!r}: datasets {list(m.datasets)} match none of "
+                             f"{[ds.name for ds in datasets]}")
+    compare = _strs(d.get("compare"), "compare")
+    for c in compare:
+        if c not in names:
+            raise ValueError(f"{path}: compare names {c!r}, which is not one of the models {names}")
     ablation = _strs(d.get("ablation"), "ablation")
     for a in ablation:
         if a not in names:
@@ -127,7 +167,7 @@ def load_spec(path: str) -> ExperimentSpec:
                           ranks=ranks, overrides=_strs(d.get("overrides"), "overrides"), alpha_sweep=sweep,
                           paper={str(k): float(v) for k, v in paper.items()},
                           baseline=str(d.get("baseline", "DNN")), ablation=ablation,
-                          description=str(d.get("description", "")))
+                          description=str(d.get("description", "")), compare=compare)
 
 
 def slug(name: str) -> str:

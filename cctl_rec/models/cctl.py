@@ -179,6 +179,10 @@ class CCTL(nn.Module):
         shared = self.mixed_tgt(shared_kjt).to_dict() if shared_kjt is not None else None
         return self.source_repr(self._src_pooled(src_kjt), n_src, shared)
 
+    def source_logits(self, x_src: torch.Tensor) -> torch.Tensor:
+        """The mixed network's B_s logits on SAN-aligned source rows (B_s X W_t)."""
+        return self.mixed_tower(x_src, "src") if self.cfg.head in DOMAIN_HEADS else self.mixed_tower(x_src)
+
     def _src_pooled(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         return self.src(kjt).to_dict() if self.src_has_tables else {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,17 +21,24 @@ class Selector(nn.Module):
         hidden: hidden widths.
         logit_clamp: |logit| bound, so p stays in [sigmoid(-c), sigmoid(c)]; REINFORCE with
             same-signed rewards otherwise grows the last layer multiplicatively until NaN.
-        init_bias: initial bias of the output unit (0 -> p = 0.5).
+        init_p: every row's p at the start: the output unit's bias is logit(init_p) (within the
+            clamp), its weights start at 0.01 x their default so p starts at init_p for every row.
     """
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...], logit_clamp: float = 8.0,
-                 init_bias: float = 0.0) -> None:
+                 init_p: float = 0.5) -> None:
         super().__init__()
+        if not 0.0 < init_p < 1.0:
+            raise ValueError(f"selector init_p must be in (0, 1), got {init_p}")
         self.net = mlp(in_dim, hidden, 1)
         self.logit_clamp = float(logit_clamp)
         last = self.net[-1]
         assert isinstance(last, nn.Linear)
-        nn.init.constant_(last.bias, init_bias)
+        bias = math.log(init_p / (1.0 - init_p))
+        nn.init.constant_(last.bias, max(-self.logit_clamp, min(self.logit_clamp, bias)))
+        if init_p != 0.5:
+            with torch.no_grad():
+                last.weight.mul_(0.01)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1).clamp(-self.logit_clamp, self.logit_clamp)

@@ -114,6 +114,10 @@ class TrainState:
             flat.update(_opt_tensors(self.ifn.opt, "ifn/opt"))
             if self.ifn.groups is not None:
                 flat["ifn/groups/sum"], flat["ifn/groups/count"] = self.ifn.groups.sum, self.ifn.groups.count
+            if self.ifn.evidence is not None:
+                flat.update({f"ifn/evidence/{k}": v for k, v in self.ifn.evidence.state_dict().items()})
+            if self.ifn.label_shift is not None:
+                flat["ifn/label_shift/counts"] = self.ifn.label_shift.counts
         return flat
 
     def prepare(self) -> None:
@@ -144,6 +148,11 @@ class TrainState:
             if self.ifn.groups is not None:
                 self.ifn.groups.sum.copy_(flat["ifn/groups/sum"])
                 self.ifn.groups.count.copy_(flat["ifn/groups/count"])
+            if self.ifn.evidence is not None:
+                self.ifn.evidence.load_state_dict({k: flat[f"ifn/evidence/{k}"]
+                                                   for k in self.ifn.evidence.state_dict()})
+            if self.ifn.label_shift is not None:
+                self.ifn.label_shift.counts.copy_(flat["ifn/label_shift/counts"])
 
 
 def first_line(e: BaseException) -> str:

@@ -7,6 +7,9 @@ Modes (``selector.mode``):
 - ``fixed``: w_i = 1 (CCTL without IFN; the naive mix).
 - ``oracle``: w_i = 1 - is_harmful_i (needs the ground truth; an upper bound for analysis).
 - ``supervised``: the selector is fitted to 1 - is_harmful (a check that its inputs suffice).
+- ``evidence``: the product default (not in the paper): every weight starts at 1 and drops only
+  for groups of rows (label x margin bin) whose mean influence on a held-out target batch is
+  significantly negative (:mod:`cctl_rec.train.evidence`). The selector network is not used.
 - ``influence``: the selector follows a per-sample influence signal (not in the paper, see
   :func:`per_sample_influence`): a meta-gradient step of Learning-to-Reweight / Meta-Weight-Net
   form, grad_phi sum_i zbar_i p_i(phi) with zbar_i the normalised influence of sample i averaged
@@ -29,6 +32,7 @@ from cctl_rec.distributed.env import allreduce_mean_
 from cctl_rec.modules.selector import Selector
 from cctl_rec.modules.tower import Tower
 from cctl_rec.schema import DomainSchema
+from cctl_rec.train.evidence import EvidenceTable, LabelShift
 from cctl_rec.train.influence_groups import InfluenceGroups
 from cctl_rec.train.reinforce import Reinforce, RewardShaper
 
@@ -37,6 +41,29 @@ logger = logging.getLogger(__name__)
 
 KEEP_PENALTY = 10.0
 """Weight of (mean p - selector.influence_keep)^2 in the influence mode's selector loss."""
+
+
+def update_every_for(cfg: SelectorConfig, total_steps: Optional[int]) -> int:
+    """selector.update_every, or with 0 (auto) total_steps / 20 within [1, 1000]: ~20 updates in a
+    short run, the paper's 1000 in a streaming run of 20k+ steps."""
+    if cfg.update_every:
+        return cfg.update_every
+    if not total_steps:
+        return 1000
+    return max(1, min(1000, round(total_steps / 20)))
+
+
+def _centre_per_label(influence: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Influence minus its mean within each label class: removes the part every negative (or
+    positive) sample shares, which says how the label moves the whole tower, not whether the row
+    is harmful (measured: uncentred, every label-0 row of a source looks helpful and every label-1
+    row harmful, docs/selector.md)."""
+    out = influence.clone()
+    for y in (0.0, 1.0):
+        m = labels == y
+        if m.any():
+            out[m] -= out[m].mean()
+    return out
 
 
 def _world() -> int:
@@ -145,11 +172,14 @@ class IFN:
         cfg: selector settings.
         in_dim: width of the SAN-aligned source representation.
         source: the source schema (the influence mode's group feature is one of its columns).
+        total_steps: the run's length (resolves ``selector.update_every=0``).
     """
 
-    def __init__(self, cfg: SelectorConfig, in_dim: int, source: Optional[DomainSchema] = None) -> None:
+    def __init__(self, cfg: SelectorConfig, in_dim: int, source: Optional[DomainSchema] = None,
+                 total_steps: Optional[int] = None) -> None:
         self.cfg = cfg
-        self.selector = Selector(in_dim, cfg.hidden, cfg.logit_clamp, cfg.init_bias)
+        self.update_every = update_every_for(cfg, total_steps)
+        self.selector = Selector(in_dim, cfg.hidden, cfg.logit_clamp, cfg.init_p)
         if _world() > 1:  # one selector: identical on every rank
             for p in self.selector.parameters():
                 dist.broadcast(p.data, src=0)
@@ -157,7 +187,7 @@ class IFN:
         self.rl: Optional[Reinforce] = None
         self.opt: Optional[torch.optim.Optimizer] = None
         if cfg.mode in ("paper", "bernoulli"):
-            self.rl = Reinforce(self.params, cfg.alpha, cfg.gamma, cfg.update_every, cfg.causal_credit)
+            self.rl = Reinforce(self.params, cfg.alpha, cfg.gamma, self.update_every, cfg.causal_credit)
         elif cfg.mode in ("influence", "supervised"):
             self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
         self.shaper = RewardShaper(cfg.ema_baseline, cfg.reward_norm)
@@ -167,19 +197,38 @@ class IFN:
             if source is None:
                 raise ValueError("selector.influence_group needs the source schema (IFN(..., source=))")
             self.groups = InfluenceGroups.of(source, cfg.influence_group, cfg.influence_group_decay)
+        self.evidence: Optional[EvidenceTable] = None
+        self.label_shift: Optional[LabelShift] = None
+        if cfg.mode == "evidence" and cfg.evidence_label_shift:
+            self.label_shift = LabelShift()
+        if cfg.mode == "evidence" and cfg.evidence_groups:
+            self.evidence = EvidenceTable(cfg.evidence_bins, cfg.evidence_decay, cfg.evidence_t, cfg.evidence_strength,
+                                          reference=cfg.evidence_reference == "target")
 
     @property
     def needs_influence(self) -> bool:
-        return self.cfg.mode == "influence"
+        return self.cfg.needs_influence
 
-    def weights(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor]
+    def evidence_groups(self, labels: torch.Tensor, logit_src: torch.Tensor) -> torch.Tensor:
+        """evidence mode: B_s group ids from the labels and the mixed tower's source logits."""
+        assert self.evidence is not None
+        margins = (2.0 * labels.float() - 1.0) * logit_src.detach().float()
+        return self.evidence.groups(labels, margins)
+
+    def weights(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
+                logit_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(weights for Eq. 3, the selector's logits with graph, actions or None) for B_s rows."""
+        """(weights for Eq. 3, the selector's logits with graph, actions or None) for B_s rows
+        (``labels`` and ``logit_src``, the mixed tower's logits on the rows: evidence mode)."""
         logits = self.selector.logits(x_src.detach())
         p = torch.sigmoid(logits)
         mode = self.cfg.mode
-        if mode == "fixed":
-            return torch.ones_like(p), logits, None
+        if mode == "fixed" or (mode in ("paper", "bernoulli") and self.cfg.alpha == 0):
+            return torch.ones_like(p), logits, None   # alpha = 0: plain multi-domain training (§3.5)
+        if mode == "evidence":
+            if labels is None or logit_src is None:
+                raise ValueError("selector.mode=evidence needs the source labels and the mixed tower's source logits")
+            return self.evidence_weights(labels, logit_src), logits, None
         if mode == "oracle":
             if harmful is None:
                 raise ValueError("selector.mode=oracle needs the is_harmful column in the source data")
@@ -189,11 +238,24 @@ class IFN:
             return a, logits, a
         return p.detach(), logits, None
 
+    def evidence_weights(self, labels: torch.Tensor, logit_src: torch.Tensor) -> torch.Tensor:
+        """evidence mode: B_s weights, the label-shift weight times the group weight (each 1 when off)."""
+        w = torch.ones(labels.shape[0])
+        if self.label_shift is not None:
+            w = w * self.label_shift.weights(labels)
+        if self.evidence is not None:
+            w = w * self.evidence.weights(self.evidence_groups(labels, logit_src))
+        return w
+
     def step(self, step: int, logits: torch.Tensor, reward: float, actions: Optional[torch.Tensor],
              harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None,
-             labels: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None) -> dict[str, float]:
+             labels: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None,
+             logit_src: Optional[torch.Tensor] = None, tgt_labels: Optional[torch.Tensor] = None,
+             logit_tgt: Optional[torch.Tensor] = None) -> dict[str, float]:
         """Trains the selector after one SCN step; returns what it logs. ``group_ids``: B_s ids of
-        ``selector.influence_group`` (influence mode with groups)."""
+        ``selector.influence_group`` (influence mode with groups); ``logit_src``: the mixed tower's
+        B_s source logits, and with ``selector.evidence_reference=target`` ``influence`` holds B_s + B_t
+        values, the step's target rows last, with their ``tgt_labels`` and ``logit_tgt`` (evidence mode)."""
         mode, out = self.cfg.mode, {}
         if self.rl is not None:
             if mode == "paper":
@@ -213,25 +275,34 @@ class IFN:
             loss = F.binary_cross_entropy_with_logits(logits, (~harmful).to(logits.dtype))
             self._apply(loss)
             out["selector_loss"] = float(loss)
+        elif mode == "evidence":
+            assert labels is not None
+            if self.label_shift is not None:
+                assert tgt_labels is not None
+                self.label_shift.update(labels, tgt_labels)
+                w0, w1 = self.label_shift.label_weights().tolist()
+                out.update(label_weight_0=w0, label_weight_1=w1)
+            if self.evidence is None:
+                return out
+            assert influence is not None and logit_src is not None
+            n_s = labels.numel()
+            infl_s, infl_t = influence[:n_s], influence[n_s:]
+            if self.cfg.influence_norm == "per_label":
+                infl_s = _centre_per_label(infl_s, labels)
+            z = self._normalise(infl_s)
+            self.evidence.update(self.evidence_groups(labels, logit_src), z)
+            if infl_t.numel():  # the target rows' reference, centred on its own and on the source's scale
+                assert tgt_labels is not None and logit_tgt is not None
+                if self.cfg.influence_norm == "per_label":
+                    infl_t = _centre_per_label(infl_t, tgt_labels)
+                z_t = (infl_t / (self.infl_scale or 1.0)).clamp(-5, 5)
+                self.evidence.update(self.evidence_groups(tgt_labels, logit_tgt), z_t, reference=True)
+            out["influence_pos_frac"] = float((infl_s > 0).float().mean())
         elif mode == "influence":
             assert self.opt is not None and influence is not None and labels is not None
             if self.cfg.influence_norm == "per_label":
-                # centre within each label class: removes the part every negative (or positive)
-                # sample shares, mostly the output bias, which carries no information on harm
-                influence = influence.clone()
-                for y in (0.0, 1.0):
-                    m = labels == y
-                    if m.any():
-                        influence[m] -= influence[m].mean()
-            # Normalise by a running scale of |influence| so the step does not depend on the
-            # loss scale; clip so a few outliers cannot dominate.
-            # (averaged over ranks: every rank keeps the same running scale, so a resumed run,
-            # which restores rank 0's, continues exactly)
-            scale_t = influence.abs().mean().reshape(1).float()
-            allreduce_mean_([scale_t])
-            scale = float(scale_t) + 1e-12
-            self.infl_scale = scale if self.infl_scale is None else 0.99 * self.infl_scale + 0.01 * scale
-            z = (influence / self.infl_scale).clamp(-5, 5)
+                influence = _centre_per_label(influence, labels)
+            z = self._normalise(influence)  # the step does not depend on the loss scale
             if self.groups is not None:
                 assert group_ids is not None
                 z = self.groups(group_ids, z)
@@ -244,6 +315,16 @@ class IFN:
             self._apply(loss)
             out["influence_pos_frac"] = float((influence > 0).float().mean())
         return out
+
+    def _normalise(self, influence: torch.Tensor) -> torch.Tensor:
+        """influence / its running mean magnitude, clipped to [-5, 5] (the scale is averaged over
+        ranks: every rank keeps the same running scale, so a resumed run, which restores rank 0's,
+        continues exactly)."""
+        scale_t = influence.abs().mean().reshape(1).float()
+        allreduce_mean_([scale_t])
+        scale = float(scale_t) + 1e-12
+        self.infl_scale = scale if self.infl_scale is None else 0.99 * self.infl_scale + 0.01 * scale
+        return (influence / self.infl_scale).clamp(-5, 5)
 
     def _apply(self, loss: torch.Tensor) -> None:
         assert self.opt is not None

@@ -33,7 +33,7 @@ from cctl_rec.distributed.env import gather_cat, init_distributed
 from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.data.reader import GROUP_COLUMN
-from cctl_rec.metrics import BinaryMetrics, GroupMetrics, selector_stats
+from cctl_rec.metrics import BinaryMetrics, GroupMetrics, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
@@ -74,8 +74,11 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: Any, hb: Any
             x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
     else:
         x_eval, y_eval = out.x_tgt, batch.tgt_label
-    return per_sample_influence(module.mixed_tower, out.x_src.float(), batch.src_label, x_eval.float(), y_eval,
-                                cfg.selector.influence_loss)
+    x, y = out.x_src.float(), batch.src_label
+    if cfg.selector.mode == "evidence" and cfg.selector.evidence_reference == "target":
+        # the step's own target rows too (B_s + B_t values): the evidence selector's reference
+        x, y = torch.cat([x, out.x_tgt.detach().float()]), torch.cat([y, batch.tgt_label])
+    return per_sample_influence(module.mixed_tower, x, y, x_eval.float(), y_eval, cfg.selector.influence_loss)
 
 
 def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> dict[str, float]:
@@ -134,7 +137,7 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
     """Selector statistics on the first ``rows`` source train rows (all ranks together)."""
     ss = data.schemas["src"]
     stream = ParquetStream(data.paths("src/train"), ss, cfg.data.eval_batch_size, rank, world, drop_last=False)
-    ps, hs, seen = [], [], 0
+    ps, hs, ms, seen = [], [], [], 0
     for r in stream:
         if seen >= rows // world:
             break
@@ -143,12 +146,39 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
                                    module.shared)
         shared_kjt = make_kjt(data.schemas["tgt"].keys, [as_tgt], [len(r)]) if module.shared else None
         x = module.score_source(make_kjt(list(own), [own], [len(r)]), shared_kjt, len(r))
-        ps.append(ifn.selector(x))
+        y = torch.from_numpy(r.table.column("label").to_numpy(zero_copy_only=False).astype("float32"))
         h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
             else None
         hs.append(torch.from_numpy(h.astype(bool)) if h is not None else torch.zeros(len(r), dtype=torch.bool))
-    p, h = gather_cat(torch.cat(ps)), gather_cat(torch.cat(hs))
-    return selector_stats(p, h, data.has_harmful)
+        z = module.source_logits(x)
+        ms.append((2 * y - 1) * z)                     # margin: > 0 where the mixed network agrees with the label
+        if cfg.selector.mode == "evidence":  # the weights it trains with
+            ps.append(ifn.evidence_weights(y, z))
+        elif cfg.selector.mode == "oracle":  # the weights it trains with
+            ps.append((~hs[-1]).float())
+        elif cfg.selector.mode == "fixed" or (cfg.selector.mode in ("paper", "bernoulli") and cfg.selector.alpha == 0):
+            ps.append(torch.ones(len(r)))
+        else:
+            ps.append(ifn.selector(x))
+    p, h, margin = gather_cat(torch.cat(ps)), gather_cat(torch.cat(hs)), gather_cat(torch.cat(ms))
+    out = selector_stats(p, h, data.has_harmful)
+    # how well the mixed network's own margin alone ranks harmful rows last (a diagnostic, any mode)
+    out["margin_harmful_auc"] = harmful_auc(margin, h) if data.has_harmful else None
+    if ifn.evidence is not None:
+        out["evidence_groups"] = ifn.evidence.table()
+    if ifn.label_shift is not None:
+        out["label_weights"] = ifn.label_shift.label_weights().tolist()
+    return out
+
+
+def finetune_steps(cfg: TrainConfig, total: int) -> int:
+    """The Finetune baseline's source-only steps: model.finetune_steps, or model.finetune_frac of the run."""
+    return cfg.model.finetune_steps or round(cfg.model.finetune_frac * total)
+
+
+def _total_steps(cfg: TrainConfig, stream: TrainStream) -> int:
+    total = stream.steps_per_epoch() * cfg.data.epochs
+    return min(total, cfg.run.steps) if cfg.run.steps else total
 
 
 def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
@@ -190,7 +220,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     ifn: Optional[IFN] = None
     if with_source:
         check_same_layout(module.mixed_tgt, module.pure_tgt)
-        ifn = IFN(cfg.selector, module.width, module.schemas["src"])
+        ifn = IFN(cfg.selector, module.width, module.schemas["src"], total_steps=_total_steps(cfg, stream))
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
 
     # --- resume from the newest complete checkpoint of this run directory
@@ -207,7 +237,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", ckpts[-1][1], start)
     heldout = heldout_batches(data, cfg.data, rank, world, start) if with_source and (
         cfg.scn.reward_source == "heldout_batch" or
-        (cfg.selector.mode == "influence" and cfg.selector.influence_target == "heldout_batch")) else None
+        (cfg.selector.needs_influence and cfg.selector.influence_target == "heldout_batch")) else None
 
     def checkpoint(at: int) -> None:
         save_checkpoint(run_dir, at, state, {
@@ -220,9 +250,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
 
-    total = stream.steps_per_epoch() * cfg.data.epochs
-    if cfg.run.steps:
-        total = min(total, cfg.run.steps)
+    total = _total_steps(cfg, stream)
     logger.info("training %s: %d steps of %d target (+%d source) rows per rank, %d rank(s)",
                 cfg.model.name, total, cfg.data.batch_size, stream.src_batch if with_source else 0, world)
     history: list[dict] = list(meta.get("history", []))
@@ -236,6 +264,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     def amp() -> torch.autocast:  # run.precision=bf16: the forward in bfloat16, the rest in fp32
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
 
+    finetune = finetune_steps(cfg, total)
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
     for batch in prefetch(stream.iterate(start), cfg.data.prefetch) if start < total else ():
         step += 1
@@ -247,10 +276,11 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         weights = logits = actions = None
         if with_source and out.x_src is not None:
             assert ifn is not None
-            weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful)  # selector in fp32
+            weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful,  # selector in fp32
+                                                   batch.src_label, out.logit_src)
         tgt_weight = 1.0
-        if cfg.model.finetune_steps and weights is not None:  # Finetune baseline: source, then target
-            pre = step <= cfg.model.finetune_steps
+        if finetune and weights is not None:  # Finetune baseline: source, then target
+            pre = step <= finetune
             weights, tgt_weight = torch.full_like(weights, 1.0 if pre else 0.0), 0.0 if pre else 1.0
         with amp():  # under autocast the BCE terms run in fp32; REN's inputs are the tables' fp32 outputs
             losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
@@ -269,13 +299,15 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         dense_opt.step()
         dp_tables.step()
 
-        p = torch.sigmoid(logits.detach()) if logits is not None else None
+        p = (weights.detach() if cfg.selector.mode == "evidence" else torch.sigmoid(logits.detach())) \
+            if logits is not None else None
         h = batch.src_harmful
         glob = step_stats(losses, reward, p, h)
         extra = {}
         if ifn is not None and logits is not None:
             gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
-            extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids)
+            extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids, out.logit_src,
+                             batch.tgt_label, out.logit_tgt)
         if with_source and step % cfg.scn.sync_every == 0:
             sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)
             syncs += 1

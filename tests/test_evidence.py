@@ -1,0 +1,103 @@
+"""The product's selector pieces (issue 16): the evidence selector's label-shift weights and group
+table pinned against hand computation, init_p, the derived cadence, alpha = 0 as plain mixing."""
+
+import math
+
+import pytest
+import torch
+
+from cctl_rec.config import SelectorConfig
+from cctl_rec.modules.selector import Selector
+from cctl_rec.train.evidence import EvidenceTable, LabelShift
+from cctl_rec.train.ifn import IFN, update_every_for
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def test_label_shift_lowers_only_the_label_the_source_over_represents():
+    ls = LabelShift()
+    assert ls.weights(t(0, 1)).tolist() == [1.0, 1.0]          # nothing seen: plain mixing
+    ls.update(src_labels=t(1, 1, 1, 0), tgt_labels=t(1, 0, 0, 0))
+    # P_s(1) = 3/4, P_t(1) = 1/4: r_1 = 1/3, r_0 = 3 -> w_0 = 1, w_1 = (1/3) / 3 = 1/9
+    w0, w1 = ls.label_weights().tolist()
+    assert w0 == 1.0 and w1 == pytest.approx(1 / 9)
+    assert ls.weights(t(1, 0, 1)).tolist() == pytest.approx([1 / 9, 1.0, 1 / 9])
+    same = LabelShift()
+    same.update(t(1, 0, 0, 0, 0), t(0, 1, 0, 0, 0))           # the same click rate: every weight 1
+    assert same.label_weights().tolist() == [1.0, 1.0]
+    one_class = LabelShift()
+    one_class.update(t(1, 1), t(1, 0))                          # the source has no negatives yet
+    assert one_class.label_weights().tolist() == [1.0, 1.0]
+
+
+def test_evidence_table_lowers_a_group_only_when_it_does_worse_than_target_rows_alike():
+    ev = EvidenceTable([0.0], decay=0.0, t=2.0, strength=1.0)  # 2 bins per label: margin < 0, >= 0
+    labels, margins = t(0, 0, 0, 0, 1, 1, 1, 1), t(-1, -1, 1, 1, -1, -1, 1, 1)
+    g = ev.groups(labels, margins)
+    assert g.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert ev.weights(g).tolist() == [1.0] * 8                  # no evidence yet
+    # source: group 0 clearly below zero, group 2 below zero but noisy, groups 1 and 3 above
+    ev.update(g, t(-1.1, -0.9, 0.5, 0.7, -2.0, 1.0, 0.2, 0.4))
+    # target rows alike: group 0 at -0.2, everything else at 0
+    ev.update(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), t(-0.25, -0.15, 0, 0, 0, 0, 0, 0), reference=True)
+    w = ev.group_weights()
+    # group 0: mean -1.0 (se 0.1) vs target -0.2 (se 0.05): d = -0.8 < -2 * sqrt(0.0125): exp(-0.8)
+    assert w[0].item() == pytest.approx(math.exp(-0.8))
+    # group 2: mean -0.5 but se 1.5: not significant; groups 1 and 3: mean above zero
+    assert w[1].item() == w[2].item() == w[3].item() == 1.0
+    # compared with zero instead of the target rows, group 0 drops further
+    ev0 = EvidenceTable([0.0], decay=0.0, t=2.0, strength=1.0, reference=False)
+    ev0.update(g, t(-1.1, -0.9, 0.5, 0.7, -2.0, 1.0, 0.2, 0.4))
+    assert ev0.group_weights()[0].item() == pytest.approx(math.exp(-1.0))
+
+
+def test_evidence_table_decays_old_rows():
+    ev = EvidenceTable([0.0], decay=0.5, t=0.0, strength=1.0)
+    g = torch.tensor([0, 0])
+    ev.update(g, t(-1.0, -1.0))
+    ev.update(g, t(1.0, 1.0))    # sum = 0.5 * -2 + 2 = 1, count = 0.5 * 2 + 2 = 3
+    mean, _ = ev.src.stats()
+    assert mean[0].item() == pytest.approx(1 / 3)
+
+
+def test_selector_starts_at_init_p_for_every_row():
+    torch.manual_seed(0)
+    s = Selector(12, (8,), logit_clamp=8.0, init_p=0.98)
+    p = s(torch.randn(64, 12))
+    assert torch.allclose(p, torch.full_like(p, 0.98), atol=2e-3)
+    torch.manual_seed(0)
+    half = Selector(12, (8,), init_p=0.5)                      # the old initialisation, unchanged
+    torch.manual_seed(0)
+    from cctl_rec.modules.tower import mlp
+    ref = mlp(12, (8,), 1)
+    torch.nn.init.constant_(ref[-1].bias, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(half.net.state_dict().values(), ref.state_dict().values()))
+    with pytest.raises(ValueError, match="init_p must be in"):
+        Selector(4, (2,), init_p=1.0)
+
+
+@pytest.mark.parametrize("setting,total,want", [(1000, 100, 1000), (20, 5000, 20), (0, 100, 5), (0, 400, 20),
+                                                 (0, 10, 1), (0, 1_000_000, 1000), (0, None, 1000)])
+def test_update_every_from_the_run_length(setting, total, want):
+    assert update_every_for(SelectorConfig(update_every=setting), total) == want
+
+
+def test_alpha_zero_is_plain_mixing_and_evidence_starts_at_one():
+    x = torch.randn(16, 6)
+    paper = IFN(SelectorConfig(mode="paper", alpha=0.0), 6)
+    w, _, _ = paper.weights(x, None)
+    assert w.tolist() == [1.0] * 16
+    ev = IFN(SelectorConfig(mode="evidence"), 6)
+    w, _, _ = ev.weights(x, None, labels=torch.randint(0, 2, (16,)).float(), logit_src=torch.randn(16))
+    assert w.tolist() == [1.0] * 16
+    with pytest.raises(ValueError, match="evidence needs the source labels"):
+        ev.weights(x, None)
+
+
+def test_bad_selector_settings_are_refused():
+    for kw, msg in [({"init_p": 0.0}, "init_p"), ({"update_every": -1}, "update_every"),
+                    ({"evidence_bins": (1.0, 0.0)}, "evidence_bins"), ({"evidence_strength": 0.0}, "strength")]:
+        with pytest.raises(ValueError, match=msg):
+            SelectorConfig(**kw)

@@ -101,3 +101,17 @@ def test_bad_selector_settings_are_refused():
                     ({"evidence_bins": (1.0, 0.0)}, "evidence_bins"), ({"evidence_strength": 0.0}, "strength")]:
         with pytest.raises(ValueError, match=msg):
             SelectorConfig(**kw)
+
+
+def test_label_shift_by_margin_drops_the_same_share_from_the_rows_the_network_disagrees_with():
+    ls = LabelShift("margin")
+    src = t(*([1] * 6 + [0] * 2))                 # P_s(1) = 3/4
+    tgt = t(1, 0, 0, 0)                           # P_t(1) = 1/4: w_1 = 1/9, drop 8/9 of the label-1 rows
+    margins = t(-3, -2, -1, 0.5, 1.5, 9, 0, 0)
+    ls.update(src, tgt, margins)
+    w = ls.weights(src, margins)
+    # the label-1 rows below the 8/9 quantile of their margins (all but the largest) get 0
+    assert w.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    half = LabelShift("label", power=0.5)
+    half.update(src, tgt)
+    assert half.label_weights().tolist() == pytest.approx([1.0, 1 / 3])

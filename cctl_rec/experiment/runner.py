@@ -112,8 +112,14 @@ def default_cores() -> list[int]:
 def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) -> list[dict[str, Any]]:
     """Runs what is missing (1-rank runs on ``jobs`` pinned workers) and returns one record per
     run, in plan order (metrics, or the failure and the line of its log that says why)."""
-    for ds in spec.datasets:
-        prepare_data(ds)
+    if jobs > 1 and len(spec.datasets) > 1:  # conversions are single-threaded: one per core
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as ex:
+            list(ex.map(prepare_data, spec.datasets))
+    else:
+        for ds in spec.datasets:
+            prepare_data(ds)
     runs = plan_runs(spec)
     todo: dict[int, tuple[list[str], str]] = {}
     for i, run in enumerate(runs):

@@ -117,7 +117,7 @@ class TrainState:
             if self.ifn.evidence is not None:
                 flat.update({f"ifn/evidence/{k}": v for k, v in self.ifn.evidence.state_dict().items()})
             if self.ifn.label_shift is not None:
-                flat["ifn/label_shift/counts"] = self.ifn.label_shift.counts
+                flat.update({f"ifn/label_shift/{k}": v for k, v in self.ifn.label_shift.state_dict().items()})
         return flat
 
     def prepare(self) -> None:
@@ -152,7 +152,7 @@ class TrainState:
                 self.ifn.evidence.load_state_dict({k: flat[f"ifn/evidence/{k}"]
                                                    for k in self.ifn.evidence.state_dict()})
             if self.ifn.label_shift is not None:
-                self.ifn.label_shift.counts.copy_(flat["ifn/label_shift/counts"])
+                self.ifn.label_shift.load_state_dict({k: flat[f"ifn/label_shift/{k}"] for k in ("counts", "hist")})
 
 
 def first_line(e: BaseException) -> str:

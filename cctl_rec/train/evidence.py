@@ -23,7 +23,7 @@ the centred source always has a below-average half, which it then lowers even on
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -158,14 +158,28 @@ class LabelShift:
         w = ls.weights(src_labels)          # B_s weights in (0, 1]
     """
 
-    def __init__(self) -> None:
-        self.counts = torch.zeros(2, 2, dtype=torch.float64)   # [domain src/tgt, label 0/1]
+    HIST = (-10.0, 10.0, 400)
+    """Margin histogram per source label (range and bins) for ``target="margin"``."""
 
-    def update(self, src_labels: torch.Tensor, tgt_labels: torch.Tensor) -> None:
+    def __init__(self, target: str = "label", power: float = 1.0) -> None:
+        if target not in ("label", "margin"):
+            raise ValueError(f"label shift target must be label or margin, got {target!r}")
+        self.target, self.power = target, power
+        self.counts = torch.zeros(2, 2, dtype=torch.float64)   # [domain src/tgt, label 0/1]
+        self.hist = torch.zeros(2, self.HIST[2], dtype=torch.float64)  # source margins per label
+
+    def update(self, src_labels: torch.Tensor, tgt_labels: torch.Tensor,
+               src_margins: Optional[torch.Tensor] = None) -> None:
         local = torch.tensor([[float((src_labels <= 0.5).sum()), float((src_labels > 0.5).sum())],
                               [float((tgt_labels <= 0.5).sum()), float((tgt_labels > 0.5).sum())]],
                              dtype=torch.float64)
         self.counts += gather_cat(local.reshape(4)).reshape(-1, 2, 2).sum(0)
+        if self.target == "margin":
+            assert src_margins is not None
+            lo, hi, n = self.HIST
+            h = torch.stack([torch.histc(src_margins[src_labels.flatten() > 0.5 if y else src_labels.flatten() <= 0.5]
+                                         .detach().double().clamp(lo, hi), n, lo, hi) for y in (0, 1)])
+            self.hist += gather_cat(h.reshape(-1)).reshape(-1, 2, n).sum(0)
 
     def label_weights(self) -> torch.Tensor:
         """(w_0, w_1)."""
@@ -173,13 +187,32 @@ class LabelShift:
         if bool((c == 0).any()):
             return torch.ones(2, dtype=torch.float64)
         ratio = (c[1] / c[1].sum()) / (c[0] / c[0].sum())
-        return ratio / ratio.max()
+        return (ratio / ratio.max()) ** self.power
 
-    def weights(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.label_weights()[(labels > 0.5).long()].float()
+    def weights(self, labels: torch.Tensor, margins: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B_s weights: w_y per row (``target="label"``), or (``"margin"``) 0 for the rows of an
+        over-represented label y whose margin is below its (1 - w_y) quantile (to the histogram's bin,
+        rounding down), 1 for the rest: up to the same share of label y is dropped, taken from the rows
+        the mixed network disagrees with most."""
+        w = self.label_weights()
+        lab = (labels > 0.5).long()
+        if self.target == "label":
+            return w[lab].float()
+        assert margins is not None
+        lo, hi, n = self.HIST
+        out = torch.ones(labels.shape[0])
+        for y in (0, 1):
+            if w[y] >= 1.0 or self.hist[y].sum() == 0:
+                continue
+            cdf = torch.cumsum(self.hist[y], 0) / self.hist[y].sum()
+            k = int(torch.searchsorted(cdf, torch.tensor([1.0 - float(w[y])], dtype=cdf.dtype)))
+            cut = lo + (hi - lo) * k / n                 # left edge of the quantile's bin: at most that share
+            out[(lab == y) & (margins.detach().float() < cut)] = 0.0
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"counts": self.counts}
+        return {"counts": self.counts, "hist": self.hist}
 
     def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
         self.counts.copy_(s["counts"])
+        self.hist.copy_(s["hist"])

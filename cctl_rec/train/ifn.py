@@ -53,6 +53,11 @@ def update_every_for(cfg: SelectorConfig, total_steps: Optional[int]) -> int:
     return max(1, min(1000, round(total_steps / 20)))
 
 
+def _margins(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(2 y - 1) * logit, detached: > 0 where the network agrees with the row's label."""
+    return (2.0 * labels.float() - 1.0) * logits.detach().float()
+
+
 def _centre_per_label(influence: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Influence minus its mean within each label class: removes the part every negative (or
     positive) sample shares, which says how the label moves the whole tower, not whether the row
@@ -199,8 +204,8 @@ class IFN:
             self.groups = InfluenceGroups.of(source, cfg.influence_group, cfg.influence_group_decay)
         self.evidence: Optional[EvidenceTable] = None
         self.label_shift: Optional[LabelShift] = None
-        if cfg.mode == "evidence" and cfg.evidence_label_shift:
-            self.label_shift = LabelShift()
+        if cfg.mode == "evidence" and cfg.evidence_shift != "none":
+            self.label_shift = LabelShift(cfg.evidence_shift, cfg.evidence_shift_power)
         if cfg.mode == "evidence" and cfg.evidence_groups:
             self.evidence = EvidenceTable(cfg.evidence_bins, cfg.evidence_decay, cfg.evidence_t, cfg.evidence_strength,
                                           reference=cfg.evidence_reference == "target")
@@ -212,8 +217,7 @@ class IFN:
     def evidence_groups(self, labels: torch.Tensor, logit_src: torch.Tensor) -> torch.Tensor:
         """evidence mode: B_s group ids from the labels and the mixed tower's source logits."""
         assert self.evidence is not None
-        margins = (2.0 * labels.float() - 1.0) * logit_src.detach().float()
-        return self.evidence.groups(labels, margins)
+        return self.evidence.groups(labels, _margins(labels, logit_src))
 
     def weights(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
                 logit_src: Optional[torch.Tensor] = None
@@ -242,7 +246,7 @@ class IFN:
         """evidence mode: B_s weights, the label-shift weight times the group weight (each 1 when off)."""
         w = torch.ones(labels.shape[0])
         if self.label_shift is not None:
-            w = w * self.label_shift.weights(labels)
+            w = w * self.label_shift.weights(labels, _margins(labels, logit_src))
         if self.evidence is not None:
             w = w * self.evidence.weights(self.evidence_groups(labels, logit_src))
         return w
@@ -279,7 +283,7 @@ class IFN:
             assert labels is not None
             if self.label_shift is not None:
                 assert tgt_labels is not None
-                self.label_shift.update(labels, tgt_labels)
+                self.label_shift.update(labels, tgt_labels, _margins(labels, logit_src) if logit_src is not None else None)
                 w0, w1 = self.label_shift.label_weights().tolist()
                 out.update(label_weight_0=w0, label_weight_1=w1)
             if self.evidence is None:

@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 # Subcommands in --help order; each a module under cctl_rec.commands.
-COMMANDS = ("datagen", "convert", "train", "eval", "export", "predict", "experiment", "plan", "bench", "doctor")
+COMMANDS = ("datagen", "convert", "download", "train", "eval", "export", "predict", "experiment", "plan", "bench", "doctor")
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,9 @@ def prepare_data(ds: DataSpec) -> None:
     r = subprocess.run(_cli() + list(ds.prepare), capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"dataset {ds.name}: `cctl-rec {' '.join(ds.prepare)}` failed: {tail[0]}")
+        from cctl_rec.cli import UserError
+
+        raise UserError(f"dataset {ds.name}: `cctl-rec {' '.join(ds.prepare)}` failed: {tail[0]}")
 
 
 def train_command(run: Run, spec: ExperimentSpec, run_dir: str, port: int) -> list[str]:

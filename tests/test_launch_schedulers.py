@@ -217,7 +217,8 @@ def test_readme_kubernetes_and_slurm_lines_dry_run():
     (c,) = pod["containers"]
     assert c["image"].endswith("/cctl-rec:0.1.0") and c["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert int(c["resources"]["limits"]["cpu"].rstrip("m")) >= 8000 * 8
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
     mounted = {m["mountPath"]: claims[m["name"]] for m in c["volumeMounts"] if m["name"] in claims}
     run_dir = c["command"][-1].split("--run-dir ")[1].split()[0]
     assert any(run_dir.startswith(p + "/") for p in mounted), (run_dir, mounted)  # the run dir survives the pod

@@ -35,9 +35,32 @@ _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 """A number in scientific notation, which YAML 1.1 reads as a string unless it has a dot."""
 
 
+MAX_WIDTH = 1 << 16
+"""Largest embedding dimension or hidden width a config may ask for."""
+MAX_SEQ_LEN = 4096
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused unread."""
+MAX_CONFIG_VALUES = 10_000
+"""Values (scalars, list items, mapping entries) a config may expand to, YAML aliases counted at
+every use: a few hundred bytes of nested aliases can expand to billions."""
+MAX_CONFIG_CHARS = 100_000
+"""Characters in all strings and keys of a config together (aliases counted at every use)."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _widths(name: str, widths: tuple[int, ...]) -> None:
+    _check(len(widths) <= 64 and all(h <= MAX_WIDTH for h in widths),
+           f"{name} must list at most 64 widths of at most {MAX_WIDTH}, got {_short(list(widths))}")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    from cctl_rec.safe_io import short
+
+    return short(value, limit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +91,13 @@ class DataConfig:
         _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         _check(self.prefetch >= 0, f"data.prefetch must be >= 0, got {self.prefetch}")
         _check(self.src_ratio >= 0, f"data.src_ratio must be >= 0, got {self.src_ratio}")
+        _check(self.src_ratio == 0 or round(self.batch_size * self.src_ratio) >= 1,
+               f"data.src_ratio={self.src_ratio} gives round({self.batch_size} x {self.src_ratio}) = 0 source rows per "
+               f"step; expected 0 or at least {0.5 / self.batch_size:.3g} (one source row per step at "
+               f"data.batch_size={self.batch_size})")
         _check(self.epochs > 0, f"data.epochs must be > 0, got {self.epochs}")
-        _check(self.max_seq_len > 0, f"data.max_seq_len must be > 0, got {self.max_seq_len}")
+        _check(0 < self.max_seq_len <= MAX_SEQ_LEN, f"data.max_seq_len must be in [1, {MAX_SEQ_LEN}], got "
+                                                    f"{self.max_seq_len}")
         _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
 
 
@@ -114,10 +142,14 @@ class ModelConfig:
     """Eq. 3/4 write sums; mean (per domain) keeps the scale independent of the batch size."""
 
     def __post_init__(self) -> None:
-        _check(self.embedding_dim > 0, f"model.embedding_dim must be > 0, got {self.embedding_dim}")
+        _check(0 < self.embedding_dim <= MAX_WIDTH and self.embedding_dim % 4 == 0,
+               f"model.embedding_dim must be a multiple of 4 in [4, {MAX_WIDTH}] (fbgemm's TBE kernels need rows of "
+               f"a multiple of 4), got {self.embedding_dim}")
         _check(len(self.tower) > 0, "model.tower must list at least one hidden width, got []")
         _check(all(h > 0 for h in self.tower), f"model.tower widths must be > 0, got {list(self.tower)}")
         _check(all(h > 0 for h in self.san_hidden), f"model.san_hidden widths must be > 0, got {list(self.san_hidden)}")
+        _widths("model.tower", self.tower)
+        _widths("model.san_hidden", self.san_hidden)
         _check(self.dann_weight >= 0, f"model.dann_weight must be >= 0, got {self.dann_weight}")
         _check(self.finetune_steps >= 0, f"model.finetune_steps must be >= 0, got {self.finetune_steps}")
         _check(0.0 <= self.finetune_frac < 1.0, f"model.finetune_frac must be in [0, 1), got {self.finetune_frac}")
@@ -131,8 +163,10 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SelectorConfig:
-    mode: SelectorMode = "paper"
-    """paper: soft weights p_i, REINFORCE on grad log p_i (Eq. 8-9). bernoulli: a_i ~ Bernoulli(p_i)
+    mode: SelectorMode = "evidence"
+    """evidence (the product default, not in the paper): every source weight starts at 1 and drops
+    only where the evidence says the rows hurt (cctl_rec/train/evidence.py, docs/selector.md).
+    paper: soft weights p_i, REINFORCE on grad log p_i (Eq. 8-9). bernoulli: a_i ~ Bernoulli(p_i)
     used as the weight, grad of the action's log-likelihood (DVRL). influence: per-sample
     first-order influence on the target loss (not in the paper). fixed: every weight 1 (CCTL w/o
     IFN). oracle: weight 1 on clean, 0 on harmful samples (needs is_harmful; analysis only).
@@ -315,7 +349,10 @@ class RunConfig:
     fp32. Measured speed and AUC per machine: docs/benchmarks/README.md."""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2 ** 62, f"run.seed must be in [0, 2^62), got {self.seed}")
         _check(self.steps >= 0, f"run.steps must be >= 0, got {self.steps}")
+        _check(self.max_eval_rows >= 0, f"run.max_eval_rows must be >= 0 (0: every row), got {self.max_eval_rows}")
+        _check(0 <= self.threads <= 4096, f"run.threads must be in [0, 4096] (0: torch's default), got {self.threads}")
         _check(self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}")
         _check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
@@ -352,9 +389,10 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    got = _short(value)  # what an error quotes: bounded whatever the value holds
     if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
+        if not isinstance(value, (str, int, float, bool, type(None))) or value not in args:
+            raise ValueError(f"{path} must be one of {list(args)}, got {got}")
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -365,31 +403,37 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, (list, tuple)):
             elem = args[0]
             return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
-        raise TypeError(f"{path} must be a list, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{path} must be a list, got {got} ({type(value).__name__})")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise TypeError(f"{path} must be a mapping, got {value!r}")
+            raise TypeError(f"{path} must be a mapping, got {got}")
         return from_dict(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise TypeError(f"{path} must be true or false, got {value!r}")
+        raise TypeError(f"{path} must be true or false, got {got}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2 ** 63:
+                raise ValueError(f"{path} must be a 64-bit integer, got {got}")
             return value
-        raise TypeError(f"{path} must be an integer, got {value!r}")
+        raise TypeError(f"{path} must be an integer, got {got}")
     if tp is float:
-        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+        if isinstance(value, str) and len(value) < 64 and _SCI.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond a float's range
+                raise ValueError(f"{path} must be a finite number, got {got}") from None
             if not math.isfinite(value):
-                raise ValueError(f"{path} must be a finite number, got {value!r}")
-            return float(value)
-        raise TypeError(f"{path} must be a number, got {value!r}")
+                raise ValueError(f"{path} must be a finite number, got {_short(value)}")
+            return value
+        raise TypeError(f"{path} must be a number, got {got}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise TypeError(f"{path} must be a string, got {value!r}")
+        raise TypeError(f"{path} must be a string, got {got}")
     raise TypeError(f"{path}: unsupported config type {_type_name(tp)}")
 
 
@@ -401,9 +445,40 @@ def from_dict(cls: Any, d: dict[str, Any], prefix: str = "") -> Any:
     for key, value in d.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ValueError(f"unknown config key '{path}'; valid: {', '.join(sorted(names))}")
+            shown = path if len(path) <= 80 else path[:80] + "..."
+            raise ValueError(f"unknown config key '{shown}'; valid: {', '.join(sorted(names))}")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def check_size(d: Any, where: str) -> None:
+    """Raises ValueError when a loaded config expands to more than :data:`MAX_CONFIG_VALUES`
+    values or :data:`MAX_CONFIG_CHARS` characters, or nests deeper than ``safe_io.MAX_DEPTH``;
+    YAML aliases count at every use. Walks iteratively and stops at the first bound, so an alias
+    bomb costs no more than the bound."""
+    from cctl_rec.safe_io import MAX_DEPTH
+
+    values = chars = 0
+    stack = [(d, 1)]
+    while stack:
+        o, depth = stack.pop()
+        values += 1
+        if isinstance(o, str):
+            chars += len(o)
+        elif isinstance(o, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"{where} nests deeper than {MAX_DEPTH} levels; expected a config of sections "
+                                 f"and values")
+            items = list(o.items()) if isinstance(o, dict) else None
+            if items is not None:
+                chars += sum(len(k) for k, _ in items if isinstance(k, str))
+                stack.extend((v, depth + 1) for _, v in items)
+            else:
+                stack.extend((v, depth + 1) for v in o)
+        if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
+            raise ValueError(f"{where} expands to more than {MAX_CONFIG_VALUES:,} values or {MAX_CONFIG_CHARS:,} "
+                             f"characters (YAML anchors and aliases are counted at every use); expected a config of "
+                             f"at most that size")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -421,48 +496,64 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Applies ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ValueError(f"override {_short(item)} must look like section.key=value")
+        if len(item) > MAX_CONFIG_CHARS:
+            raise ValueError(f"override {_short(item)} has {len(item):,} characters; expected at most "
+                             f"{MAX_CONFIG_CHARS:,}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ValueError(f"override {item!r} has an empty key part")
+            raise ValueError(f"override {_short(item)} has an empty key part")
         node = d
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: '{p}' is not a section")
+                raise ValueError(f"override {_short(item)}: '{_short(p)}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(f"override {item!r}: the value is not plain YAML ({first}); expected a number, "
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"override {_short(item)}: the value is not plain YAML ({first}); expected a number, "
                              f"string, boolean or list") from None
+        except RecursionError:
+            raise ValueError(f"override {_short(item)}: the value nests too deeply; expected a number, string, "
+                             f"boolean or list") from None
+        check_size(value, f"override {_short(item)}")
+        node[parts[-1]] = value
     return d
 
 
 def load_yaml(path: Optional[str]) -> dict[str, Any]:
+    """A config file as a dict: a regular file of at most :data:`MAX_CONFIG_BYTES`, UTF-8 YAML
+    through ``yaml.safe_load``, a mapping at top level, within :func:`check_size`'s bounds."""
     if path is None:
         return {}
-    from iopath.common.file_io import g_pathmgr
+    from cctl_rec.safe_io import read_bounded
 
-    if not g_pathmgr.exists(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with g_pathmgr.open(path, "r") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ValueError(f"config file {path} is not valid YAML: {first}") from None
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"config file {path} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} nests too deeply; expected a config of sections and values") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    check_size(data, f"config file {path}")
     return data
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None, cls: Any = TrainConfig) -> Any:
     """Loads a YAML config file (or the defaults when ``path`` is None) with overrides applied."""
     d = apply_overrides(load_yaml(path), list(overrides or []))
+    check_size(d, f"config file {path}" if path else "the config")
     return from_dict(cls, d)
 
 

@@ -5,9 +5,11 @@ import pytest
 from cctl_rec.config import TrainConfig, dump_yaml, load_config
 
 
-def test_defaults_are_the_papers_choices():
+def test_defaults_are_the_papers_choices_but_the_selector_is_the_products():
     cfg = load_config(None)
-    assert cfg.selector.mode == "paper" and cfg.selector.gamma == 0.8 and cfg.selector.update_every == 1000
+    # issue 16: the product default is the evidence selector; the paper's is selector.mode=paper
+    assert cfg.selector.mode == "evidence" and cfg.selector.init_p == 0.5
+    assert cfg.selector.gamma == 0.8 and cfg.selector.update_every == 1000 and cfg.selector.alpha == 1.0
     assert cfg.scn.sync_every == 1000 and cfg.model.embedding_dim == 8 and cfg.model.tower == (256, 128, 32)
     assert cfg.data.epochs == 1 and cfg.scn.reward_source == "train_batch"
 

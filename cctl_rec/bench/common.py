@@ -94,7 +94,9 @@ def train_config(opts: BenchOptions, *extra: str) -> Any:
     """The TrainConfig a benchmark runs: ``opts.config`` + data path + ``opts.overrides`` + ``extra``."""
     from cctl_rec.config import load_config
 
-    over = [f"data.path={opts.data}", f"run.seed={opts.seed}", *opts.overrides, *extra]
+    # the paper's selector unless a benchmark says otherwise: its REINFORCE bookkeeping is the costliest
+    # selector path, and the numbers in docs/benchmarks/ were taken with it
+    over = [f"data.path={opts.data}", f"run.seed={opts.seed}", "selector.mode=paper", *opts.overrides, *extra]
     if opts.threads:
         over.append(f"run.threads={opts.threads}")
     return load_config(opts.config, over)

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import shutil
+import typing
 import uuid
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -23,8 +24,12 @@ from torch import nn
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from cctl_rec.data.manifest import atomic_write_bytes
+from pydantic import BaseModel, ConfigDict, Field
+
+from cctl_rec.config import ModelConfig
+from cctl_rec.data.manifest import DomainSchemaJSON, atomic_write_bytes, check_schema_tables
 from cctl_rec.modules.heads import build_head
+from cctl_rec.safe_io import decode_json, read_bounded, regular_file, short, validate
 from cctl_rec.schema import HEAD_SEQUENCES, DomainSchema
 from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
@@ -32,6 +37,19 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "cctl-rec-serving/v1"
 FILES = ("model.pt", "serving.json")
+MAX_SERVING_JSON_BYTES = 16 << 20
+
+
+class ServingJSON(BaseModel):
+    """serving.json: what ``load_artifact`` builds the model from is typed and bounded."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: Literal["cctl-rec-serving/v1"]
+    schema_: DomainSchemaJSON = Field(alias="schema")
+    embedding_dim: int = Field(gt=0, le=1 << 16)
+    tower: list[Annotated[int, Field(gt=0, le=1 << 16)]] = Field(min_length=1, max_length=64)
+    head: typing.get_type_hints(ModelConfig)["head"] = "mlp"  # type: ignore[valid-type]
+    max_seq_len: int = Field(gt=0, le=1 << 16)
 
 
 class ServingModel(nn.Module):
@@ -192,25 +210,40 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
     missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"model directory {path} lacks {missing}; is it a `cctl-rec export` output?")
-    with open(os.path.join(path, "serving.json")) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}/serving.json is not valid JSON ({e.msg})") from None
+    sj = os.path.join(path, "serving.json")
+    meta = decode_json(read_bounded(sj, MAX_SERVING_JSON_BYTES, "serving file"), sj)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{path}/serving.json has format {got!r}, expected {FORMAT!r}")
-    lacks = [k for k in ("schema", "embedding_dim", "tower", "max_seq_len") if k not in meta]
-    if lacks:
-        raise ValueError(f"{path}/serving.json lacks {lacks}; is it a `cctl-rec export` output?")
-    schema = DomainSchema.from_json(meta["schema"])
-    model = ServingModel(schema, int(meta["embedding_dim"]), tuple(meta["tower"]), str(meta.get("head", "mlp")))
+        raise ValueError(f"{sj} has format {short(got)}, expected {FORMAT!r}")
+    validate(ServingJSON, meta, sj, "`cctl-rec export` serving.json")
+    check_schema_tables(meta["schema"], f"{sj}: schema")
+    try:
+        schema = DomainSchema.from_json(meta["schema"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{sj}: schema: {e}") from None
     pt = os.path.join(path, "model.pt")
+    regular_file(pt, "model file")
     try:  # weights_only: tensors and plain containers; a pickled object is refused, never run
         state = torch.load(pt, weights_only=True, map_location="cpu")
     except Exception as e:
         raise ValueError(f"{pt} is not a weights-only state dict ({first_line(e)}); expected the model.pt "
                          f"of `cctl-rec export` (refusing to unpickle anything else)") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{pt} is not a state dict of tensors; expected the model.pt of `cctl-rec export`")
+    dim, tower = meta["embedding_dim"], list(meta["tower"])
+    for name, rows, _ in schema.tables():  # before the model is built: its size comes from serving.json
+        got = state.get(f"tables.{name[2:]}")
+        if got is None or tuple(got.shape) != (rows, dim):
+            raise ValueError(f"{pt} does not match {sj} (table {name[2:]} is "
+                             f"{'absent' if got is None else ' x '.join(map(str, got.shape))} in model.pt, "
+                             f"{rows} x {dim} in serving.json)")
+    if meta.get("head", "mlp") == "mlp":
+        widths = [dim * len(schema.field_names())] + tower + [1]
+        need = sum(a * b for a, b in zip(widths, widths[1:]))
+        if need > sum(v.numel() for v in state.values()):
+            raise ValueError(f"{pt} does not match {sj} (model.tower {short(tower)} needs {need:,} weights, "
+                             f"model.pt holds fewer)")
+    model = ServingModel(schema, int(dim), tuple(tower), str(meta.get("head", "mlp")))
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -221,13 +254,14 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
 def padded_inputs(table, schema: DomainSchema, single: list[str], max_seq_len: int, path: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pyarrow table of target rows -> (ids B X F, seq B X L, seq_len B), range-checked."""
-    from cctl_rec.data.reader import DomainRows, column_ids
+    from cctl_rec.data.reader import DomainRows, column_ids, lookup_rows
 
     rows = DomainRows(table, path)
     n = len(rows)
-    ids = np.stack([column_ids(rows, name, schema.feature(name).cardinality, max_seq_len)[0]
+    card = lookup_rows(schema)  # the rows of the table each feature is looked up in
+    ids = np.stack([column_ids(rows, name, card[name], max_seq_len)[0]
                     for name in single], axis=1) if single else np.zeros((n, 0), np.int64)
-    seq, lens = _padded(*column_ids(rows, "seq", schema.feature("seq").cardinality, max_seq_len), max_seq_len)
+    seq, lens = _padded(*column_ids(rows, "seq", card["seq"], max_seq_len), max_seq_len)
     return torch.from_numpy(ids), seq, lens
 
 

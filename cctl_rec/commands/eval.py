@@ -9,8 +9,10 @@ import re
 from typing import Optional
 
 from iopath.common.file_io import g_pathmgr
+from pydantic import BaseModel, ConfigDict, Field
 
 from cctl_rec.metrics import fmt
+from cctl_rec.safe_io import read_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,15 +26,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class SplitMetricsJSON(_Strict):
+    auc: Optional[float]
+    logloss: Optional[float]
+
+
+class GroupJSON(_Strict):
+    auc: Optional[float] = None
+
+
+class SelectorJSON(_Strict):
+    p_mean: Optional[float] = None
+    p_clean: Optional[float] = None
+    p_harmful: Optional[float] = None
+    harmful_auc: Optional[float] = None
+
+
+class MetricsJSON(_Strict):
+    """metrics.json of a finished run: what the tables read is typed."""
+
+    model: str = Field(max_length=200)
+    steps: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    target_test: SplitMetricsJSON
+    target_valid: SplitMetricsJSON
+    train_samples_per_s: float
+    selector: Optional[SelectorJSON] = None
+    reward_mean: Optional[float] = None
+    target_test_groups: Optional[dict[str, Optional[GroupJSON]]] = None
+
+
+MAX_METRICS_BYTES = 256 << 20
+
+
 def load_metrics(run_dir: str) -> dict:
+    """A run's metrics.json (bounded read, validated: one line naming the file and key)."""
     path = os.path.join(run_dir, "metrics.json")
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a finished run directory?")
-    with g_pathmgr.open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
+    return read_json(path, MetricsJSON, "cctl-rec metrics file", MAX_METRICS_BYTES)
 
 
 GROUPS = ("cold", "warm")

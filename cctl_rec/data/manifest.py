@@ -26,9 +26,12 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, Literal, Optional
 
 from iopath.common.file_io import g_pathmgr
+from pydantic import BaseModel, ConfigDict, Field
+
+from cctl_rec.safe_io import decode_json, read_bounded, regular_file, short, validate
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,53 @@ MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format", "schema", "splits", "split_rule", "max_seq_len", "preset", "params",
                  "seed", "version", "stats")
 SPLITS = ("tgt/train", "tgt/valid", "tgt/test", "src/train")
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest larger than this is refused unread (a million shards take ~200 MB)."""
+MAX_ROWS = 1 << 62
+"""Bound on a table's rows and a shard's rows / bytes in a manifest (int64 arithmetic stays exact)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class FeatureJSON(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    token: Literal["user", "item", "context"]
+    cardinality: int = Field(gt=0, le=MAX_ROWS)
+    table: str = Field(min_length=1, max_length=200)
+
+
+class DomainSchemaJSON(_Strict):
+    domain: Literal["src", "tgt"]
+    features: list[FeatureJSON] = Field(min_length=1, max_length=10_000)
+
+
+class SchemasJSON(_Strict):
+    src: DomainSchemaJSON
+    tgt: DomainSchemaJSON
+
+
+class ShardJSON(_Strict):
+    path: str = Field(min_length=1, max_length=4096)
+    rows: int = Field(ge=0, le=MAX_ROWS)
+    sha256: str = Field(pattern=r"^([0-9a-f]{64})?$")
+    bytes: Optional[int] = Field(default=None, ge=0, le=MAX_ROWS)
+
+
+class ManifestJSON(_Strict):
+    """manifest.json (format ``cctl-rec/v1``): what the tool reads is typed; the rest must be present."""
+
+    format: Literal["cctl-rec/v1"]
+    schema_: SchemasJSON = Field(alias="schema")
+    splits: dict[str, list[ShardJSON]]
+    split_rule: Any
+    max_seq_len: Any
+    preset: Any
+    params: Any
+    seed: Any
+    version: Any
+    stats: Any
 
 
 def is_local(path: str) -> bool:
@@ -85,14 +135,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
+def sha256_file(path: str, chunk: int = 1 << 22, max_bytes: Optional[int] = None) -> str:
+    """Hex sha256 of a file's bytes; with ``max_bytes`` (its size when it was checked), a file
+    that turns out longer raises ValueError instead of being read on."""
     h = hashlib.sha256()
+    n = 0
     with g_pathmgr.open(path, "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:
                 break
+            n += len(b)
+            if max_bytes is not None and n > max_bytes:
+                raise ValueError(f"data file {path} holds more than the {max_bytes:,} bytes it had when it was "
+                                 f"checked; it is changing while it is read")
             h.update(b)
     return h.hexdigest()
 
@@ -138,32 +194,44 @@ def read_manifest(root: str) -> dict[str, Any]:
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"{path} not found: {root!r} is not a finished dataset "
                                 f"(a datagen run writes the manifest last)")
-    with g_pathmgr.open(path, "r") as f:
-        text = f.read()
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    manifest = decode_json(read_bounded(path, MAX_MANIFEST_BYTES, "dataset manifest"), path)
     _check(manifest, where=path)
     return manifest
 
 
 def _check(manifest: Any, where: str) -> None:
+    """Raises one ValueError naming ``where`` and the key: the manifest's shape (ManifestJSON),
+    shard paths inside the dataset, and every feature's cardinality equal to the rows of the
+    table it is looked up in (features sharing a table agree)."""
     if not isinstance(manifest, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
-    if not isinstance(manifest["splits"], dict):
-        raise ValueError(f"{where}: 'splits' must map split names to shard lists")
+        raise ValueError(f"{where}: format is {short(manifest.get('format'))}, expected {FORMAT!r}")
+    validate(ManifestJSON, manifest, where, "cctl-rec dataset manifest")
     for split, entries in manifest["splits"].items():
         for e in entries:
-            if not isinstance(e, dict) or not {"path", "rows", "sha256"} <= e.keys():
-                raise ValueError(f"{where}: split {split!r} has a shard entry without "
-                                 f"path/rows/sha256: {e!r}")
             _check_relpath(e["path"], split, where)
+    for d in ("src", "tgt"):
+        check_schema_tables(manifest["schema"][d], f"{where}: schema.{d}")
+
+
+def check_schema_tables(domain: dict[str, Any], where: str) -> None:
+    """Raises ValueError unless every feature of a (validated) domain schema has the cardinality of
+    the table it is looked up in: ids are range-checked against the feature's cardinality and
+    looked up in the table, so a larger one would let ids past the table's end."""
+    feats = domain["features"]
+    rows: dict[str, tuple[str, int]] = {}
+    for f in feats:  # a table's rows: the cardinality of the feature named like it, else its first user
+        if f["name"] == f["table"]:
+            rows[f["table"]] = (f["name"], f["cardinality"])
+    for f in feats:
+        rows.setdefault(f["table"], (f["name"], f["cardinality"]))
+    for f in feats:
+        owner, n = rows[f["table"]]
+        if f["cardinality"] != n:
+            raise ValueError(f"{where}: feature {f['name']!r} has cardinality {f['cardinality']} but is looked up "
+                             f"in table {f['table']!r} of {n} rows (the cardinality of {owner!r}); expected the "
+                             f"same cardinality for every feature of a table")
 
 
 def _check_relpath(rel: Any, split: str, where: str) -> None:
@@ -201,14 +269,16 @@ def check_shard(root: str, entry: dict[str, Any], mode: str = "sha256") -> None:
     path = join(root, entry["path"])
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"data file {path} is listed in {join(root, MANIFEST)} but does not exist")
+    size = regular_file(path, "data file")  # a device or FIFO is refused whatever the mode: reading it never ends
     if mode == "none":
         return
-    if "bytes" in entry and is_local(path) and os.path.getsize(path) != int(entry["bytes"]):
-        raise ValueError(f"data file {path} has {os.path.getsize(path)} bytes, the manifest recorded "
-                         f"{int(entry['bytes'])}; the file changed after the manifest was written "
+    want = entry.get("bytes")
+    if want is not None and size >= 0 and size != int(want):
+        raise ValueError(f"data file {path} has {size} bytes, the manifest recorded "
+                         f"{int(want)}; the file changed after the manifest was written "
                          f"(regenerate it, or set data.verify=none to skip)")
     if mode == "sha256" and entry.get("sha256"):
-        got = sha256_file(path)
+        got = sha256_file(path, max_bytes=size if size >= 0 else None)
         if got != entry["sha256"]:
             raise ValueError(f"data file {path} has sha256 {got[:16]}..., the manifest recorded "
                              f"{str(entry['sha256'])[:16]}...; the file changed after the manifest was written "
@@ -220,6 +290,10 @@ def verify_shard(root: str, entry: dict[str, Any]) -> bool:
     path = join(root, entry["path"])
     if not g_pathmgr.exists(path):
         return False
-    if "bytes" in entry and is_local(path) and os.path.getsize(path) != int(entry["bytes"]):
+    try:
+        size = regular_file(path, "data file")
+    except (OSError, ValueError):
         return False
-    return sha256_file(path) == entry["sha256"]
+    if entry.get("bytes") is not None and size >= 0 and size != int(entry["bytes"]):
+        return False
+    return sha256_file(path, max_bytes=size if size >= 0 else None) == entry["sha256"]

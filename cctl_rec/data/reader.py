@@ -32,6 +32,7 @@ import torch
 from iopath.common.file_io import g_pathmgr
 from torchrec import KeyedJaggedTensor
 
+from cctl_rec.safe_io import regular_file
 from cctl_rec.schema import DomainSchema
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,34 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
+def lookup_rows(schema: DomainSchema) -> dict[str, int]:
+    """Feature name -> rows of the embedding table it is looked up in (``schema.tables()``, the
+    tables the model builds): the bound its ids are checked against."""
+    out = {}
+    for _, rows, keys in schema.tables():
+        for k in keys:
+            out[k[len(schema.prefix):]] = rows
+    return out
+
+
+def _disk_error(e: BaseException) -> bool:
+    """An OSError of the machine (full / read-only / failing disk): not the file's fault."""
+    from cctl_rec.cli import DISK_ERRNOS
+
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
+
+
 def _open(path: str) -> pq.ParquetFile:
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     if g_pathmgr.isdir(path):
         raise IsADirectoryError(f"data file {path} is a directory; expected a Parquet file")
+    regular_file(path, "data file")  # a device or FIFO: opening or reading it may never end
     try:
         return pq.ParquetFile(g_pathmgr.get_local_path(path))
     except (pa.ArrowInvalid, OSError) as e:
+        if _disk_error(e):
+            raise
         raise ValueError(f"data file {path} is not a readable Parquet file ({_first_line(e)}); "
                          f"expected a complete Parquet file (empty, truncated or corrupt?)") from None
 
@@ -70,6 +91,8 @@ def _read_row_group(pf: pq.ParquetFile, rg: int, path: str, columns: Optional[li
     try:
         return pf.read_row_group(rg, columns=columns)
     except (pa.ArrowException, OSError) as e:
+        if _disk_error(e):
+            raise
         raise ValueError(f"data file {path}: row group {rg} cannot be read ({_first_line(e)}); "
                          f"the file is corrupt or truncated") from None
 
@@ -107,7 +130,7 @@ def check_file_values(path: str, pf: pq.ParquetFile, schema: DomainSchema) -> No
     """Raises ValueError on null, negative or out-of-range ids and on labels outside {0, 1}, from
     the min / max / null count the footer records per row group (no data is read). Columns
     without statistics are left to the checks on read."""
-    card = {f.name: f.cardinality for f in schema.features}
+    card = lookup_rows(schema)
     md = pf.metadata
     for rg in range(md.num_row_groups):
         g = md.row_group(rg)
@@ -248,7 +271,8 @@ def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_se
 def features(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq: str = "truncate"
              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """KJT key -> (values, lengths) of every feature of ``schema``."""
-    return {key: column_ids(rows, f.name, f.cardinality, max_seq_len, long_seq)
+    card = lookup_rows(schema)
+    return {key: column_ids(rows, f.name, card[f.name], max_seq_len, long_seq)
             for key, f in zip(schema.keys, schema.features)}
 
 

@@ -9,11 +9,13 @@ one line and exits 1; no traceback for either (``-v`` logs it).
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
+
+from cctl_rec.safe_io import DISK_ERRNOS, disk_error  # DISK_ERRNOS re-exported: OSErrors of the machine, exit 1
 
 # Subcommands in --help order; each a module under cctl_rec.commands.
 COMMANDS = ("datagen", "convert", "download", "train", "eval", "export", "predict", "experiment", "plan", "bench", "doctor")
@@ -27,12 +29,14 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                PermissionError, KeyError, IsADirectoryError, FileExistsError)
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
-"""OSErrors of the machine rather than the user: one line too, exit code 1."""
+
+MAX_LINE = 1000
+"""The error line is cut here: it quotes what the user gave, which may be anything."""
 
 
 def one_line(e: BaseException) -> str:
-    """The exception's message on one line (a KeyError's without its quotes)."""
+    """The exception's message on one line (a KeyError's without its quotes), without a C++
+    backtrace and at most :data:`MAX_LINE` characters."""
     if isinstance(e, KeyError) and e.args:
         msg = str(e.args[0])
     elif isinstance(e, OSError) and e.errno in DISK_ERRNOS:
@@ -40,7 +44,32 @@ def one_line(e: BaseException) -> str:
                                       str(e.strerror) else "")
     else:
         msg = str(e)
-    return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
+    lines = []
+    for line in msg.splitlines():
+        if line.strip().startswith(("Exception raised from", "frame #")):  # torch's C++ backtrace
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = "; ".join(lines) or type(e).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+
+
+def disk_line(e: BaseException, disk: OSError) -> str:
+    """One line for a disk error found behind ``e`` (torch's RuntimeError wrapping a real ENOSPC)."""
+    if e is disk or (isinstance(e, OSError) and e.errno in DISK_ERRNOS):
+        return one_line(e)
+    return one_line(OSError(disk.errno, f"{disk.strerror or disk}{f' ({disk.filename})' if disk.filename else ''}: "
+                                        f"{one_line(e)}"))
+
+
+def _close_progress_bars() -> None:
+    """Ends the line of a progress bar the error interrupted, so the error starts a line of its own."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close: the error line matters more
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,24 +91,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit():  # logging names the rank in every line: refuse garbage before it is read
+        print(f"cctl-rec {args.command}: error: RANK must be an integer >= 0 (as torchrun sets it), got "
+              f"{rank[:40]!r}", file=sys.stderr)
+        return 2
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        if args.verbose:
-            logger.exception("failed")
-        print(f"cctl-rec {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        if args.verbose:
-            logger.exception("failed")
-        print(f"cctl-rec {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"cctl-rec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        disk = disk_error(e)  # a full / read-only / failing disk, however torch, pyarrow or DCP wrapped it
+        if disk is None and not isinstance(e, USER_ERRORS):
+            raise
+        if args.verbose:
+            logger.exception("failed")
+        line = disk_line(e, disk) if disk is not None else one_line(e)
+        _close_progress_bars()
+        print(f"cctl-rec {args.command}: error: {line}", file=sys.stderr)
+        return 1 if disk is not None else 2
 
 
 if __name__ == "__main__":

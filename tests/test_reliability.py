@@ -424,7 +424,7 @@ OUT_OF_RANGE = [
     ("data.batch_size=-8", "data.batch_size must be > 0, got -8"),
     ("model.tower=[]", "model.tower must list at least one hidden width, got []"),
     ("model.tower=[32,0]", "model.tower widths must be > 0, got [32, 0]"),
-    ("selector.update_every=0", "selector.update_every must be > 0, got 0"),
+    ("selector.update_every=-1", "selector.update_every must be >= 0 (0: from the run's length), got -1"),
     ("selector.alpha=.nan", "selector.alpha must be a finite number, got nan"),
     ("data.src_ratio=.inf", "data.src_ratio must be a finite number, got inf"),
     ("data.src_ratio=0", "model.name=cctl needs source rows (data.src_ratio > 0, got 0)"),
@@ -601,7 +601,7 @@ def write_item(*args, **kwargs):
     return out
 
 def save(state, checkpoint_id):
-    if os.path.basename(checkpoint_id) == kill_at:
+    if os.path.basename(checkpoint_id).startswith(kill_at):  # .step-N.tmp-<pid>
         fs._write_item = write_item
     return real_save(state, checkpoint_id=checkpoint_id)
 
@@ -631,10 +631,11 @@ def test_kill_during_checkpoint_write(tiny_data, tmp_path):
     assert main(train_argv(tiny_data, run, "run.steps=3")) == 0
     ckpts = run / "checkpoints"
     before = tree(ckpts / "step-00000003")
-    r = _python(KILL_CHECKPOINT, ".step-00000006.tmp", *train_argv(tiny_data, run, "run.steps=6"))
+    r = _python(KILL_CHECKPOINT, ".step-00000006.tmp-", *train_argv(tiny_data, run, "run.steps=6"))
     assert r.returncode == -9, r.stderr[-2000:]
-    assert sorted(os.listdir(ckpts)) == [".step-00000006.tmp", "step-00000003"]
-    assert os.listdir(ckpts / ".step-00000006.tmp")  # the kill came in the middle of the write
+    tmp, kept = sorted(os.listdir(ckpts))
+    assert tmp.startswith(".step-00000006.tmp-") and kept == "step-00000003"
+    assert os.listdir(ckpts / tmp)  # the kill came in the middle of the write
     assert tree(ckpts / "step-00000003") == before
     assert main(train_argv(tiny_data, run, "run.steps=6")) == 0
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 3

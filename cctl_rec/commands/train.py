@@ -10,10 +10,12 @@ cannot place) removes a run directory this command created, unless it holds a ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +33,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def env_world() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a plain process."""
+    from cctl_rec.safe_io import short
+
+    raw = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        rank, world = int(raw[0]), int(raw[1])
     except ValueError:
-        raise ValueError(f"RANK / WORLD_SIZE must be integers, got RANK={os.environ.get('RANK')!r} "
-                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}") from None
+        rank = world = -1
+    if not (1 <= world <= 1 << 20 and 0 <= rank < world):
+        raise ValueError(f"RANK / WORLD_SIZE must be integers with 0 <= RANK < WORLD_SIZE, got RANK={short(raw[0])} "
+                         f"WORLD_SIZE={short(raw[1])}")
+    return rank, world
 
 
 def preflight(cfg, run_dir: str) -> None:
@@ -43,8 +51,6 @@ def preflight(cfg, run_dir: str) -> None:
     from cctl_rec.data.loader import Dataset, check_dataset
     from cctl_rec.distributed.env import resolve_device
     from cctl_rec.distributed.sharding import sharding_types
-    from cctl_rec.train.checkpoint import check_fingerprint, check_metadata, list_checkpoints
-    from cctl_rec.train.loop import _fingerprint
 
     if not run_dir:
         raise ValueError("--run-dir must name a directory, got ''")
@@ -58,10 +64,21 @@ def preflight(cfg, run_dir: str) -> None:
     rank, world = env_world()
     data = Dataset(cfg.data.path)
     check_dataset(data, cfg, rank, world)
-    ckpts = list_checkpoints(run_dir) if cfg.run.resume else []
+    check_run_dir(run_dir, cfg, data)
+
+
+def check_run_dir(run_dir: str, cfg, data) -> None:
+    """Raises ValueError when ``run_dir`` holds another run's checkpoint (another config, seed or
+    dataset: a run directory belongs to one run, whether or not this run resumes) or a checkpoint
+    this run would resume from and cannot read."""
+    from cctl_rec.train.checkpoint import check_fingerprint, check_metadata, list_checkpoints
+    from cctl_rec.train.loop import _fingerprint
+
+    ckpts = list_checkpoints(run_dir)
     if ckpts:
         check_fingerprint(ckpts[-1][1], _fingerprint(cfg, data))
-        check_metadata(ckpts[-1][1])
+        if cfg.run.resume:
+            check_metadata(ckpts[-1][1])
 
 
 def _planner_error(e: Exception, cfg, world: int) -> ValueError:
@@ -86,19 +103,48 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
     preflight(cfg, args.run_dir)
-    created = not os.path.exists(args.run_dir)
-    try:
-        m = train(cfg, args.run_dir)
-    except PlannerError as e:
-        _remove_new_run_dir(args.run_dir, created)
-        raise _planner_error(e, cfg, env_world()[1]) from None
-    except (ValueError, TypeError, FileNotFoundError):
-        _remove_new_run_dir(args.run_dir, created)
-        raise
+    with _writer_lock(args.run_dir, cfg) as created:
+        try:
+            m = train(cfg, args.run_dir)
+        except PlannerError as e:
+            _remove_new_run_dir(args.run_dir, created)
+            raise _planner_error(e, cfg, env_world()[1]) from None
+        except (ValueError, TypeError, FileNotFoundError):
+            _remove_new_run_dir(args.run_dir, created)  # under the lock: no other run is writing there
+            raise
     if rank() == 0:
         print(json.dumps({k: m[k] for k in ("model", "steps", "world_size", "target_test", "target_valid",
                                             "selector", "train_samples_per_s")}))
     return 0
+
+
+@contextlib.contextmanager
+def _writer_lock(run_dir: str, cfg) -> Iterator[bool]:
+    """Rank 0 makes the run directory and holds its lock for the run (a second ``train`` on it is
+    refused at once), then checks the directory again under the lock: the run that held it may
+    have written its checkpoint since ``preflight``. Yields whether this command created the
+    directory. Other ranks write only inside rank 0's run."""
+    from cctl_rec.data.loader import Dataset
+    from cctl_rec.train.rundir import prepare_run_dir, run_dir_lock
+
+    if env_world()[0] != 0:
+        yield False
+        return
+    created = False
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
+        os.mkdir(run_dir)
+        created = True
+    except OSError:  # it exists (not ours), or prepare_run_dir says why it cannot be made
+        pass
+    prepare_run_dir(run_dir)
+    with run_dir_lock(run_dir):
+        try:
+            check_run_dir(run_dir, cfg, Dataset(cfg.data.path))
+        except (ValueError, TypeError, FileNotFoundError):
+            _remove_new_run_dir(run_dir, created)
+            raise
+        yield created
 
 
 def _remove_new_run_dir(run_dir: str, created: bool) -> None:

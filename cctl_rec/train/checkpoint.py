@@ -39,7 +39,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cctl_rec.data.manifest import atomic_write_bytes
+from cctl_rec.safe_io import decode_json, disk_error, read_bounded, short, validate
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +186,34 @@ def dcp_cause(e: BaseException) -> BaseException:
     return e
 
 
-TEMP_DIR = re.compile(r"^\.step-\d{8}\.tmp$")
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+"""What torch's file writer says when a write fails (the OSError behind it is lost when DCP
+gathers the ranks' errors: exceptions are pickled without their context)."""
+
+
+def _write_failure(cause: BaseException, root: str) -> Optional[int]:
+    """The errno of a failed checkpoint write that torch reported as a RuntimeError, or None when
+    ``cause`` is not a write failure: from the message, else from the disk itself (read-only,
+    nearly full), else EIO."""
+    text = str(cause)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+        if os.strerror(code) in text:
+            return code
+    if not (isinstance(cause, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES)):
+        return None
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return errno.EIO
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < 64 << 20:  # what is left cannot hold a checkpoint
+        return errno.ENOSPC
+    return errno.EIO
+
+
+TEMP_DIR = re.compile(r"^\.step-\d{8}\.tmp(-\d+)?$")
+"""A checkpoint being written: ``.step-<step>.tmp-<pid of rank 0>`` (unique per process)."""
 
 
 def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, Any], keep: int) -> str:
@@ -196,7 +226,10 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, 
     rank, world = dist.get_rank(), dist.get_world_size()
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
-    tmp = os.path.join(root, f".step-{step:08d}.tmp")
+    pid = [os.getpid()]
+    if world > 1:  # every rank writes into rank 0's temp directory
+        dist.broadcast_object_list(pid, src=0)
+    tmp = os.path.join(root, f".step-{step:08d}.tmp-{pid[0]}")
     if rank == 0:
         if os.path.isdir(root):  # temp directories of writes that were killed
             for name in os.listdir(root):
@@ -218,9 +251,13 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, 
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = dcp_cause(e)
-        if isinstance(cause, OSError):
-            raise OSError(cause.errno or errno.EIO, f"{cause.strerror or cause} while writing checkpoint "
-                          f"{final}; it was not written, the previous checkpoints are intact", final) from None
+        disk = disk_error(e)
+        code = disk.errno if disk is not None else cause.errno if isinstance(cause, OSError) else \
+            _write_failure(cause, root)
+        if code is not None:
+            why = disk.strerror if disk is not None else os.strerror(code)
+            raise OSError(code or errno.EIO, f"{why} while writing checkpoint {final}; it was not written, the "
+                          f"previous checkpoints are intact", final) from None
         raise
     if rank == 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -230,31 +267,47 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, 
     return final
 
 
+class TrainerJSON(BaseModel):
+    """A checkpoint's trainer.json: what a resume reads is typed."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    fingerprint: dict[str, str]
+    step: int = Field(ge=0, le=1 << 62)
+    world_size: int = Field(ge=1, le=1 << 20)
+    rng: Optional[list[str]] = None
+    history: list[dict[str, Any]] = []
+    syncs: int = Field(default=0, ge=0)
+    reward_sum: float = 0.0
+    log_window: Optional[list[Any]] = None
+
+
+MAX_TRAINER_JSON_BYTES = 256 << 20
+
+
 def read_trainer_meta(path: str) -> dict[str, Any]:
-    """A checkpoint's ``trainer.json``. Raises FileNotFoundError / ValueError naming it."""
+    """A checkpoint's ``trainer.json`` (bounded read, validated). Raises FileNotFoundError /
+    ValueError naming it and the key."""
     meta_path = os.path.join(path, "trainer.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
-    with open(meta_path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path} is not valid JSON ({e.msg}); expected a cctl-rec checkpoint") from None
+    meta = decode_json(read_bounded(meta_path, MAX_TRAINER_JSON_BYTES, "checkpoint file"), meta_path)
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path} holds {type(meta).__name__}; expected a JSON object")
+    validate(TrainerJSON, meta, meta_path, "cctl-rec checkpoint's trainer.json")
     return meta
 
 
 def check_fingerprint(path: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Returns the checkpoint's trainer.json; raises ValueError with the first key that differs
-    when it belongs to another model or config."""
+    when it belongs to another model, config, seed or dataset."""
     meta = read_trainer_meta(path)
-    theirs = meta.get("fingerprint", {})
+    theirs = meta["fingerprint"]
     diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
     if diff:
         k = diff[0]
         raise ValueError(f"checkpoint {path} was made by a different model or config: {k} is "
-                         f"{theirs.get(k)!r} there, {fingerprint.get(k)!r} here")
+                         f"{short(theirs.get(k), 160)} there, {short(fingerprint.get(k), 160)} here; a run directory "
+                         f"holds one run (same config, run.seed and dataset): use a new --run-dir")
     return meta
 
 

@@ -94,7 +94,10 @@ def step_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: t
 
 
 def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
-    """What a checkpoint must agree on to be loaded: model, training rule and data layout."""
+    """What a checkpoint must agree on to be loaded: model, training rule, seed, data layout and
+    the dataset itself (its manifest's sha256: shards, rows, checksums, schema), so a run
+    directory belongs to one run."""
+    import hashlib
     import json
 
     d = to_dict(cfg)
@@ -102,7 +105,10 @@ def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
             "scn": json.dumps(d["scn"], sort_keys=True), "ren": json.dumps(d["ren"], sort_keys=True),
             "optim": json.dumps(d["optim"], sort_keys=True),
             "data": json.dumps({k: d["data"][k] for k in ("batch_size", "src_ratio", "max_seq_len", "epochs")}),
-            "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True)}
+            "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True),
+            "seed": str(cfg.run.seed),
+            "dataset": "manifest sha256 " + hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()
+                                                           ).hexdigest()}
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -10,21 +11,48 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
+logger = logging.getLogger(__name__)
+
 
 class BinaryMetrics:
-    """AUC and logloss over batches; ``compute()`` syncs across ranks."""
+    """AUC and logloss over batches; ``compute()`` syncs across ranks.
 
-    def __init__(self) -> None:
+    Rows and positives are summed across ranks first: without rows ``auc`` and ``logloss`` are
+    None, and with one label class ``auc`` is None (undefined; a warning says so), never 0.0.
+
+    Args:
+        name: what the rows are (``tgt/test``), for the warning.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
         self.auc = BinaryAUROC()
         self.logloss = MeanMetric()
+        self.counts = torch.zeros(2, dtype=torch.float64)  # rows, positives
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
         self.auc.update(torch.sigmoid(logits), labels.long())
         self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        self.counts[0] += labels.numel()
+        self.counts[1] += float(labels.sum())
 
-    def compute(self) -> dict[str, float]:
-        return {"auc": float(self.auc.compute()), "logloss": float(self.logloss.compute())}
+    def compute(self) -> dict[str, Optional[float]]:
+        import torch.distributed as dist
+
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        rows, pos = int(counts[0]), int(counts[1])
+        if not rows:  # the same on every rank: all compute (a collective) or none
+            logger.warning("no rows%s: AUC and logloss undefined, reported as null",
+                           f" in {self.name}" * bool(self.name))
+            return {"auc": None, "logloss": None}
+        auc = float(self.auc.compute()) if 0 < pos < rows else None
+        if auc is None:
+            logger.warning("AUC%s is undefined: %d rows, all of label %d (one class); reported as null",
+                           f" on {self.name}" * bool(self.name), rows, int(pos > 0))
+        return {"auc": auc, "logloss": float(self.logloss.compute())}
 
 
 GROUP_NAMES = ("warm", "cold")

@@ -33,7 +33,7 @@ from cctl_rec.distributed.env import gather_cat, init_distributed
 from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.data.reader import GROUP_COLUMN
-from cctl_rec.metrics import BinaryMetrics, GroupMetrics, harmful_auc, selector_stats
+from cctl_rec.metrics import BinaryMetrics, GroupMetrics, fmt, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
@@ -119,7 +119,7 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
     None for a group with one label class or no rows) when the split has ``user_group``, else
     None (and, with ``keep_logits``, the first network's logits of every rank in row order under
     "logits")."""
-    meters = {n: BinaryMetrics() for n in networks}
+    meters = {n: BinaryMetrics(split) for n in networks}
     groups = GroupMetrics() if data.has_column(split, GROUP_COLUMN) else None
     kept = []
     for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows, positions=module.positions):
@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
             logger.info("step=%d loss=%.4f loss_pure=%.4f reward=%.5f p_mean=%.3f p_clean=%.3f p_harm=%.3f "
                         "ren=%.4f ex/s=%.1fk%s", step, avg["loss_mixed"], avg["loss_pure"], avg["reward"],
                         avg["p_mean"], avg["p_clean"], avg["p_harmful"], avg["loss_ren"], exs / 1e3,
-                        f" auc/valid={row['valid_auc']:.4f}" if "valid_auc" in row else "")
+                        f" auc/valid={fmt(row['valid_auc'])}" if "valid_auc" in row else "")
             if writer:
                 for k, v in row.items():
                     if k != "step" and v is not None:
@@ -382,11 +382,12 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
             atomic_write_bytes(os.path.join(run_dir, "predictions-tgt-test.parquet"), buf.getvalue())
         atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
         if writer:
-            writer.add_scalar("eval/target_test_auc", test["pure"]["auc"], steps)
-            writer.add_scalar("eval/target_valid_auc", valid["pure"]["auc"], steps)
+            for name, m in (("test", test), ("valid", valid)):
+                if m["pure"]["auc"] is not None:  # None: one label class, AUC undefined
+                    writer.add_scalar(f"eval/target_{name}_auc", m["pure"]["auc"], steps)
             writer.close()
-        logger.info("done: %d steps in %.1fs; target test auc=%.4f logloss=%.4f (pure tower)%s", steps, elapsed,
-                    test["pure"]["auc"], test["pure"]["logloss"],
+        logger.info("done: %d steps in %.1fs; target test auc=%s logloss=%s (pure tower)%s", steps, elapsed,
+                    fmt(test["pure"]["auc"]), fmt(test["pure"]["logloss"]),
                     "" if sel is None else f"; selector p_mean={sel['p_mean']:.3f} harmful_auc="
                     f"{sel['harmful_auc'] if sel['harmful_auc'] is None else round(sel['harmful_auc'], 4)}")
     dist.barrier()

@@ -211,7 +211,15 @@ def _check(manifest: Any, where: str) -> None:
     for split, entries in manifest["splits"].items():
         for e in entries:
             _check_relpath(e["path"], split, where)
+    from cctl_rec.schema import DomainSchema
+
     for d in ("src", "tgt"):
+        if manifest["schema"][d]["domain"] != d:
+            raise ValueError(f"{where}: schema.{d}.domain is {short(manifest['schema'][d]['domain'])}; expected {d!r}")
+        try:  # repeated features, user_id / item_id / seq present, seq's table one of the domain's
+            DomainSchema.from_json(manifest["schema"][d])
+        except ValueError as e:
+            raise ValueError(f"{where}: schema.{d}: {e}") from None
         check_schema_tables(manifest["schema"][d], f"{where}: schema.{d}")
 
 

@@ -5,8 +5,8 @@ Usage (what ``make reliability`` runs)::
     CCTL_RELIABILITY_OUT=runs/reliability.json python -m pytest -m reliability
     python scripts/reliability_report.py runs/reliability.json docs/reliability.md
 
-Every case of issue #8 is listed, in its order; each row is one test (its expectation, node id
-and outcome). A case without a test says so, and a marked case outside the list gets a row too.
+Every case of issues #8 and #20 is listed, in their order; each row is one test (its expectation,
+node id and outcome). A case without a test says so, and a marked case outside the list gets a row too.
 The command exits 1 if a listed case has no passing test or any marked test failed.
 """
 
@@ -15,28 +15,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
-# The issue's cases, in its order: category -> cases (the marker's two arguments).
+# The issues' cases, in their order: category -> cases (the marker's two arguments); issue #20's
+# (bad input, round 2) are marked "(#20)".
 CASES: dict[str, list[str]] = {
     "data": [
         "missing file or directory", "empty file", "truncated or corrupt Parquet", "missing column",
         "unknown extra column", "wrong dtype", "null ids", "negative ids", "ids >= table size",
         "labels outside {0, 1}", "NaN/inf dense values", "sequences longer than the configured maximum",
         "a source file given as target", "shards whose schemas differ", "a manifest checksum mismatch",
+        "a shard that is a special file (#20)", "a manifest of the wrong shape (#20)",
+        "a split with one label class (#20)", "a datagen scale that leaves a split empty (#20)",
+        "hostile manifests, property-based (#20)",
     ],
     "config": [
         "unknown key", "wrong type", "out-of-range values", "row_wise sharding on CPU",
         "a world size the data cannot be split over", "tables too large for the plan",
+        "an alias bomb in a string field (#20)", "values that failed mid-run (#20)",
+        "a config file that is not a small YAML text file (#20)", "hostile configs, property-based (#20)",
     ],
     "artifacts": [
         "a checkpoint from a different model or config", "an export directory with missing files",
-        "predict on data with the wrong schema",
+        "predict on data with the wrong schema", "a rerun with another seed or dataset (#20)",
+        "a second writer on one run directory (#20)",
+        "a tampered metrics.json, trainer.json or serving.json (#20)",
     ],
     "fault": [
         "a rank killed mid-step", "a kill during a checkpoint write", "a kill during datagen",
-        "a full disk simulated",
+        "a full disk simulated", "a read-only or failing disk (#20)",
     ],
     "security": [
         "YAML through safe_load", "no unpickling of user files",
@@ -55,8 +64,37 @@ DECISIONS = """\
 ## Decisions
 
 - **Exit codes.** A user mistake prints one line, `cctl-rec COMMAND: error: ...`, on stderr and
-  exits 2. A full, read-only or failing disk (ENOSPC, EDQUOT, EROFS, EIO) prints one line too and
-  exits 1: the input was fine, the machine was not. `-v` adds the traceback to the log.
+  exits 2. A full, read-only or failing disk (ENOSPC, EDQUOT, EROFS, EIO, EFBIG) prints one line
+  too and exits 1: the input was fine, the machine was not. The disk error is looked for behind
+  whatever wrapped it (torch turns a real ENOSPC into `RuntimeError: ... unexpected pos`, and DCP's
+  gather of the ranks' errors drops the OSError, so a failed checkpoint write asks the disk:
+  `statvfs`). The line drops C++ backtraces and is cut at 1000 characters. `-v` adds the
+  traceback to the log.
+- **A run directory is one run.** The checkpoint fingerprint covers the config (model, selector,
+  SCN, REN, optimizer, data layout, schema), `run.seed` and the dataset (the sha256 of its
+  manifest); a rerun whose fingerprint differs from the directory's newest checkpoint is refused
+  (exit 2, the directory untouched), resuming or not. Rank 0 holds `fcntl.flock` on `RUN/.lock`
+  for the run: a second writer is refused at once, naming the holder's pid; the kernel releases
+  the lock however the holder ends. Temp names carry the pid (checkpoints: rank 0's).
+- **Bounded input.** Every file the tool reads is `stat`ed first: a device, FIFO or socket (a
+  symlink to `/dev/zero`) is refused unread, and nothing is read past its size (a manifest entry
+  without `bytes` included). Config files: at most 1 MiB, UTF-8, and the loaded document (with
+  each override) at most 10,000 values / 100,000 characters with YAML aliases counted at every use
+  (an alias bomb costs no more than the bound), nested at most 64 deep. JSON files
+  (`manifest.json`, `metrics.json`, `serving.json`, a checkpoint's `trainer.json`) are bounded,
+  UTF-8, at most 64 deep and validated with pydantic: the error names the file and the key path.
+  Values quoted in an error are cut (bounded `repr`).
+- **Values checked before anything runs.** Ranges a run would otherwise hit later are config
+  checks: `run.threads` in [0, 4096], `run.max_eval_rows` >= 0, `run.seed` in [0, 2^62), any
+  integer 64-bit, `data.src_ratio` 0 or at least one source row per step, `model.embedding_dim` a
+  multiple of 4 (fbgemm's TBE), widths <= 65536, `data.max_seq_len` <= 4096; RANK / WORLD_SIZE
+  with 0 <= RANK < WORLD_SIZE.
+- **Ids against the table they are looked up in.** A manifest (or serving.json) in which a
+  feature's cardinality differs from the rows of the table it is looked up in (`seq` and
+  `item_id`, or a feature mapped to another feature's table) is refused; ids are range-checked
+  against the table's rows.
+- **Undefined metrics are null.** A split with one label class reports `auc: null` with a
+  warning naming the split, never 0.0 (without rows, `logloss` is null too); `eval` shows `n/a`.
 - **No partial output.** `cctl-rec train` checks everything it can before it writes anything
   (config; dataset: manifest checksums, columns and types, the same schema across a split's
   shards, ids / nulls / labels from the Parquet footer statistics, rows for the world size;
@@ -139,6 +177,11 @@ def render(doc: dict[str, Any], json_path: str) -> tuple[str, list[str]]:
                 lines.append(f"| {_cell(label) if i == 0 else ''} | {_cell(expect)} | `{_cell(r['test'])}` "
                              f"| {_cell(out)} |")
         sections.append("\n".join(lines))
+    fuzz = [(r["case"], int(m.group(1)), r["outcome"]) for r in doc["results"]
+            for m in [re.search(r"hypothesis, (\d+) derandomized cases", r["expect"])] if m]
+    fuzz_line = ("Property-based (hypothesis, `tests/test_fuzz.py`): " + "; ".join(
+        f"{case.replace(', property-based (#20)', '')}: {n} generated cases, {out}" for case, n, out in fuzz) +
+        f" ({sum(n for _, n, _ in fuzz)} cases in all; a passing test ran exactly that many).\n") if fuzz else ""
     v = doc.get("versions", {})
     vs = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu",
                                              "pyarrow", "pytest") if k in v)
@@ -153,10 +196,10 @@ python scripts/reliability_report.py {json_path} docs/reliability.md
 ```
 
 on {doc['generated']} (commit {v.get('git', 'unknown')}; {vs}; {v.get('platform', '')}).
-Every case of issue #8 is a test marked `@pytest.mark.reliability(category, case)`; each row
-below is one test and its outcome in that run. {n_cases} cases, {n_tests} tests: {summary}.
+Every case of issues #8 and #20 is a test marked `@pytest.mark.reliability(category, case)`
+(#20's say so in their case); each row below is one test and its outcome in that run. {n_cases} cases, {n_tests} tests: {summary}.
 {"All listed cases have a passing test." if not problems else "Open: " + "; ".join(problems) + "."}
-
+{fuzz_line}
 Each bad-input test drives `cctl-rec` (`cctl_rec.cli.main`) and asserts the exit code, that the
 error is one line naming the bad value and what was expected, and that nothing was written (no
 run directory, output file or export) or the previous state is byte-identical.

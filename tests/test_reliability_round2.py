@@ -188,6 +188,16 @@ def test_config_file_that_is_not_small_yaml_text(tiny_data, tmp_path, capsys, ki
     assert not (tmp_path / "run").exists()
 
 
+@rel("data", "a datagen scale that leaves a split empty (#20)", expect="datagen --scale 1e-9 (3 target rows: one "
+     "split empty): exit 2 before anything is written, one line naming the scale, the empty split and the rows per "
+     "split; no output directory (it used to exit 0 with empty splits that train then refused)")
+def test_datagen_scale_that_leaves_a_split_empty(tmp_path, capsys):
+    refused(capsys, ["datagen", "--preset", "tiny", "--scale", "1e-9", "--out", tmp_path / "d"],
+            "--scale 1e-09 gives the tiny preset 3 tgt row(s), leaving tgt/valid with 0 rows",
+            "expected a larger --scale")
+    assert not (tmp_path / "d").exists()
+
+
 # ----------------------------------------------------------------------------- reads bounded, JSON validated
 
 

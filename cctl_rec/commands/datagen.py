@@ -37,6 +37,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_split_rows(preset: str, scale: float, scale_ids: bool, knobs: dict) -> None:
+    """Raises ValueError when ``--scale`` leaves a split without rows (the dataset would be written,
+    and ``train`` would then refuse it for lacking a split its manifest lists)."""
+    from datagen.presets import resolve
+
+    params = resolve(preset, scale, scale_ids, 0, knobs)
+    for dom in ("tgt", "src"):
+        rows = getattr(params, dom).split_rows
+        empty = [f"{dom}/{split}" for split, n in rows.items() if n < 1]
+        if empty:
+            total = getattr(params, dom).samples
+            raise ValueError(f"--scale {scale:g} gives the {preset} preset {total} {dom} row(s), leaving {', '.join(empty)} "
+                             f"with 0 rows ({', '.join(f'{dom}/{k} {v}' for k, v in rows.items())}); expected a larger "
+                             f"--scale (every split needs rows)")
+
+
 def run(args: argparse.Namespace) -> int:
     from datagen.presets import PRESETS
 
@@ -62,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if not eq:
             raise ValueError(f"--set {item!r}: expected KNOB=NUMBER, e.g. harmful_frac=0.6")
 
+    check_split_rows(args.preset, args.scale, args.scale_ids, knobs)
     try:
         manifest = generate(args.out, preset=args.preset, scale=args.scale, scale_ids=args.scale_ids,
                             seed=args.seed, workers=args.workers, max_shards=args.max_shards,

@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     rank = os.environ.get("RANK", "0")
-    if not rank.isdigit():  # logging names the rank in every line: refuse garbage before it is read
+    if not (rank.isascii() and rank.isdigit()):  # every log line names the rank: refuse garbage first
         print(f"cctl-rec {args.command}: error: RANK must be an integer >= 0 (as torchrun sets it), got "
               f"{rank[:40]!r}", file=sys.stderr)
         return 2

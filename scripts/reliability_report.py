@@ -197,7 +197,8 @@ python scripts/reliability_report.py {json_path} docs/reliability.md
 
 on {doc['generated']} (commit {v.get('git', 'unknown')}; {vs}; {v.get('platform', '')}).
 Every case of issues #8 and #20 is a test marked `@pytest.mark.reliability(category, case)`
-(#20's say so in their case); each row below is one test and its outcome in that run. {n_cases} cases, {n_tests} tests: {summary}.
+(#20's say so in their case); each row below is one test and its outcome in that run.
+{n_cases} cases, {n_tests} tests: {summary}.
 {"All listed cases have a passing test." if not problems else "Open: " + "; ".join(problems) + "."}
 {fuzz_line}
 Each bad-input test drives `cctl-rec` (`cctl_rec.cli.main`) and asserts the exit code, that the

@@ -22,10 +22,24 @@ import pytest
 from cctl_rec.cli import main
 from cctl_rec.data.manifest import MANIFEST
 from tests.test_reliability import col, dataset, refused, train_argv, tree
-from tests.test_reliability import exported, trained  # noqa: F401  (module fixtures: a 4-step run, its export)
 from tests.tinydata import N_ITEMS, write_tiny
 
 rel = pytest.mark.reliability
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> str:
+    """A finished 4-step CCTL run with its checkpoint."""
+    run = str(tmp_path_factory.mktemp("trained") / "run")
+    assert main(train_argv(tiny_data, run, "run.steps=4")) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("exported") / "model")
+    assert main(["export", "--run-dir", trained, "--out", out]) == 0
+    return out
 
 
 def _edit_json(path, change) -> None:

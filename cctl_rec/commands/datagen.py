@@ -48,8 +48,8 @@ def check_split_rows(preset: str, scale: float, scale_ids: bool, knobs: dict) ->
         empty = [f"{dom}/{split}" for split, n in rows.items() if n < 1]
         if empty:
             total = getattr(params, dom).samples
-            raise ValueError(f"--scale {scale:g} gives the {preset} preset {total} {dom} row(s), leaving {', '.join(empty)} "
-                             f"with 0 rows ({', '.join(f'{dom}/{k} {v}' for k, v in rows.items())}); expected a larger "
+            raise ValueError(f"--scale {scale:g} gives the {preset} preset {total} {dom} row(s), leaving "
+                             f"{', '.join(empty)} with 0 rows ({', '.join(f'{dom}/{k} {v}' for k, v in rows.items())}); expected a larger "
                              f"--scale (every split needs rows)")
 
 

@@ -292,14 +292,14 @@ def test_missing_inputs_are_one_line(tmp_path, capsys, implicit_dirs):
 
 
 def test_refuses_to_overwrite_another_dataset(tmp_path, capsys, amazon_like):
+    from tests.tinydata import write_tiny
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest.json").write_text(json.dumps({
-        "format": "cctl-rec/v1", "schema": {}, "splits": {}, "split_rule": "", "max_seq_len": 20,
-        "preset": "tiny", "params": {}, "seed": 0, "version": "x", "stats": {}}))
+    write_tiny(str(out), n_tgt=256, n_src=512, files=1)   # a real (synthetic) dataset, preset 'test'
+    before = (out / "manifest.json").read_bytes()
     assert main(["convert", "amazon", "--src", amazon_like[0], "--tgt", amazon_like[1], "--out", str(out)]) == 2
-    assert "holds another dataset (preset 'tiny')" in capsys.readouterr().err
-    assert json.loads((out / "manifest.json").read_text())["preset"] == "tiny"
+    assert "holds another dataset (preset 'test')" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------ real data

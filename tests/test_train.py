@@ -16,7 +16,7 @@ def _train(tiny_data, run_dir, *extra):
 
 
 def test_train_writes_the_run_directory(tiny_data, tmp_path, capsys):
-    assert _train(tiny_data, tmp_path / "run", "run.steps=12") == 0
+    assert _train(tiny_data, tmp_path / "run", "run.steps=12", "selector.mode=paper") == 0
     files = set(os.listdir(tmp_path / "run"))
     assert {"config.yaml", "plan.json", "plan.txt", "metrics.json", "tb"} <= files
     assert not [f for f in files if ".tmp" in f]

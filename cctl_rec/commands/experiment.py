@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="1-rank runs in parallel, one worker process per core (default 1); each worker imports "
                         "torch once and trains its runs one after another")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs that finished under --out; train nothing")
     p.set_defaults(func=run)
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cctl_rec.experiment.report import write_report
-    from cctl_rec.experiment.runner import run_all
+    from cctl_rec.experiment.runner import plan_runs, run_all
     from cctl_rec.experiment.spec import load_spec
 
     if args.jobs < 1:
@@ -61,10 +63,18 @@ def run(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    records = run_all(spec, args.out, jobs=args.jobs)
+    if args.report_only:
+        from cctl_rec.experiment.runner import finished
+
+        records = finished(spec, args.out)
+        planned = len(plan_runs(spec))
+        logger.info("report of %d finished run(s) of %d planned", len(records), planned)
+    else:
+        records = run_all(spec, args.out, jobs=args.jobs)
     command = shlex.join(["cctl-rec", "experiment", "--config", args.config, "--out", args.out]
                          + (["--seeds", args.seeds] if args.seeds else []) + (["--only", args.only] if args.only else [])
-                         + (["--jobs", str(args.jobs)] if args.jobs != 1 else []))
+                         + (["--jobs", str(args.jobs)] if args.jobs != 1 else [])
+                         + (["--report-only"] if args.report_only else []))
     write_report(spec, records, args.out, command, time.perf_counter() - t0)
     failed = [r for r in records if r["status"] != "ok"]
     print(open(os.path.join(args.out, "report.md")).read())

@@ -111,6 +111,22 @@ def default_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
+def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
+    """The records of the runs that finished (``--report-only``): nothing is trained or prepared."""
+    records = []
+    for run in plan_runs(spec):
+        run_dir = os.path.join(out, "runs", run.key)
+        path = os.path.join(run_dir, "metrics.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                m = json.load(f)
+            records.append({"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
+                            "alpha": run.alpha, "run_dir": run_dir, "status": "ok",
+                            "metrics": {k: v for k, v in m.items() if k != "history"},
+                            "history": m.get("history", [])})
+    return records
+
+
 def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) -> list[dict[str, Any]]:
     """Runs what is missing (1-rank runs on ``jobs`` pinned workers) and returns one record per
     run, in plan order (metrics, or the failure and the line of its log that says why)."""

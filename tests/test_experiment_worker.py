@@ -37,6 +37,14 @@ def test_runs_in_a_worker_equal_runs_in_their_own_process(tmp_path, tiny_data):
                             "--data", tiny_data, "--run-dir", str(fresh), *over], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-500:]
         assert _metrics(out / f"runs/tiny/{model}/seed{seed}/metrics.json") == _metrics(fresh / "metrics.json")
+    # --report-only: the same report from the finished runs, nothing trained
+    before = json.loads((out / "results.json").read_text())["summary"]
+    (out / "runs/tiny/dnn/seed1/metrics.json").rename(out / "gone.json")
+    assert main(["experiment", "--config", str(exp), "--out", str(out), "--report-only"]) == 0
+    after = json.loads((out / "results.json").read_text())["summary"]["tiny"]["models"]
+    drop = lambda d: {k: v for k, v in d.items() if k != "wall_seconds"}  # noqa: E731  (no timing without a run)
+    assert drop(after["CCTL"]) == drop(before["tiny"]["models"]["CCTL"]) and after["DNN"]["seeds"] == [0]
+    assert not (out / "runs/tiny/dnn/seed1/metrics.json").exists()
 
 
 def test_the_error_line_is_the_reason_not_the_progress_bar(tmp_path):

@@ -528,13 +528,9 @@ def load_yaml(path: Optional[str]) -> dict[str, Any]:
     through ``yaml.safe_load``, a mapping at top level, within :func:`check_size`'s bounds."""
     if path is None:
         return {}
-    from cctl_rec.safe_io import read_bounded
+    from cctl_rec.safe_io import decode_text, read_bounded
 
-    raw = read_bounded(path, MAX_CONFIG_BYTES, "config file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = decode_text(read_bounded(path, MAX_CONFIG_BYTES, "config file"), f"config file {path}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -132,13 +132,18 @@ def depth_exceeds(obj: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def decode_text(raw: bytes, name: str, hint: str = "") -> str:
+    """``raw`` as UTF-8; one ValueError naming ``name`` (and ``hint``, e.g. "; expected a JSON file") otherwise."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start}: {e.reason}){hint}") from None
+
+
 def decode_json(raw: bytes, path: str) -> Any:
     """``raw`` (the bytes of ``path``) as JSON; one ValueError naming ``path`` when it is not UTF-8,
     not JSON, or nested deeper than :data:`MAX_DEPTH`."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); expected a JSON file") from None
+    text = decode_text(raw, path, "; expected a JSON file")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

@@ -47,7 +47,8 @@ from cctl_rec.schema import DomainSchema
 from cctl_rec.train import losses as losses_mod
 from cctl_rec.train.ifn import IFN
 from cctl_rec.train.losses import scn_losses
-from cctl_rec.train.loop import _total_steps, evaluate, finetune_steps, heldout_reward, step_influence, step_stats
+from cctl_rec.train.loop import (evaluate, finetune_steps, heldout_reward, step_influence, step_stats,
+                                 total_steps)
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
 
 from cctl_rec.bench.common import Sections
@@ -88,7 +89,7 @@ class Harness:
                               pg=dist.GroupMember.WORLD)
         self.dmp = shard(model, self.plan, self.device)
         self.module: CCTL = self.dmp.module
-        self.total = _total_steps(cfg, self.stream)
+        self.total = total_steps(cfg, self.stream)
         dense = [p for name in ("mixed_tower", "san", "pure_tower", "domain_clf") if hasattr(self.module, name)
                  for p in getattr(self.module, name).parameters()]
         self.dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)

@@ -26,8 +26,17 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from cctl_rec.distributed.env import gather_cat
+
+
+def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (``t`` on one rank)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 class _Moments:
@@ -173,13 +182,13 @@ class LabelShift:
         local = torch.tensor([[float((src_labels <= 0.5).sum()), float((src_labels > 0.5).sum())],
                               [float((tgt_labels <= 0.5).sum()), float((tgt_labels > 0.5).sum())]],
                              dtype=torch.float64)
-        self.counts += gather_cat(local.reshape(4)).reshape(-1, 2, 2).sum(0)
+        self.counts += _allreduce_sum(local)
         if self.target == "margin":
             assert src_margins is not None
             lo, hi, n = self.HIST
             h = torch.stack([torch.histc(src_margins[src_labels.flatten() > 0.5 if y else src_labels.flatten() <= 0.5]
                                          .detach().double().clamp(lo, hi), n, lo, hi) for y in (0, 1)])
-            self.hist += gather_cat(h.reshape(-1)).reshape(-1, 2, n).sum(0)
+            self.hist += _allreduce_sum(h)
 
     def label_weights(self) -> torch.Tensor:
         """(w_0, w_1)."""

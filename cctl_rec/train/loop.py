@@ -158,14 +158,8 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
         hs.append(torch.from_numpy(h.astype(bool)) if h is not None else torch.zeros(len(r), dtype=torch.bool))
         z = module.source_logits(x)
         ms.append((2 * y - 1) * z)                     # margin: > 0 where the mixed network agrees with the label
-        if cfg.selector.mode == "evidence":  # the weights it trains with
-            ps.append(ifn.evidence_weights(y, z))
-        elif cfg.selector.mode == "oracle":  # the weights it trains with
-            ps.append((~hs[-1]).float())
-        elif cfg.selector.mode == "fixed" or (cfg.selector.mode in ("paper", "bernoulli") and cfg.selector.alpha == 0):
-            ps.append(torch.ones(len(r)))
-        else:
-            ps.append(ifn.selector(x))
+        w, logits, actions = ifn.weights(x, hs[-1], y, z)   # the weights the run trains with
+        ps.append(torch.sigmoid(logits) if actions is not None else w)  # bernoulli: p, not a draw
     p, h, margin = gather_cat(torch.cat(ps)), gather_cat(torch.cat(hs)), gather_cat(torch.cat(ms))
     out = selector_stats(p, h, data.has_harmful)
     # how well the mixed network's own margin alone ranks harmful rows last (a diagnostic, any mode)
@@ -182,7 +176,8 @@ def finetune_steps(cfg: TrainConfig, total: int) -> int:
     return cfg.model.finetune_steps or round(cfg.model.finetune_frac * total)
 
 
-def _total_steps(cfg: TrainConfig, stream: TrainStream) -> int:
+def total_steps(cfg: TrainConfig, stream: TrainStream) -> int:
+    """Steps of the run: data.epochs passes over the target, at most run.steps."""
     total = stream.steps_per_epoch() * cfg.data.epochs
     return min(total, cfg.run.steps) if cfg.run.steps else total
 
@@ -226,7 +221,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     ifn: Optional[IFN] = None
     if with_source:
         check_same_layout(module.mixed_tgt, module.pure_tgt)
-        ifn = IFN(cfg.selector, module.width, module.schemas["src"], total_steps=_total_steps(cfg, stream))
+        ifn = IFN(cfg.selector, module.width, module.schemas["src"], total_steps=total_steps(cfg, stream))
         sync_mixed_to_pure(module, dense_opt, cfg.scn.sync_optimizer_state, dp_tables)  # both towers start equal
 
     # --- resume from the newest complete checkpoint of this run directory
@@ -256,7 +251,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
 
-    total = _total_steps(cfg, stream)
+    total = total_steps(cfg, stream)
     logger.info("training %s: %d steps of %d target (+%d source) rows per rank, %d rank(s)",
                 cfg.model.name, total, cfg.data.batch_size, stream.src_batch if with_source else 0, world)
     history: list[dict] = list(meta.get("history", []))

@@ -295,7 +295,7 @@ def write_report(spec: ExperimentSpec, records: list[dict[str, Any]], out: str, 
     names = plots(spec, records, summary, out)
     results = {"experiment": spec.name, "command": command, "versions": versions, "seconds": seconds,
                "summary": summary, "cross_dataset": cross_dataset(spec, summary), "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}
-    atomic_write_bytes(os.path.join(out, "results.json"), (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(os.path.join(out, "results.json"), (json.dumps(results, separators=(",", ":")) + "\n").encode())
     atomic_write_bytes(os.path.join(out, "report.md"),
                        markdown(spec, summary, command, versions, seconds, names).encode())
     return results

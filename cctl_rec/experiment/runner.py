@@ -111,6 +111,25 @@ def default_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
+WALL_FILE = "wall_seconds.json"
+"""Beside a run's metrics.json: the wall seconds its worker spent on it (kept across invocations, so
+a benchmark finished over several resumed invocations still reports its total compute time)."""
+
+
+def _record_wall(run_dir: str, seconds: float) -> None:
+    from cctl_rec.data.manifest import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(run_dir, WALL_FILE), json.dumps({"wall_seconds": seconds}).encode())
+
+
+def _recorded_wall(run_dir: str) -> Optional[float]:
+    try:
+        with open(os.path.join(run_dir, WALL_FILE)) as f:
+            return float(json.load(f)["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
     """The records of the runs that finished (``--report-only``): nothing is trained or prepared."""
     records = []
@@ -120,10 +139,13 @@ def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
         if os.path.exists(path):
             with open(path) as f:
                 m = json.load(f)
-            records.append({"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
-                            "alpha": run.alpha, "run_dir": run_dir, "status": "ok",
-                            "metrics": {k: v for k, v in m.items() if k != "history"},
-                            "history": m.get("history", [])})
+            rec = {"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
+                   "alpha": run.alpha, "run_dir": run_dir, "status": "ok",
+                   "metrics": {k: v for k, v in m.items() if k != "history"}, "history": m.get("history", [])}
+            wall = _recorded_wall(run_dir)
+            if wall is not None:
+                rec["wall_seconds"] = wall
+            records.append(rec)
     return records
 
 
@@ -179,11 +201,15 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
         if i in done:
             rc, err, secs = done[i]
             rec["wall_seconds"] = secs
+            if rc == 0 and os.path.exists(metrics_path):
+                _record_wall(run_dir, secs)
             if rc != 0 or not os.path.exists(metrics_path):
                 rec.update(status="failed", error=err or "(no metrics.json written)", command=" ".join(todo[i][0]))
                 logger.error("%s failed: %s", run.key, rec["error"])
                 records.append(rec)
                 continue
+        if "wall_seconds" not in rec and (wall := _recorded_wall(run_dir)) is not None:
+            rec["wall_seconds"] = wall
         with open(metrics_path) as f:
             m = json.load(f)
         rec.update(status="ok", metrics={k: v for k, v in m.items() if k != "history"}, history=m.get("history", []))

@@ -243,10 +243,16 @@ class SelectorConfig:
     more than this many standard errors."""
     evidence_strength: float = 2.0
     """evidence mode: weight of a harmful group = exp(strength * mean normalised influence)."""
-    influence_keep: float = 0.5
+    influence_keep: Optional[float] = None
     """influence mode: the mean p the selector is held to (a penalty 10 (mean p - keep)^2 per step;
     0 = none). The influence decides which source rows; this decides how much source. Without it
-    the mean p drifts late in a run (to 0.999 on one seed, costing 0.016 AUC with no harmful rows)."""
+    the mean p drifts late in a run (to 0.999 on one seed, costing 0.016 AUC with no harmful rows).
+    null (the default) = follows the data: the source's mean label-shift weight sum_y P_s(y) w_y
+    (w_y as ``evidence_shift_power`` gives it, cctl_rec/train/evidence.py:LabelShift), updated every
+    step — 1 where the source's label balance matches the target's (keep all of it, as Mix does),
+    lower where the source over-represents a label (0.86 for a 20%-CTR target and a source of the same
+    CTR with 30% of its labels flipped: P_s(1) = 0.38, w = (1, 0.64), power 0.5).
+    A fixed value (the earlier default was 0.5) holds it there whatever the data."""
 
     @property
     def needs_influence(self) -> bool:
@@ -267,7 +273,8 @@ class SelectorConfig:
                f"selector.evidence_shift_power must be in (0, 1], got {self.evidence_shift_power}")
         _check(self.evidence_t >= 0, f"selector.evidence_t must be >= 0, got {self.evidence_t}")
         _check(self.evidence_strength > 0, f"selector.evidence_strength must be > 0, got {self.evidence_strength}")
-        _check(0.0 <= self.influence_keep < 1.0, f"selector.influence_keep must be in [0, 1), got {self.influence_keep}")
+        _check(self.influence_keep is None or 0.0 <= self.influence_keep < 1.0,
+               f"selector.influence_keep must be null (follow the data) or in [0, 1), got {self.influence_keep}")
         _check(0.0 <= self.influence_group_decay < 1.0,
                f"selector.influence_group_decay must be in [0, 1), got {self.influence_group_decay}")
         _check(self.logit_clamp > 0, f"selector.logit_clamp must be > 0, got {self.logit_clamp}")

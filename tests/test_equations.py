@@ -216,3 +216,29 @@ def test_influence_selector_is_held_to_its_keep_rate():
             ifn.step(step, logits, 0.0, None, None, influence=torch.ones(256), labels=y)
         p = float(torch.sigmoid(ifn.selector.logits(x)).mean())
         assert lo < p < hi, (keep, p)
+
+
+def test_influence_keep_rate_follows_the_label_balance():
+    """selector.influence_keep=null: the keep rate is the source's mean label-shift weight
+    sum_y P_s(y) w_y, w_y = (r_y / max r)^power, r_y = P_t(y) / P_s(y). Hand computation: source 50%
+    positive, target 20% positive -> r = (0.8/0.5, 0.2/0.5) = (1.6, 0.4), w = (1, 0.25^0.5 = 0.5),
+    keep = 0.5 * 1 + 0.5 * 0.5 = 0.75; the selector's mean p goes there. Same label balance in both
+    domains: keep 1, and p rises from 0.5 towards 1 (the amount of source Mix keeps)."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+
+    x = torch.randn(200, 6)
+    y_src = (torch.arange(200) % 2).float()                      # 50% positive
+    for tgt_pos, keep, lo, hi in [(0.2, 0.75, 0.70, 0.80), (0.5, 1.0, 0.9, 1.0)]:
+        y_tgt = (torch.arange(100) < 100 * tgt_pos).float()
+        torch.manual_seed(0)
+        ifn = IFN(SelectorConfig(mode="influence", influence_group="", lr=1e-2, evidence_shift_power=0.5), 6)
+        with torch.no_grad():
+            ifn.selector.net[-1].weight.zero_()
+        assert ifn.keep_rate() == 1.0                               # nothing seen yet
+        for step in range(300):
+            out = ifn.step(step, ifn.selector.logits(x), 0.0, None, None, influence=torch.ones(200), labels=y_src,
+                           tgt_labels=y_tgt)
+        assert abs(out["influence_keep"] - keep) < 1e-9, (tgt_pos, out["influence_keep"])
+        p = float(torch.sigmoid(ifn.selector.logits(x)).mean())
+        assert lo < p < hi, (tgt_pos, p)

@@ -14,7 +14,8 @@ Modes (``selector.mode``):
   :func:`per_sample_influence`): a meta-gradient step of Learning-to-Reweight / Meta-Weight-Net
   form, grad_phi sum_i zbar_i p_i(phi) with zbar_i the normalised influence of sample i averaged
   over the rows sharing its item (:mod:`cctl_rec.train.influence_groups`), plus a penalty holding
-  the mean p at ``selector.influence_keep``.
+  the mean p at the keep rate: ``selector.influence_keep``, or by default the source's mean
+  label-shift weight (:meth:`IFN.keep_rate`), so the amount of source kept follows the data.
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ class IFN:
         self.label_shift: Optional[LabelShift] = None
         if cfg.mode == "evidence" and cfg.evidence_shift != "none":
             self.label_shift = LabelShift(cfg.evidence_shift, cfg.evidence_shift_power)
+        elif cfg.mode == "influence" and cfg.influence_keep is None:  # the keep rate follows the data
+            self.label_shift = LabelShift("label", cfg.evidence_shift_power)
         if cfg.mode == "evidence" and cfg.evidence_groups:
             self.evidence = EvidenceTable(cfg.evidence_bins, cfg.evidence_decay, cfg.evidence_t, cfg.evidence_strength,
                                           reference=cfg.evidence_reference == "target")
@@ -213,6 +216,19 @@ class IFN:
     @property
     def needs_influence(self) -> bool:
         return self.cfg.needs_influence
+
+    def keep_rate(self) -> float:
+        """influence mode: the mean p the selector is held to. ``selector.influence_keep`` if set,
+        else the source's mean label-shift weight sum_y P_s(y) w_y over the rows seen so far (every
+        rank's): 1 while the source's label balance matches the target's, lower where the source
+        over-represents a label (1 before both domains have shown both labels)."""
+        if self.cfg.influence_keep is not None:
+            return self.cfg.influence_keep
+        assert self.label_shift is not None
+        c_src = self.label_shift.counts[0]
+        if float(c_src.sum()) == 0:
+            return 1.0
+        return float((c_src / c_src.sum() * self.label_shift.label_weights()).sum())
 
     def evidence_groups(self, labels: torch.Tensor, logit_src: torch.Tensor) -> torch.Tensor:
         """evidence mode: B_s group ids from the labels and the mixed tower's source logits."""
@@ -312,12 +328,17 @@ class IFN:
                 z = self.groups(group_ids, z)
             p = torch.sigmoid(logits)
             loss = -(z * p).mean()
-            if self.cfg.influence_keep > 0:
+            if self.label_shift is not None:
+                assert tgt_labels is not None
+                self.label_shift.update(labels, tgt_labels)
+            keep = self.keep_rate()
+            if keep > 0:
                 # the influence ranks the rows; the source budget (mean p) is held, as L2RW
                 # normalises its weights: left free, it drifts with the selector's inputs
-                loss = loss + KEEP_PENALTY * (p.mean() - self.cfg.influence_keep) ** 2
+                loss = loss + KEEP_PENALTY * (p.mean() - keep) ** 2
             self._apply(loss)
             out["influence_pos_frac"] = float((influence > 0).float().mean())
+            out["influence_keep"] = keep
         return out
 
     def _normalise(self, influence: torch.Tensor) -> torch.Tensor:

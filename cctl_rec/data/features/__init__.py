@@ -1,0 +1,1 @@
+"""Bring your own logs: the feature config, id mapping and `cctl-rec prepare` (docs/features.md)."""

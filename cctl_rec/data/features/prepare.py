@@ -1,0 +1,490 @@
+"""``cctl-rec prepare``: a team's own two-domain Parquet logs + a feature config -> a cctl-rec dataset.
+
+The output is exactly what ``cctl-rec datagen`` / ``convert`` write (``tgt/{train,valid,test}``,
+``src/train`` Parquet shards and ``manifest.json`` last), so training, sharding plans, the mixed ->
+pure sync, checkpoints and evaluation read it unchanged. The mapping is recorded beside it::
+
+    OUT/features/features.json          the resolved mapping (transform.py's docstring)
+    OUT/features/vocab/<space>.parquet  each vocabulary: raw_id, row, count
+
+Passes over the raw files, each reading only the columns it needs, before anything is written:
+
+1. footers: every file of every split has each configured column, of the declared type
+   (``dtype``), one raw type per space;
+2. the train splits (both domains): vocabulary counts, dense means / stds, the raw users and items
+   of each domain (``user_in_other`` / ``item_in_other``), labels checked;
+3. valid / test: labels and dense values checked;
+
+then one pass maps and writes. Any bad input is one ValueError naming the file, the column and
+the value, before the first byte of output (``cctl-rec prepare`` turns it into one line, exit 2).
+
+Rows keep the raw files' order (sorted file names within a directory); nothing is shuffled or
+sampled, so the same inputs give the same bytes.
+
+Example::
+
+    manifest = prepare("configs/features/amazon.yaml", data="raw/amazon", out="data/amazon-raw")
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from iopath.common.file_io import g_pathmgr
+
+from cctl_rec.data.features.mapping import arrow_dtype, build_vocab, count_ids, merge_counts, normalise_ids
+from cctl_rec.data.features.spec import SPLITS, FeatureConfig, load_features
+from cctl_rec.data.features.transform import (FEATURES_JSON, DenseStat, FeatureMap, SpaceMap, dense_stat, dumps,
+                                              id_type_ok)
+from cctl_rec.data.manifest import (FORMAT, MANIFEST, atomic_write_bytes, file_size, join, read_manifest,
+                                    sha256_file, write_manifest)
+from cctl_rec.data.reader import open_parquet
+
+logger = logging.getLogger(__name__)
+
+PRESET_PREFIX = "features/"
+BATCH_ROWS = 65_536
+ROW_GROUP_ROWS = 16_384
+PASSTHROUGH = {"ts": ("int", pa.types.is_integer), "is_harmful": ("bool", pa.types.is_boolean),
+               "user_group": ("int", pa.types.is_integer)}
+"""Optional raw columns copied as they are (the layout's analysis columns), when present."""
+SPLIT_KEYS = [(d, s) for d in ("tgt", "src") for s in SPLITS[d]]
+
+
+# ----------------------------------------------------------------------------------------- files
+def resolve_files(data: str, pattern: str, what: str) -> list[str]:
+    """The Parquet files of one split: ``pattern`` (relative to ``data`` unless absolute) is a
+    file, a directory (its ``*.parquet``, sorted) or a glob."""
+    full = pattern if os.path.isabs(pattern) else os.path.join(data, pattern)
+    if os.path.isdir(full):
+        out = sorted(glob.glob(os.path.join(full, "*.parquet")))
+    elif any(c in full for c in "*?["):
+        out = sorted(p for p in glob.glob(full) if os.path.isfile(p))
+    else:
+        out = [full] if os.path.exists(full) else []
+    if not out:
+        raise FileNotFoundError(f"{what}: no Parquet files at {full} (domains.<d>.files sets where each split is; "
+                                f"default <domain>/<split> under --data)")
+    return out
+
+
+def _batches(pf: pq.ParquetFile, columns: list[str], path: str) -> Iterator[pa.Table]:
+    try:
+        for rb in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([rb])
+    except (pa.ArrowInvalid, OSError) as e:
+        from cctl_rec.safe_io import disk_error
+
+        if disk_error(e) is not None:
+            raise
+        raise ValueError(f"data file {path} cannot be read ({str(e).splitlines()[0][:200]}); the file is corrupt "
+                         f"or truncated") from None
+
+
+# ---------------------------------------------------------------------------------- pass 1: types
+def check_footer(spec: FeatureConfig, d: str, path: str, arrow: pa.Schema, dtypes: dict[str, tuple[str, str]]
+                 ) -> None:
+    """Raises ValueError when ``path`` (a raw file of domain ``d``) lacks a configured column or
+    holds one of another type; records each space's raw dtype in ``dtypes`` (space -> (dtype,
+    where it was seen)) and refuses a second dtype."""
+    dom = spec.domain(d)
+    have = set(arrow.names)
+
+    def need(column: str, what: str) -> pa.DataType:
+        if column not in have:
+            raise ValueError(f"data file {path} lacks column {column!r} ({what}); it has {sorted(have)[:20]}")
+        return arrow.field(column).type
+
+    cols = [(f, f.source_column, f.kind, f.space) for f in dom.features]
+    if dom.other_seq is not None:
+        other = "src" if d == "tgt" else "tgt"
+        cols.append((None, dom.other_seq.column, "id_list", spec.domain(other).feature("item_id").space))
+    for f, column, kind, space in cols:
+        label = f"domains.{d}.{'other_seq' if f is None else 'features ' + repr(f.name)}"
+        t = need(column, label)
+        if kind == "dense":
+            if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+                raise ValueError(f"data file {path}: column {column!r} ({label}, dense) has type {t}; expected a "
+                                 f"number (float or int)")
+            continue
+        got, want = id_type_ok(t, kind)
+        if not got:
+            raise ValueError(f"data file {path}: column {column!r} ({label}) has type {t}; expected {want}")
+        declared = f.dtype if f is not None and f.dtype != "auto" else None
+        if declared is None:  # another feature of the space may declare it
+            declared = next((g.dtype for dd in ("tgt", "src") for g in spec.domain(dd).features
+                             if g.space == space and g.dtype != "auto"), None)
+        if declared is not None and got != declared:
+            raise ValueError(f"data file {path}: column {column!r} ({label}) holds {got} ids but space {space!r} is "
+                             f"declared dtype {declared}; expected {declared} ids (or change the dtype)")
+        seen = dtypes.setdefault(space, (got, f"column {column!r} of {path}"))
+        if seen[0] != got:
+            raise ValueError(f"data file {path}: column {column!r} ({label}) holds {got} ids but space {space!r} got "
+                             f"{seen[0]} ids from {seen[1]}; expected one id type per space")
+    lab = dom.label
+    t = need(lab.column, f"domains.{d}.label")
+    ok = (pa.types.is_integer(t) or pa.types.is_floating(t)) if lab.min_positive is not None else \
+        (pa.types.is_integer(t) or pa.types.is_boolean(t))
+    if not ok:
+        want = "a number (label.min_positive is set)" if lab.min_positive is not None else "int or bool 0/1"
+        raise ValueError(f"data file {path}: label column {lab.column!r} has type {t}; expected {want}")
+    for c, (want, fits) in PASSTHROUGH.items():
+        if c in have and not fits(arrow.field(c).type):
+            raise ValueError(f"data file {path}: column {c!r} has type {arrow.field(c).type}; expected {want} "
+                             f"(it is copied into the dataset)")
+
+
+def labels(spec: FeatureConfig, d: str, table: pa.Table, path: str) -> np.ndarray:
+    """N int8 labels of a raw batch; a null, or a value other than 0/1 without ``min_positive``, fails."""
+    lab = spec.domain(d).label
+    col = table.column(lab.column)
+    if col.null_count:
+        raise ValueError(f"data file {path}: label column {lab.column!r} has {col.null_count} null value(s); "
+                         f"expected a label on every row")
+    if lab.min_positive is not None:
+        return pc.greater_equal(col, lab.min_positive).to_numpy(zero_copy_only=False).astype(np.int8)
+    y = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"data file {path}: label column {lab.column!r} has value {int(y[bad][0])}; expected 0 or 1 "
+                         f"(for ratings set label.min_positive)")
+    return y.astype(np.int8)
+
+
+# ----------------------------------------------------------------------------- pass 2: statistics
+class TrainStats:
+    """What the train splits say: id counts per vocabulary space, dense sums, raw users / items."""
+
+    def __init__(self, spec: FeatureConfig) -> None:
+        self.spec = spec
+        self.counts: dict[str, list[pa.Table]] = {s.name: [] for s in spec.spaces if s.vocab is not None}
+        self.sums: dict[tuple[str, str], list[float]] = {}
+        self.entities: dict[tuple[str, str], list[pa.Array]] = {}
+
+    def add(self, d: str, table: pa.Table, path: str, dtypes: dict[str, str]) -> None:
+        dom = self.spec.domain(d)
+        labels(self.spec, d, table, path)
+        cols = [(f.source_column, f.kind, f.space) for f in dom.features]
+        if dom.other_seq is not None:
+            other = "src" if d == "tgt" else "tgt"
+            cols.append((dom.other_seq.column, "id_list", self.spec.domain(other).feature("item_id").space))
+        for column, kind, space in cols:
+            if kind == "dense":
+                continue
+            arr = table.column(column).combine_chunks()
+            if kind == "id_list":
+                arr = pc.list_flatten(arr)
+            if space in self.counts:
+                self.counts[space].append(count_ids(normalise_ids(arr, dtypes[space])))
+                if len(self.counts[space]) > 16:
+                    self.counts[space] = [merge_counts(self.counts[space])]
+        for f in dom.features:
+            if f.kind == "dense":
+                st = DenseStat(f.source_column, 0.0, 1.0, "none").apply(table.column(f.source_column).combine_chunks(),
+                                                                          f"data file {path}")
+                keep = ~np.asarray(table.column(f.source_column).is_null().to_numpy(zero_copy_only=False), bool)
+                x = st.astype(np.float64)[keep]
+                s = self.sums.setdefault((d, f.name), [0.0, 0.0, 0])
+                s[0] += float(x.sum())
+                s[1] += float((x * x).sum())
+                s[2] += int(x.size)
+        for role in ("user_id", "item_id"):
+            f = dom.feature(role)
+            arr = normalise_ids(table.column(f.source_column), dtypes[f.space])
+            self.entities.setdefault((d, role), []).append(pc.unique(arr.drop_null()))
+
+    def entity_set(self, d: str, role: str) -> pa.Array:
+        parts = self.entities.get((d, role), [])
+        return pc.unique(pa.concat_arrays(parts)) if parts else pa.array([], pa.int64())
+
+
+def reused_vocab(space: str, path: str, dtype: str, counts: pa.Table, min_coverage: float) -> pa.Table:
+    """A vocabulary written by an earlier prepare, checked: its columns, its rows ``1..V`` in
+    order, its id type, and that it covers ``min_coverage`` of the train ids' occurrences."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"space {space!r}: vocab.path {path} does not exist; expected a vocabulary written "
+                                f"by cctl-rec prepare (OUT/features/vocab/{space}.parquet)")
+    with open_parquet(path) as pf:
+        t = pf.read()
+    if not {"raw_id", "row"} <= set(t.column_names):
+        raise ValueError(f"space {space!r}: vocabulary {path} has columns {t.column_names}; expected raw_id, row")
+    got = arrow_dtype(t.schema.field("raw_id").type)
+    if got != dtype:
+        raise ValueError(f"space {space!r}: vocabulary {path} holds {got or t.schema.field('raw_id').type} ids but the "
+                         f"data holds {dtype} ids; the vocabulary is from another dataset")
+    rows = t.column("row").to_numpy()
+    if not np.array_equal(rows, np.arange(1, t.num_rows + 1)):
+        raise ValueError(f"space {space!r}: vocabulary {path} does not list rows 1..{t.num_rows} in order; expected a "
+                         f"vocabulary written by cctl-rec prepare")
+    ids = normalise_ids(t.column("raw_id"), dtype)
+    if ids.null_count or len(pc.unique(ids)) != len(ids):
+        raise ValueError(f"space {space!r}: vocabulary {path} has null or repeated ids")
+    total = int(pc.sum(counts.column("count")).as_py() or 0)
+    hit = int(pc.sum(pc.filter(counts.column("count"), pc.is_in(counts.column("raw_id"), value_set=ids))).as_py() or 0)
+    cover = hit / total if total else 1.0
+    if cover < min_coverage:
+        raise ValueError(f"space {space!r}: vocabulary {path} holds {cover:.1%} of the train splits' id occurrences, "
+                         f"less than vocab.min_coverage={min_coverage:g}; the vocabulary is from another dataset "
+                         f"(build one: drop vocab.path)")
+    return pa.table({"raw_id": ids, "row": t.column("row"),
+                     "count": t.column("count") if "count" in t.column_names else pa.array(np.zeros(t.num_rows,
+                                                                                                    np.int64))})
+
+
+# -------------------------------------------------------------------------------------- writing
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return sink.getvalue()
+
+
+def prepare_output(out: str, raw_files: list[str]) -> None:
+    """Creates ``out``; refuses one that holds raw input or another kind of dataset; removes the
+    manifest of an earlier prepare first (a run that stops leaves no finished-looking dataset)."""
+    root = os.path.realpath(out)
+    for p in raw_files:
+        if os.path.realpath(p).startswith(root + os.sep):
+            raise ValueError(f"--out {out} holds the raw input {p}; preparing would overwrite it; use another --out")
+    path = join(out, MANIFEST)
+    if g_pathmgr.exists(path):
+        try:
+            old: Optional[dict[str, Any]] = read_manifest(out)
+        except ValueError:
+            old = None
+        if old is None or not str(old.get("preset", "")).startswith(PRESET_PREFIX):
+            what = f"preset {old['preset']!r}" if old else "an unreadable manifest"
+            raise ValueError(f"--out {out} holds another dataset ({what}); preparing would overwrite it; use a new "
+                             f"--out or empty it")
+        g_pathmgr.rm(path)
+    try:
+        g_pathmgr.mkdirs(out)
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
+
+
+class ShardWriter:
+    """Buffers one split's mapped tables and writes ``part-NNNNN.parquet`` shards of ``shard_rows``."""
+
+    def __init__(self, out: str, key: str, shard_rows: int) -> None:
+        self.out, self.key, self.shard_rows = out, key, shard_rows
+        self.buf: list[pa.Table] = []
+        self.have = 0
+        self.entries: list[dict[str, Any]] = []
+        g_pathmgr.mkdirs(join(out, *key.split("/")))
+
+    def add(self, t: pa.Table) -> None:
+        self.buf.append(t)
+        self.have += t.num_rows
+        while self.have >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, n: int) -> None:
+        t = pa.concat_tables(self.buf)
+        part, rest = t.slice(0, n), t.slice(n)
+        rel = f"{self.key}/part-{len(self.entries):05d}.parquet"
+        path = join(self.out, *rel.split("/"))
+        atomic_write_bytes(path, _parquet_bytes(part))
+        self.entries.append({"path": rel, "rows": part.num_rows, "sha256": sha256_file(path), "bytes": file_size(path)})
+        self.buf, self.have = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.have or not self.entries:
+            self._flush(self.have)
+        return self.entries
+
+
+def _remove_stale(out: str, keep: set[str]) -> None:
+    for key in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
+        full = join(out, *key.split("/"))
+        if not g_pathmgr.exists(full):
+            continue
+        for name in g_pathmgr.ls(full):
+            if (name.startswith("part-") and f"{key}/{name}" not in keep) or (name.startswith(".") and ".tmp-" in name):
+                g_pathmgr.rm(join(full, name))
+
+
+class SplitStats:
+    """Rows, positives and the out-of-vocabulary share of every id feature of one written split."""
+
+    def __init__(self) -> None:
+        self.rows = self.pos = self.in_other = self.seq_len = 0
+        self.oov: dict[str, list[int]] = {}
+
+    def add(self, cols: dict[str, pa.Array], fmap: FeatureMap, d: str) -> None:
+        n = len(cols["label"])
+        self.rows += n
+        self.pos += int(np.asarray(cols["label"]).sum())
+        self.in_other += int(np.asarray(cols["user_in_other"].to_numpy(zero_copy_only=False)).sum())
+        self.seq_len += int(pc.sum(pc.list_value_length(cols["seq"])).as_py() or 0)
+        for f in fmap.id_features(d):
+            v = pc.list_flatten(cols[f.name]) if f.kind == "id_list" else cols[f.name]
+            z = self.oov.setdefault(f.name, [0, 0])
+            z[0] += int(pc.sum(pc.equal(v, 0)).as_py() or 0)
+            z[1] += len(v)
+
+    def to_json(self) -> dict[str, Any]:
+        n = max(1, self.rows)
+        return {"rows": self.rows, "positives": self.pos, "ctr": round(self.pos / n, 6),
+                "seq_len_mean": round(self.seq_len / n, 4), "user_in_other_share": round(self.in_other / n, 6),
+                "oov_share": {k: round(a / b, 6) if b else 0.0 for k, (a, b) in self.oov.items()}}
+
+
+# ------------------------------------------------------------------------------------- prepare
+def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> dict[str, Any]:
+    """Maps the raw splits under ``data`` with the feature config ``features`` into a dataset at
+    ``out``; returns its manifest (written last).
+
+    Args:
+        features: the feature config YAML (:mod:`cctl_rec.data.features.spec`).
+        data: the raw data root the config's ``files`` are relative to.
+        out: the dataset directory to write (an earlier prepare there is replaced).
+        shard_rows: rows per output Parquet shard.
+    """
+    import cctl_rec
+
+    if shard_rows < 1:
+        raise ValueError(f"--shard-rows must be >= 1, got {shard_rows}")
+    spec = load_features(features)
+    files = {(d, s): resolve_files(data, spec.files(d, s), f"domains.{d}.files.{s}") for d, s in SPLIT_KEYS}
+    seen: dict[str, tuple[str, str]] = {}
+    for (d, _), paths in files.items():
+        for p in paths:
+            with open_parquet(p) as pf:
+                check_footer(spec, d, p, pf.schema_arrow, seen)
+    for s in spec.spaces:
+        if s.name not in seen:
+            raise ValueError(f"space {s.name!r} is named by no feature; expected every space to be used (or remove it)")
+    dtypes = {k: v[0] for k, v in seen.items()}
+
+    stats = TrainStats(spec)
+    for d in ("tgt", "src"):
+        for p in files[(d, "train")]:
+            with open_parquet(p) as pf:
+                for t in _batches(pf, _read_columns(spec, d, pf.schema_arrow), p):
+                    stats.add(d, t, p, dtypes)
+    spaces: dict[str, SpaceMap] = {}
+    vocabs: dict[str, pa.Table] = {}
+    for s in spec.spaces:
+        if s.hash is not None:
+            spaces[s.name] = SpaceMap(s.name, "hash", dtypes[s.name], s.hash.buckets + 1, s.hash.buckets, s.hash.salt)
+            continue
+        parts = stats.counts[s.name]
+        empty = pa.array([], pa.int64() if dtypes[s.name] == "int64" else pa.large_string())
+        counts = merge_counts(parts) if parts else pa.table({"raw_id": empty, "count": pa.array([], pa.int64())})
+        if s.vocab.path:
+            v = reused_vocab(s.name, s.vocab.path, dtypes[s.name], counts, s.vocab.min_coverage)
+        else:
+            v = build_vocab(counts, s.vocab.min_count, s.vocab.max_size)
+            if v.num_rows == 0:
+                raise ValueError(f"space {s.name!r}: no id occurs at least vocab.min_count={s.vocab.min_count} times in "
+                                 f"the train splits; expected a smaller min_count")
+        vocabs[s.name] = v
+        spaces[s.name] = SpaceMap(s.name, "vocab", dtypes[s.name], v.num_rows + 1,
+                                  vocab=normalise_ids(v.column("raw_id"), dtypes[s.name]))
+    dense: dict[str, dict[str, DenseStat]] = {"tgt": {}, "src": {}}
+    for d in ("tgt", "src"):
+        for f in spec.domain(d).features:
+            if f.kind == "dense":
+                total, sq, n = stats.sums.get((d, f.name), [0.0, 0.0, 0])
+                dense[d][f.name] = dense_stat(f.source_column, total, sq, n, f.normalize)
+    fmap = FeatureMap(spec, spaces, dense)
+    for d, s in SPLIT_KEYS:  # labels and dense values of valid / test: checked before writing
+        if s == "train":
+            continue
+        for p in files[(d, s)]:
+            with open_parquet(p) as pf:
+                cols = [spec.domain(d).label.column] + [f.source_column for f in spec.domain(d).features
+                                                        if f.kind == "dense"]
+                for t in _batches(pf, list(dict.fromkeys(cols)), p):
+                    labels(spec, d, t, p)
+                    for f in spec.domain(d).features:
+                        if f.kind == "dense":
+                            dense[d][f.name].apply(t.column(f.source_column).combine_chunks(), f"data file {p}")
+
+    raw_files = [p for paths in files.values() for p in paths]
+    prepare_output(out, raw_files)
+    others = {(d, role): stats.entity_set("src" if d == "tgt" else "tgt", role)
+              for d in ("tgt", "src") for role in ("user_id", "item_id")}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    split_stats: dict[str, Any] = {}
+    for d, s in SPLIT_KEYS:
+        key = f"{d}/{s}"
+        w, st = ShardWriter(out, key, shard_rows), SplitStats()
+        for p in files[(d, s)]:
+            with open_parquet(p) as pf:
+                names = pf.schema_arrow.names
+                for t in _batches(pf, _read_columns(spec, d, pf.schema_arrow, with_passthrough=True), p):
+                    cols = _output_columns(fmap, d, t, p, others, dtypes, names)
+                    st.add(cols, fmap, d)
+                    w.add(pa.table(cols))
+        splits[key] = w.close()
+        split_stats[key] = st.to_json()
+    _remove_stale(out, {e["path"] for v in splits.values() for e in v})
+
+    vocab_files: dict[str, dict[str, Any]] = {}
+    g_pathmgr.mkdirs(join(out, "features", "vocab"))
+    for name, v in vocabs.items():
+        rel = f"features/vocab/{name}.parquet"
+        path = join(out, *rel.split("/"))
+        atomic_write_bytes(path, _parquet_bytes(v))
+        vocab_files[name] = {"path": rel, "sha256": sha256_file(path), "size": v.num_rows}
+    fjson = fmap.to_json(vocab_files)
+    fpath = join(out, *FEATURES_JSON.split("/"))
+    atomic_write_bytes(fpath, dumps(fjson))
+    cfg_path = os.path.abspath(features)
+    manifest = {
+        "format": FORMAT,
+        "schema": {d: fmap.schema_json(d) for d in ("src", "tgt")},
+        "splits": splits,
+        "split_rule": "the raw data's own splits: " + "; ".join(f"{d}/{s} = {spec.files(d, s)}" for d, s in SPLIT_KEYS)
+                      + " (rows in file order, files sorted by name)",
+        "max_seq_len": spec.max_seq_len,
+        "preset": PRESET_PREFIX + os.path.splitext(os.path.basename(features))[0],
+        "params": {"features": {"path": cfg_path, "sha256": sha256_file(cfg_path)},
+                   "data": os.path.abspath(data), "shard_rows": shard_rows,
+                   "raw_files": {f"{d}/{s}": [{"path": os.path.abspath(p), "bytes": file_size(p)} for p in files[(d, s)]]
+                                 for d, s in SPLIT_KEYS}},
+        "seed": None,
+        "version": cctl_rec.__version__,
+        "stats": {"splits": split_stats,
+                  "spaces": {n: {"kind": sp.kind, "dtype": sp.dtype, "rows": sp.rows} for n, sp in spaces.items()},
+                  "dense": fjson["dense"]},
+        "feature_map": {"path": FEATURES_JSON, "sha256": sha256_file(fpath)},
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _read_columns(spec: FeatureConfig, d: str, arrow: pa.Schema, with_passthrough: bool = False) -> list[str]:
+    dom = spec.domain(d)
+    cols = [f.source_column for f in dom.features] + [dom.label.column]
+    if dom.other_seq is not None:
+        cols.append(dom.other_seq.column)
+    if with_passthrough:
+        cols += [c for c in PASSTHROUGH if c in arrow.names]
+    return list(dict.fromkeys(cols))
+
+
+def _output_columns(fmap: FeatureMap, d: str, t: pa.Table, path: str, others: dict[tuple[str, str], pa.Array],
+                    dtypes: dict[str, str], names: list[str]) -> dict[str, pa.Array]:
+    """The dataset columns of one raw batch of domain ``d``: features, label, other_seq, the REN
+    masks (the raw user / item occurs in the other domain's train split) and passthrough columns."""
+    spec = fmap.spec
+    cols = fmap.map_features(d, t, f"data file {path}")
+    cols["label"] = pa.array(labels(spec, d, t, path), pa.int8())
+    for role, flag in (("user_id", "user_in_other"), ("item_id", "item_in_other")):
+        f = spec.domain(d).feature(role)
+        raw = normalise_ids(t.column(f.source_column), dtypes[f.space])
+        cols[flag] = pc.fill_null(pc.is_in(raw, value_set=others[(d, role)]), False)
+    for c in PASSTHROUGH:
+        if c in names and not (c == "is_harmful" and d == "tgt") and not (c == "user_group" and d == "src"):
+            cols[c] = t.column(c).combine_chunks()
+    return cols

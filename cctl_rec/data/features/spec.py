@@ -1,0 +1,265 @@
+"""The feature config: how a team's own two-domain Parquet logs become a cctl-rec dataset.
+
+A YAML file read like the training config (``yaml.safe_load``, then the strict ``from_dict``:
+unknown keys refused by their path, every value type-checked, ranges checked here). Shape::
+
+    spaces:                      # id -> row mappings ("id spaces"); features naming one share it
+      - {name: user, vocab: {min_count: 1}}          # a vocabulary from one pass over the train splits
+      - {name: item, vocab: {min_count: 2}}          # ids seen < 2 times -> the OOV row 0
+      - {name: city, hash: {buckets: 1000}}          # a stable hash into 1000 buckets (rows 1..1000)
+    domains:
+      tgt:
+        files: {train: tgt/train, valid: tgt/valid, test: tgt/test}   # under --data: file, directory or glob
+        label: {column: click}                       # 0/1 (int or bool); or min_positive: 4 on a rating
+        features:
+          - {name: user_id, column: uid, kind: id, space: user, token: user, dtype: string}
+          - {name: seq, column: hist, kind: id_list, space: item, token: user}
+          - {name: item_id, column: iid, kind: id, space: item, token: item}
+          - {name: city, kind: id, space: city, token: user}
+          - {name: price, kind: dense, token: item}
+        other_seq: {column: books_hist}              # optional: the user's items in the other domain
+      src: {...}                                     # files: {train: ...} only
+
+Rules the model imposes (checked here, one line each):
+
+- every domain has ``user_id`` and ``item_id`` (kind ``id``); ``seq`` (kind ``id_list``) may be left
+  out (written as empty lists); ``seq`` and ``other_seq`` use the item space;
+- REN pairs the domains' ``user_id``, ``item_id`` and sequences, and looks target ids up in the
+  source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space;
+- a feature of the same name, token and space in both domains is an attribute the mixed network
+  shares (``model.share_attributes``);
+- a domain without a context feature gets the constant ``context`` (one row), as converted data has.
+
+Row 0 of every space is the out-of-vocabulary / null row: a vocabulary of V ids has V + 1 rows
+(ids ordered by train count, descending, then by value), N hash buckets have N + 1 rows.
+
+Example::
+
+    spec = load_features("configs/features/amazon.yaml")
+    spec.space("item").vocab.min_count  # 1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from cctl_rec.config import check_size, from_dict, load_yaml
+
+KINDS = ("id", "id_list", "dense")
+REQUIRED = ("user_id", "item_id")
+PAIRED = ("user_id", "item_id")
+"""Features REN pairs across the domains (with ``seq`` / ``other_seq`` over the item space)."""
+RESERVED = ("label", "other_seq", "user_in_other", "item_in_other", "ts", "is_harmful", "user_group")
+"""Output column names a feature may not take (the layout's meta columns)."""
+MAX_BUCKETS = 1 << 40
+SPLITS = {"tgt": ("train", "valid", "test"), "src": ("train",)}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HashSpec:
+    buckets: int
+    """Rows the ids are hashed into (the table gets buckets + 1 rows: row 0 is null)."""
+    salt: int = 0
+    """Mixed into the hash: another salt, another assignment of ids to buckets."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.buckets <= MAX_BUCKETS, f"hash.buckets must be in [1, {MAX_BUCKETS}], got {self.buckets}")
+        _check(0 <= self.salt < 2 ** 63, f"hash.salt must be in [0, 2^63), got {self.salt}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabSpec:
+    min_count: int = 1
+    """An id seen fewer times than this in the train splits goes to the OOV row 0."""
+    max_size: int = 0
+    """Keep at most this many ids, the most frequent (0: no cap)."""
+    path: str = ""
+    """Reuse a vocabulary written by an earlier `cctl-rec prepare` (``OUT/features/vocab/<space>.parquet``)
+    instead of building one: row numbers then stay those of the earlier dataset."""
+    min_coverage: float = 0.5
+    """With ``path``: the share of the train splits' id occurrences the reused vocabulary must
+    hold; less means it was built from another dataset, and prepare refuses it."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_count >= 1, f"vocab.min_count must be >= 1, got {self.min_count}")
+        _check(self.max_size >= 0, f"vocab.max_size must be >= 0 (0: no cap), got {self.max_size}")
+        _check(0.0 <= self.min_coverage <= 1.0, f"vocab.min_coverage must be in [0, 1], got {self.min_coverage}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpaceSpec:
+    """One id -> row mapping; every feature naming it (in either domain) is mapped the same way."""
+
+    name: str
+    hash: Optional[HashSpec] = None
+    vocab: Optional[VocabSpec] = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "spaces[].name must not be empty")
+        _check((self.hash is None) != (self.vocab is None),
+               f"space {self.name!r} must have exactly one of hash or vocab, got "
+               f"{'both' if self.hash is not None else 'neither'}")
+
+    @property
+    def kind(self) -> str:
+        return "hash" if self.hash is not None else "vocab"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureSpec:
+    name: str
+    """The feature's name in the dataset (its Parquet column and KJT key after ``s_`` / ``t_``)."""
+    column: str = ""
+    """The raw column it is read from (default: ``name``)."""
+    kind: Literal["id", "id_list", "dense"] = "id"
+    """id: one categorical id per row; id_list: a list of ids (only ``seq``, the behaviour
+    sequence); dense: a float, standardised with the train split's mean and std."""
+    space: str = ""
+    """The id space (``spaces[].name``) of an id / id_list feature."""
+    token: Literal["user", "item", "context", ""] = ""
+    """The semantic token SAN aligns (user / item / context); ``seq`` defaults to user."""
+    dtype: Literal["auto", "int64", "string"] = "auto"
+    """The raw ids' type; a column of another type is refused (auto: whatever the column holds,
+    integer or string; the same for every feature of a space)."""
+    normalize: Literal["standard", "none"] = "standard"
+    """dense: standard = (x - mean) / std of the train split (recorded); none = as is."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.isidentifier(),
+               f"feature name must be an identifier (letters, digits, _), got {self.name!r}")
+        _check(self.name not in RESERVED, f"feature name {self.name!r} is a reserved column name; "
+                                          f"expected another name (reserved: {', '.join(RESERVED)})")
+        if self.kind == "dense":
+            _check(not self.space, f"feature {self.name!r}: a dense feature has no space, got space={self.space!r}")
+        else:
+            _check(bool(self.space), f"feature {self.name!r}: kind {self.kind} needs a space (one of spaces[].name)")
+        _check(self.kind != "id_list" or self.name == "seq",
+               f"feature {self.name!r}: kind id_list is supported for the behaviour sequence 'seq' only; "
+               f"expected kind id or dense")
+        _check(self.name != "seq" or self.kind == "id_list", f"feature 'seq' must be kind id_list, got {self.kind}")
+        _check(self.token != "" or self.name == "seq",
+               f"feature {self.name!r} needs a token: user, item or context")
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @property
+    def resolved_token(self) -> str:
+        return self.token or "user"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelSpec:
+    column: str = "label"
+    min_positive: Optional[float] = None
+    """None: the column holds 0/1 (integer or bool). A number: label = (value >= min_positive),
+    e.g. 4 on 1-5 star ratings."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OtherSeqSpec:
+    column: str
+    """A list column of the items the row's user has in the OTHER domain (mapped with the other
+    domain's item space; REN's sequence term and MiNet read it)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilesSpec:
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainSpec:
+    files: FilesSpec = field(default_factory=FilesSpec)
+    """Raw Parquet per split, relative to ``--data`` (or absolute): a file, a directory (its
+    ``*.parquet``, sorted) or a glob. Default ``<domain>/<split>``."""
+    label: LabelSpec = field(default_factory=LabelSpec)
+    features: tuple[FeatureSpec, ...] = ()
+    other_seq: Optional[OtherSeqSpec] = None
+
+    def feature(self, name: str) -> Optional[FeatureSpec]:
+        for f in self.features:
+            if f.name == name:
+                return f
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainsSpec:
+    tgt: DomainSpec
+    src: DomainSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    spaces: tuple[SpaceSpec, ...]
+    domains: DomainsSpec
+    max_seq_len: int = 20
+    """Recorded in the manifest (the trainer truncates sequences to data.max_seq_len)."""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.spaces]
+        _check(len(set(names)) == len(names), f"spaces: a name is used twice: {names}")
+        _check(0 < self.max_seq_len <= 4096, f"max_seq_len must be in [1, 4096], got {self.max_seq_len}")
+        for d in ("tgt", "src"):
+            dom = self.domain(d)
+            where = f"domains.{d}"
+            fnames = [f.name for f in dom.features]
+            _check(len(set(fnames)) == len(fnames), f"{where}.features: a name is used twice: {fnames}")
+            for need in REQUIRED:
+                f = dom.feature(need)
+                _check(f is not None, f"{where}.features lacks {need!r} (kind id); every domain needs user_id "
+                                      f"and item_id")
+                _check(f.kind == "id", f"{where}.features: {need!r} must be kind id, got {f.kind}")
+            for f in dom.features:
+                _check(f.kind == "dense" or f.space in names,
+                       f"{where}.features: {f.name!r} names space {f.space!r}; expected one of {names}")
+            seq = dom.feature("seq")
+            item_space = dom.feature("item_id").space
+            _check(seq is None or seq.space == item_space,
+                   f"{where}.features: seq uses space {seq.space if seq else ''!r} but item_id uses {item_space!r}; "
+                   f"the behaviour sequence is looked up in the item table, so they must share one space")
+            if d == "src":
+                bad = [k for k in ("valid", "test") if getattr(dom.files, k)]
+                _check(not bad, f"domains.src.files: the source has a train split only, got {bad}")
+        for name in PAIRED:
+            a, b = self.domains.tgt.feature(name).space, self.domains.src.feature(name).space
+            _check(a == b, f"domains.tgt.features {name!r} uses space {a!r} but domains.src uses {b!r}; REN looks "
+                           f"target {name} up in the source table, so both domains must name one space")
+        for name in names:
+            dtypes = {f.dtype for d in ("tgt", "src") for f in self.domain(d).features
+                      if f.space == name and f.dtype != "auto"}
+            _check(len(dtypes) <= 1, f"space {name!r}: its features declare different dtypes {sorted(dtypes)}; "
+                                     f"expected one (the ids of a space are one type)")
+
+    def domain(self, d: str) -> DomainSpec:
+        return self.domains.tgt if d == "tgt" else self.domains.src
+
+    def space(self, name: str) -> SpaceSpec:
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise KeyError(f"no space {name!r}")
+
+    def files(self, d: str, split: str) -> str:
+        return getattr(self.domain(d).files, split) or f"{d}/{split}"
+
+
+def load_features(path: str) -> FeatureConfig:
+    """Reads and validates a feature config file; every problem is one ValueError naming the
+    file and the key (``features file F: unknown config key 'domains.tgt.features[2].colum'; ...``)."""
+    d = load_yaml(path)
+    check_size(d, f"features file {path}")
+    try:
+        return from_dict(FeatureConfig, d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"features file {path}: {e}") from None

@@ -1,0 +1,266 @@
+"""Feature config and `cctl-rec prepare` (issue #19): raw ids hashed or looked up, the dataset the
+trainer reads, the mapping serving reloads, and bad input refused before anything is written."""
+
+import json
+import os
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cctl_rec.cli import main
+from cctl_rec.data.features.mapping import hash_rows, vocab_rows
+from cctl_rec.data.features.spec import load_features
+from cctl_rec.data.features.transform import FeatureMap
+from tests.rawdata import raw_from_tiny
+
+TINY_FEATURES = """
+spaces:
+  - {name: user, vocab: {min_count: 1}}
+  - {name: item, vocab: {min_count: 2}}
+  - {name: category, hash: {buckets: 16, salt: 7}}
+  - {name: city, hash: {buckets: 50}}
+  - {name: gender, vocab: {}}
+domains:
+  tgt:
+    label: {column: label}
+    features:
+      - {name: user_id, column: uid, space: user, token: user, dtype: int64}
+      - {name: city, space: city, token: user, dtype: string}
+      - {name: seq, column: hist, kind: id_list, space: item}
+      - {name: item_id, column: iid, space: item, token: item}
+      - {name: category, space: category, token: item}
+      - {name: price, kind: dense, token: item}
+  src:
+    label: {column: label}
+    features:
+      - {name: user_id, column: uid, space: user, token: user}
+      - {name: gender, space: gender, token: user}
+      - {name: city, space: city, token: user}
+      - {name: seq, column: hist, kind: id_list, space: item}
+      - {name: item_id, column: iid, space: item, token: item}
+      - {name: category, space: category, token: item}
+"""
+
+SMALL = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.log_every=5",
+         "scn.sync_every=10", "selector.update_every=5", "run.max_eval_rows=512"]
+
+
+def _write(tmp_path, text: str, name: str = "features.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def raw_tiny(tiny_data, tmp_path_factory) -> str:
+    return raw_from_tiny(tiny_data, str(tmp_path_factory.mktemp("raw")))
+
+
+@pytest.fixture(scope="module")
+def prepared(raw_tiny, tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("prep")
+    feats = _write(d, TINY_FEATURES)
+    out = str(d / "data")
+    assert main(["prepare", "--features", feats, "--data", raw_tiny, "--out", out, "--shard-rows", "1500"]) == 0
+    return feats, out
+
+
+# ------------------------------------------------------------------------------------ the config
+@pytest.mark.parametrize("edit, msg", [
+    (("column: uid, space: user, token: user, dtype: int64", "colum: uid, space: user, token: user"),
+     "unknown config key 'domains.tgt.features[0].colum'"),
+    (("buckets: 16, salt: 7", "buckets: 0"), "hash.buckets must be in [1,"),
+    (("{name: gender, vocab: {}}", "{name: gender}"), "space 'gender' must have exactly one of hash or vocab"),
+    (("- {name: user_id, column: uid, space: user, token: user}\n", "- {name: user_id, column: uid, space: item, token: user}\n"),
+     "REN looks target user_id up in the source table"),
+    (("column: hist, kind: id_list, space: item}", "column: hist, kind: id_list, space: city}"),
+     "seq uses space 'city' but item_id uses 'item'"),
+    (("{name: price, kind: dense, token: item}", "{name: price, kind: dense, token: item, space: item}"),
+     "a dense feature has no space"),
+    (("kind: dense", "kind: float"), "kind must be one of ['id', 'id_list', 'dense']"),
+])
+def test_feature_config_is_validated_like_the_train_config(tmp_path, edit, msg):
+    old, new = edit
+    assert old in TINY_FEATURES
+    path = _write(tmp_path, TINY_FEATURES.replace(old, new, 1))
+    with pytest.raises((ValueError, TypeError)) as e:
+        load_features(path)
+    assert msg in str(e.value) and str(e.value).startswith(f"features file {path}: ")
+    assert "\n" not in str(e.value)
+
+
+def test_feature_config_needs_user_and_item_ids(tmp_path):
+    path = _write(tmp_path, TINY_FEATURES.replace("      - {name: item_id, column: iid, space: item, token: item}\n", "", 1))
+    with pytest.raises(ValueError, match="domains.tgt.features lacks 'item_id'"):
+        load_features(path)
+
+
+# ----------------------------------------------------------------------------------- the mapping
+def test_hash_is_stable_and_reproducible_by_hand():
+    def fnv(b: bytes) -> int:
+        h = 0xCBF29CE484222325
+        for c in b:
+            h = ((h ^ c) * 0x100000001B3) % 2 ** 64
+        return h
+
+    def mix(z: int) -> int:
+        z ^= z >> 30
+        z = (z * 0xBF58476D1CE4E5B9) % 2 ** 64
+        z ^= z >> 27
+        z = (z * 0x94D049BB133111EB) % 2 ** 64
+        return z ^ (z >> 31)
+
+    ids = ["A1OBPHRXHZF8P6", "", "é-ü", None, "B00147AJQ8"]
+    got = hash_rows(pa.array(ids), 1000, 5)
+    want = [0 if s is None else mix(fnv(s.encode()) ^ 5) % 1000 + 1 for s in ids]
+    assert got.tolist() == want
+    ints = [0, -1, 2 ** 62, None]
+    got = hash_rows(pa.array(ints, pa.int64()), 97, 0)
+    assert got.tolist() == [0 if x is None else mix(x % 2 ** 64) % 97 + 1 for x in ints]
+    assert hash_rows(pa.array([123]), 1 << 20, 0)[0] != hash_rows(pa.array(["123"]), 1 << 20, 0)[0]
+    sliced = pa.array(["x", "A1OBPHRXHZF8P6"]).slice(1)  # an offset into the buffers
+    assert hash_rows(sliced, 1000, 5)[0] == want[0]
+
+
+def test_vocab_rows_start_at_1_and_unknown_or_null_is_0():
+    vocab = pa.array(["b", "a"])
+    assert vocab_rows(pa.array(["a", "zz", None, "b"]), vocab).tolist() == [2, 0, 0, 1]
+
+
+# ------------------------------------------------------------------------------------ prepare
+def test_prepare_writes_the_layout_the_trainer_reads(prepared, raw_tiny):
+    from cctl_rec.data.loader import Dataset
+
+    _, out = prepared
+    ds = Dataset(out)
+    m = ds.manifest
+    assert m["preset"] == "features/features" and m["format"] == "cctl-rec/v1"
+    ts, ss = ds.schemas["tgt"], ds.schemas["src"]
+    assert ts.field_names() == ["user_id", "city", "seq", "item_id", "category", "context"]
+    assert ss.feature("gender").cardinality == 4  # {0, 1, 2} + the OOV row
+    assert ts.feature("category").cardinality == 17 and ts.feature("city").cardinality == 51
+    assert ts.feature("user_id").cardinality == ss.feature("user_id").cardinality  # one space: REN
+    assert ts.feature("seq").table == "item_id"
+    raw = pq.read_table(os.path.join(raw_tiny, "tgt/train"))
+    got = pq.read_table(os.path.join(out, "tgt/train"))
+    assert got.num_rows == raw.num_rows and len(m["splits"]["tgt/train"]) == -(-raw.num_rows // 1500)
+    # null ids -> row 0; every id of the vocabulary spaces seen in train is in range and not 0
+    uid = got.column("user_id").to_numpy()
+    assert np.array_equal(uid == 0, raw.column("uid").is_null().to_numpy(zero_copy_only=False))
+    assert got.column("seq").to_pylist()[0] == []  # the null list
+    # dense: standardised with the train split's statistics (nulls none here)
+    price = got.column("price").to_numpy()
+    assert abs(price.mean()) < 1e-4 and abs(price.std() - 1) < 1e-3
+    stats = m["stats"]["dense"]["tgt"]["price"]
+    x = raw.column("price").to_numpy()
+    assert stats["mean"] == pytest.approx(x.mean()) and stats["std"] == pytest.approx(x.std())
+    # REN masks from the raw ids of the other domain's train split
+    src_users = set(pq.read_table(os.path.join(raw_tiny, "src/train")).column("uid").drop_null().to_pylist())
+    want = [u in src_users for u in raw.column("uid").to_pylist()]
+    assert got.column("user_in_other").to_pylist() == want
+
+
+def test_item_vocab_min_count_sends_rare_ids_to_the_oov_row(prepared, raw_tiny):
+    _, out = prepared
+    vocab = pq.read_table(os.path.join(out, "features/vocab/item.parquet"))
+    assert vocab.column("count").to_numpy().min() >= 2
+    counts = vocab.column("count").to_numpy()
+    assert np.all(np.diff(counts) <= 0)  # most frequent first
+    assert vocab.column("row").to_pylist() == list(range(1, vocab.num_rows + 1))
+
+
+def test_serving_reloads_the_mapping_and_maps_raw_columns_the_same_way(prepared, raw_tiny):
+    _, out = prepared
+    fmap = FeatureMap.load(out)
+    raw = pq.read_table(os.path.join(raw_tiny, "tgt/test"))
+    cols = fmap.map_features("tgt", raw, "serving input")
+    written = pq.read_table(os.path.join(out, "tgt/test"))
+    for name in ("user_id", "city", "seq", "item_id", "category", "price", "context", "other_seq"):
+        assert cols[name].to_pylist() == written.column(name).to_pylist(), name
+    # an id never seen in train goes to the OOV row; an int column of a string space is cast
+    unseen = raw.slice(0, 2).set_column(0, "uid", pa.array([10 ** 12, None], pa.int64()))
+    assert fmap.map_features("tgt", unseen, "x")["user_id"].to_pylist() == [0, 0]
+
+
+def test_a_prepared_dataset_trains(prepared, tmp_path):
+    _, out = prepared
+    assert main(["train", "--data", out, "--run-dir", str(tmp_path / "run"), *SMALL, "run.steps=12"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["steps"] == 12 and 0.0 <= m["target_test"]["auc"] <= 1.0
+
+
+def test_reusing_the_vocabulary_keeps_rows(prepared, raw_tiny, tmp_path):
+    feats, out = prepared
+    text = open(feats).read().replace("{name: user, vocab: {min_count: 1}}",
+                                      f"{{name: user, vocab: {{path: {out}/features/vocab/user.parquet}}}}")
+    out2 = str(tmp_path / "again")
+    assert main(["prepare", "--features", _write(tmp_path, text), "--data", raw_tiny, "--out", out2]) == 0
+    a, b = (pq.read_table(os.path.join(o, "tgt/valid")).column("user_id") for o in (out, out2))
+    assert a.to_pylist() == b.to_pylist()
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _bad_raw(raw_tiny, tmp_path, split, fn) -> str:
+    """A copy of the raw tiny logs with ``fn`` applied to one split's table."""
+    root = tmp_path / "raw"
+    for s in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
+        t = pq.read_table(os.path.join(raw_tiny, s))
+        (root / s).mkdir(parents=True)
+        pq.write_table(fn(t) if s == split else t, str(root / s / "part-0.parquet"))
+    return str(root)
+
+
+def _col(t: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    return t.set_column(t.column_names.index(name), name, arr)
+
+
+@pytest.mark.parametrize("case, split, fn, config_edit, msg", [
+    ("missing column", "tgt/valid", lambda t: t.drop(["category"]), None,
+     "lacks column 'category' (domains.tgt.features 'category')"),
+    ("declared int holds strings", "tgt/train",
+     lambda t: _col(t, "uid", pa.array([str(x) for x in t.column("uid").to_pylist()])), None,
+     "column 'uid' (domains.tgt.features 'user_id') holds string ids but space 'user' is declared dtype int64"),
+    ("bucket count 0", None, None, ("buckets: 50", "buckets: 0"), "hash.buckets must be in [1,"),
+    ("NaN in a dense column", "tgt/test",
+     lambda t: _col(t, "price", pa.array(np.where(np.arange(t.num_rows) == 3, np.nan, t.column("price").to_numpy())))
+     , None, "dense column 'price' has 1 NaN or infinite value(s)"),
+    ("label not 0/1", "src/train", lambda t: _col(t, "label", pa.array(np.full(t.num_rows, 4, np.int8))), None,
+     "label column 'label' has value 4; expected 0 or 1"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(raw_tiny, tmp_path, capsys, case, split, fn,
+                                                          config_edit, msg):
+    raw = _bad_raw(raw_tiny, tmp_path, split, fn) if fn else raw_tiny
+    text = TINY_FEATURES.replace(*config_edit) if config_edit else TINY_FEATURES
+    out = tmp_path / "out"
+    rc = main(["prepare", "--features", _write(tmp_path, text), "--data", raw, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and msg in err, (case, err)
+    assert not out.exists()
+
+
+def test_a_vocabulary_from_another_dataset_is_refused(prepared, raw_tiny, tmp_path, capsys):
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"raw_id": pa.array(np.arange(10 ** 6, 10 ** 6 + 500), pa.int64()),
+                             "row": pa.array(np.arange(1, 501), pa.int64())}), str(other))
+    text = TINY_FEATURES.replace("{name: user, vocab: {min_count: 1}}", f"{{name: user, vocab: {{path: {other}}}}}")
+    out = tmp_path / "out"
+    rc = main(["prepare", "--features", _write(tmp_path, text), "--data", raw_tiny, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "holds 0.0% of the train splits' id occurrences" in err and "another dataset" in err
+    assert not out.exists()
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"raw_id": ["a"], "row": pa.array([1], pa.int64())}), str(strings))
+    rc = main(["prepare", "--features", _write(tmp_path, text.replace(str(other), str(strings))), "--data", raw_tiny,
+               "--out", str(out)])
+    assert rc == 2 and "holds string ids but the data holds int64 ids" in capsys.readouterr().err
+
+
+def test_prepare_refuses_to_write_over_its_raw_input_or_another_dataset(raw_tiny, tiny_data, tmp_path, capsys):
+    feats = _write(tmp_path, TINY_FEATURES)
+    assert main(["prepare", "--features", feats, "--data", raw_tiny, "--out", raw_tiny]) == 2
+    assert "holds the raw input" in capsys.readouterr().err
+    assert main(["prepare", "--features", feats, "--data", raw_tiny, "--out", tiny_data]) == 2
+    assert "holds another dataset (preset 'test')" in capsys.readouterr().err

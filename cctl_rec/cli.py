@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from cctl_rec.safe_io import DISK_ERRNOS, disk_error  # DISK_ERRNOS re-exported: OSErrors of the machine, exit 1
 
 # Subcommands in --help order; each a module under cctl_rec.commands.
-COMMANDS = ("datagen", "convert", "prepare", "download", "train", "eval", "export", "predict", "experiment", "plan", "bench", "doctor")
+COMMANDS = ("datagen", "convert", "prepare", "download", "train", "eval", "evaluate", "export", "predict", "experiment", "plan", "bench", "doctor")
 
 logger = logging.getLogger(__name__)
 

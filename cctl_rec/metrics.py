@@ -1,4 +1,11 @@
-"""Target AUC / logloss, reduced across ranks (torchmetrics), and selector diagnostics."""
+"""Target CTR metrics reduced across ranks, and selector diagnostics.
+
+AUC and logloss come from torchmetrics (``BinaryAUROC`` is exact under tied scores; torchrec
+1.8's ``AUCMetric`` ranks ties in ``argsort`` order: four rows all scored 0.5 with labels
+0, 1, 0, 1 give it 0.25, not 0.5). NE, calibration and CTR come from ``torchrec.metrics``
+(``NEMetric``, ``CalibrationMetric``, ``CTRMetric``), GAUC from ``torchrec.metrics.gauc``'s
+session AUC with one session per user (:class:`UserAUC`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +17,39 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
+from torchrec.metrics.calibration import CalibrationMetric
+from torchrec.metrics.ctr import CTRMetric
+from torchrec.metrics.gauc import get_auc_states
+from torchrec.metrics.ne import NEMetric
+from torchrec.metrics.rec_metric import RecMetric, RecTaskInfo
 
 logger = logging.getLogger(__name__)
 
 
-class BinaryMetrics:
-    """AUC and logloss over batches; ``compute()`` syncs across ranks.
+_TASK = RecTaskInfo(name="tgt", label_name="label", prediction_name="p", weight_name="w")
+_WHOLE_SPLIT = 1 << 62
+"""torchrec's window, in rows: larger than any split, so window and lifetime values agree."""
 
-    Rows and positives are summed across ranks first: without rows ``auc`` and ``logloss`` are
-    None, and with one label class ``auc`` is None (undefined; a warning says so), never 0.0.
+
+def _rec_metric(cls: type[RecMetric]) -> RecMetric:
+    """A torchrec metric over the whole split whose ``compute()`` sums its states across ranks
+    and answers on every rank."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    return cls(world_size=dist.get_world_size() if on else 1, my_rank=dist.get_rank() if on else 0,
+               batch_size=1, tasks=[_TASK], window_size=_WHOLE_SPLIT, compute_on_all_ranks=True)
+
+
+class BinaryMetrics:
+    """AUC, logloss, NE, calibration and CTR over batches; ``compute()`` syncs across ranks.
+
+    Rows and positives are summed across ranks first: without rows every value is None, and with
+    one label class ``auc``, ``ne`` (the label entropy is 0) and, without positives,
+    ``calibration`` are None (undefined; a warning says so), never 0.0.
+
+    NE = logloss / entropy of the split's CTR (< 1: better than predicting the CTR); calibration
+    = sum of predicted probabilities / sum of labels (1: calibrated); CTR = mean label.
 
     Args:
         name: what the rows are (``tgt/test``), for the warning.
@@ -28,14 +59,30 @@ class BinaryMetrics:
         self.name = name
         self.auc = BinaryAUROC()
         self.logloss = MeanMetric()
+        self.rec = {"ne": _rec_metric(NEMetric), "calibration": _rec_metric(CalibrationMetric),
+                    "ctr": _rec_metric(CTRMetric)}
         self.counts = torch.zeros(2, dtype=torch.float64)  # rows, positives
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
-        self.auc.update(torch.sigmoid(logits), labels.long())
+        """``logits``, ``labels``: B floats (labels 0/1)."""
+        logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu()
+        probs = torch.sigmoid(logits)
+        self.auc.update(probs, labels.long())
         self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        for m in self.rec.values():
+            m.update(predictions={"tgt": probs}, labels={"tgt": labels}, weights=None)
         self.counts[0] += labels.numel()
         self.counts[1] += float(labels.sum())
+
+    def _rec_values(self, rows: int, pos: int) -> dict[str, Optional[float]]:
+        """torchrec's lifetime values (a collective: every rank calls it); None where undefined."""
+        got = {name: float(next(v for k, v in m.compute().items() if "|lifetime_" in k))
+               for name, m in self.rec.items()}
+        if not 0 < pos < rows:
+            got["ne"] = None
+        if pos == 0:
+            got["calibration"] = None
+        return got
 
     def compute(self) -> dict[str, Optional[float]]:
         import torch.distributed as dist
@@ -47,12 +94,61 @@ class BinaryMetrics:
         if not rows:  # the same on every rank: all compute (a collective) or none
             logger.warning("no rows%s: AUC and logloss undefined, reported as null",
                            f" in {self.name}" * bool(self.name))
-            return {"auc": None, "logloss": None}
+            return {"auc": None, "logloss": None, "ne": None, "calibration": None, "ctr": None}
         auc = float(self.auc.compute()) if 0 < pos < rows else None
         if auc is None:
             logger.warning("AUC%s is undefined: %d rows, all of label %d (one class); reported as null",
                            f" on {self.name}" * bool(self.name), rows, int(pos > 0))
-        return {"auc": auc, "logloss": float(self.logloss.compute())}
+        return {"auc": auc, "logloss": float(self.logloss.compute()), **self._rec_values(rows, pos)}
+
+
+class UserAUC:
+    """GAUC: the mean over users of each user's AUC (``torchrec.metrics.gauc``'s session AUC,
+    one session per user, every user weighted 1), over the users with both labels whose scores
+    are not all equal.
+
+    Rows are gathered from every rank (a user's rows may sit on several), sorted by user and
+    scored in chunks of whole users (at most ``chunk`` cells of the users x rows grid each).
+    ``compute()`` is a collective: every rank calls it and gets the same value.
+    """
+
+    def __init__(self, chunk: int = 1 << 22) -> None:
+        self.chunk = chunk
+        self.users: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, users: torch.Tensor) -> None:
+        """``logits``, ``labels``: B floats; ``users``: B int64 user ids."""
+        if users.numel() != logits.numel():
+            raise ValueError(f"GAUC needs one user id per row: {users.numel()} ids for {logits.numel()} rows")
+        self.users.append(users.detach().cpu().long())
+        self.probs.append(torch.sigmoid(logits.detach().float().cpu()))
+        self.labels.append(labels.detach().cpu().float())
+
+    def compute(self) -> dict[str, Optional[float]]:
+        """``{"gauc": mean per-user AUC or None (no user has both labels), "gauc_users": users counted}``."""
+        from cctl_rec.distributed.env import gather_cat
+
+        cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))  # noqa: E731
+        users = gather_cat(cat(self.users, torch.long))
+        probs, labels = gather_cat(cat(self.probs, torch.float)), gather_cat(cat(self.labels, torch.float))
+        order = torch.argsort(users, stable=True)
+        _, counts = torch.unique_consecutive(users[order], return_counts=True)
+        by_len = torch.argsort(counts, stable=True)  # chunks of users with similar row counts
+        starts = torch.cumsum(counts, 0) - counts
+        auc_sum, n_users, i = 0.0, 0, 0
+        while i < len(by_len):
+            j = i + 1
+            while j < len(by_len) and (j - i + 1) * int(counts[by_len[j]]) <= self.chunk:
+                j += 1
+            sel = by_len[i:j]
+            rows = torch.cat([order[int(s):int(s) + int(c)] for s, c in zip(starts[sel], counts[sel])])
+            st = get_auc_states(labels[rows][None], probs[rows][None], torch.ones(1, len(rows)),
+                                counts[sel])
+            auc_sum, n_users = auc_sum + float(st["auc_sum"][0]), n_users + int(st["num_samples"][0])
+            i = j
+        return {"gauc": auc_sum / n_users if n_users else None, "gauc_users": n_users}
 
 
 GROUP_NAMES = ("warm", "cold")

@@ -1,10 +1,12 @@
 """Target metrics per user group: equal to the metric on the group's rows, None (never 0.0)
 where a group has one label class or no rows, and reduced across ranks like the overall one."""
 
+import math
+
 import pytest
 import torch
 
-from cctl_rec.metrics import BinaryMetrics, GroupMetrics
+from cctl_rec.metrics import BinaryMetrics, GroupMetrics, UserAUC
 
 
 def _data(n=400, seed=0):
@@ -71,3 +73,91 @@ def test_group_metrics_reduce_across_ranks():
         assert a[name]["rows"] == int((g == code).sum())
         assert a[name]["auc"] == pytest.approx(want["auc"], abs=1e-6)
         assert a[name]["logloss"] == pytest.approx(want["logloss"], abs=1e-6)
+
+
+# --- NE, calibration, CTR (torchrec.metrics) and GAUC, each against its definition by hand -------------
+
+def _by_hand_auc(p, y):
+    """Mann-Whitney AUC with ties counted 1/2."""
+    pos, neg = p[y == 1], p[y == 0]
+    return float(((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean())
+
+
+def test_ne_calibration_ctr_equal_their_definitions():
+    z, y, _ = _data(n=1000, seed=3)
+    m = BinaryMetrics()
+    for lo in range(0, 1000, 96):
+        m.update(z[lo:lo + 96], y[lo:lo + 96])
+    out = m.compute()
+    p, ctr = torch.sigmoid(z).double(), float(y.mean())
+    logloss = float(torch.nn.functional.binary_cross_entropy(p, y.double()))
+    entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
+    assert out["ctr"] == pytest.approx(ctr)
+    assert out["ne"] == pytest.approx(logloss / entropy, rel=1e-5)
+    assert out["calibration"] == pytest.approx(float(p.sum() / y.sum()), rel=1e-5)
+    assert out["auc"] == pytest.approx(_by_hand_auc(p, y), abs=1e-6)
+
+
+def test_one_label_class_leaves_ne_and_calibration_undefined():
+    m = BinaryMetrics()
+    m.update(torch.tensor([0.2, -0.4]), torch.zeros(2))
+    out = m.compute()
+    assert out["auc"] is None and out["ne"] is None and out["calibration"] is None and out["ctr"] == 0.0
+    empty = BinaryMetrics().compute()
+    assert empty == {"auc": None, "logloss": None, "ne": None, "calibration": None, "ctr": None}
+
+
+def test_tied_scores_keep_the_exact_auc():
+    m = BinaryMetrics()  # torchrec 1.8's AUCMetric says 0.25 here (argsort order); the metric is 0.5
+    m.update(torch.zeros(4), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert m.compute()["auc"] == 0.5
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7])  # one chunk; chunks of a few users each
+def test_gauc_is_the_mean_auc_over_users_with_both_labels(chunk):
+    z, y, _ = _data(n=600, seed=5)
+    users = torch.randint(0, 40, (600,), generator=torch.Generator().manual_seed(5))
+    users[:5], y[:5] = 99, 1.0  # user 99: positives only, not counted
+    u = UserAUC(chunk=chunk)
+    for lo in range(0, 600, 64):  # a user's rows spread over batches
+        u.update(z[lo:lo + 64], y[lo:lo + 64], users[lo:lo + 64])
+    out = u.compute()
+    p = torch.sigmoid(z)
+    aucs = [_by_hand_auc(p[users == k], y[users == k]) for k in users.unique().tolist()
+            if 0 < y[users == k].sum() < (users == k).sum()]
+    assert out["gauc_users"] == len(aucs)
+    assert out["gauc"] == pytest.approx(sum(aucs) / len(aucs), abs=1e-6)
+
+
+def test_gauc_without_a_user_of_both_labels_is_none():
+    u = UserAUC()
+    u.update(torch.tensor([0.1, 0.5]), torch.tensor([1.0, 0.0]), torch.tensor([1, 2]))
+    assert u.compute() == {"gauc": None, "gauc_users": 0}
+    with pytest.raises(ValueError, match="one user id per row: 1 ids for 2 rows"):
+        u.update(torch.zeros(2), torch.zeros(2), torch.zeros(1, dtype=torch.long))
+
+
+def _two_ranks_ctr(rank, world):
+    z, y, _ = _data(n=400, seed=7)
+    users = torch.arange(400) % 13  # every user on both ranks
+    half = slice(0, 150) if rank == 0 else slice(150, 400)
+    m, u = BinaryMetrics(), UserAUC()
+    m.update(z[half], y[half])
+    u.update(z[half], y[half], users[half])
+    return {**m.compute(), **u.compute()}
+
+
+@pytest.mark.dist
+def test_ctr_metrics_reduce_across_ranks():
+    from tests.dist_harness import run_distributed
+
+    a, b = run_distributed(_two_ranks_ctr, 2)
+    assert a == b
+    z, y, _ = _data(n=400, seed=7)
+    m, u = BinaryMetrics(), UserAUC()
+    m.update(z, y)
+    u.update(z, y, torch.arange(400) % 13)
+    want = {**m.compute(), **u.compute()}
+    assert a.keys() == want.keys()
+    for k, v in want.items():
+        assert a[k] == pytest.approx(v, rel=1e-6), k

@@ -86,14 +86,15 @@ def _has_groups(ms: list[dict]) -> bool:
 def table(rows: list[tuple[str, dict]]) -> str:
     groups = _has_groups([m for _, m in rows])
     gh = "".join(f" test AUC {g} |" for g in GROUPS) if groups else ""
-    lines = [f"| run | model | steps | ranks | test AUC |{gh} test logloss | valid AUC | p_mean | p_clean | p_harm "
-             "| harmful AUROC | samples/s |",
-             "|---|---|---|---|---|" + "---|" * (len(GROUPS) if groups else 0) + "---|---|---|---|---|---|---|"]
+    lines = [f"| run | model | steps | ranks | test AUC |{gh} test logloss | test NE | test GAUC | test calibration "
+             "| valid AUC | p_mean | p_clean | p_harm | harmful AUROC | samples/s |",
+             "|---|---|---|---|---|" + "---|" * (len(GROUPS) if groups else 0) + "---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows:
-        s = m.get("selector") or {}
+        s, t = m.get("selector") or {}, m["target_test"]  # ne / gauc / calibration: n/a in older runs
         gc = "".join(f" {fmt(group_auc(m, g))} |" for g in GROUPS) if groups else ""
         lines.append(f"| {name} | {m['model']} | {m['steps']} | {m['world_size']} | {fmt(m['target_test']['auc'])} "
-                     f"|{gc} {fmt(m['target_test']['logloss'])} | {fmt(m['target_valid']['auc'])} | "
+                     f"|{gc} {fmt(m['target_test']['logloss'])} | {fmt(t.get('ne'))} | {fmt(t.get('gauc'))} | "
+                     f"{fmt(t.get('calibration'))} | {fmt(m['target_valid']['auc'])} | "
                      f"{fmt(s.get('p_mean'), 3)} | {fmt(s.get('p_clean'), 3)} | {fmt(s.get('p_harmful'), 3)} | "
                      f"{fmt(s.get('harmful_auc'), 3)} | {m['train_samples_per_s']:.0f} |")
     return "\n".join(lines)

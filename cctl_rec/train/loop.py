@@ -27,18 +27,18 @@ from tqdm import tqdm
 
 from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml, to_dict
-from cctl_rec.data.loader import Dataset, TrainStream, eval_batches, heldout_batches, split_source
+from cctl_rec.data.loader import Dataset, TrainStream, heldout_batches, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import gather_cat, init_distributed
 from cctl_rec.distributed.plan_report import capture_planner_stats
 from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
-from cctl_rec.data.reader import GROUP_COLUMN
-from cctl_rec.metrics import BinaryMetrics, GroupMetrics, fmt, harmful_auc, selector_stats
+from cctl_rec.metrics import fmt, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN, per_sample_influence
 from cctl_rec.train.losses import scn_losses
 from cctl_rec.data.manifest import atomic_write_bytes
 from cctl_rec.data.prefetch import prefetch
+from cctl_rec.train.evaluation import evaluate  # noqa: F401  (also imported from here)
 from cctl_rec.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
@@ -109,32 +109,6 @@ def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
             "seed": str(cfg.run.seed),
             "dataset": "manifest sha256 " + hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()
                                                            ).hexdigest()}
-
-
-@torch.no_grad()
-def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: int, world: int,
-             networks: tuple[str, ...] = ("pure",), keep_logits: bool = False) -> dict[str, Any]:
-    """AUC / logloss of each network on a target split, reduced across ranks; under "groups" the
-    first network's per user group (``{"cold": {"auc", "logloss", "rows"}, "warm": ...}``, auc
-    None for a group with one label class or no rows) when the split has ``user_group``, else
-    None (and, with ``keep_logits``, the first network's logits of every rank in row order under
-    "logits")."""
-    meters = {n: BinaryMetrics(split) for n in networks}
-    groups = GroupMetrics() if data.has_column(split, GROUP_COLUMN) else None
-    kept = []
-    for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows, positions=module.positions):
-        for n in networks:
-            z = module.predict(b.tgt, n)
-            meters[n].update(z, b.tgt_label)
-            if keep_logits and n == networks[0]:
-                kept.append(z)
-            if groups is not None and n == networks[0]:
-                groups.update(z, b.tgt_label, b.tgt_group)
-    out: dict[str, Any] = {n: m.compute() for n, m in meters.items()}
-    out["groups"] = groups.compute() if groups is not None else None
-    if keep_logits:
-        out["logits"] = gather_cat(torch.cat(kept) if kept else torch.zeros(0))
-    return out
 
 
 @torch.no_grad()

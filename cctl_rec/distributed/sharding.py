@@ -81,31 +81,62 @@ def mirror_plan(plan: ShardingPlan, src: str = "mixed_tgt", dst: str = "pure_tgt
     return plan
 
 
+def _shard_layout(ps: Any) -> list[tuple[tuple[int, ...], tuple[int, ...], Optional[int]]]:
+    """(offsets, sizes, rank) of every shard of one table's ParameterSharding (none: data_parallel)."""
+    spec = ps.sharding_spec
+    return [(tuple(s.shard_offsets), tuple(s.shard_sizes), s.placement.rank() if s.placement else None)
+            for s in (spec.shards if spec is not None else [])]
+
+
+class UnmirroredPlanError(RuntimeError):
+    """A plan places a mixed target table and its pure mirror differently (ranks, type or shards)."""
+
+
 def check_mirrored(plan: ShardingPlan, a: str = "mixed_tgt", b: str = "pure_tgt") -> None:
+    """Raises :class:`UnmirroredPlanError` (one line) unless every table of ``b`` is sharded exactly
+    like the same table of ``a``: sharding type, compute kernel, ranks, and each shard's offsets,
+    sizes and rank. Anything else would turn the k-step sync into a cross-rank copy."""
     if a not in plan.plan:
         return
     pa_, pb = plan.plan[a], plan.plan.get(b)
     if pb is None or set(pa_.keys()) != set(pb.keys()):
-        raise RuntimeError(f"{a} and {b} are not planned over the same tables")
-    for t in pa_:
+        raise UnmirroredPlanError(f"{a} and {b} are not planned over the same tables: {sorted(pa_)} vs "
+                                  f"{sorted(pb or {})}")
+    for t in sorted(pa_):
         x, y = pa_[t], pb[t]
-        if (x.sharding_type, x.ranks, str(x.sharding_spec)) != (y.sharding_type, y.ranks, str(y.sharding_spec)):
-            raise RuntimeError(f"table {t}: {a} is sharded {x.sharding_type} on ranks {x.ranks} but {b} is "
-                               f"{y.sharding_type} on ranks {y.ranks}; the sync needs one plan for both")
+        what = ("sharding type", x.sharding_type, y.sharding_type) if x.sharding_type != y.sharding_type else \
+            ("ranks", sorted(set(x.ranks or [])), sorted(set(y.ranks or []))) \
+            if sorted(set(x.ranks or [])) != sorted(set(y.ranks or [])) else \
+            ("shards (offsets, sizes, rank)", _shard_layout(x), _shard_layout(y)) \
+            if _shard_layout(x) != _shard_layout(y) else \
+            ("compute kernel", x.compute_kernel, y.compute_kernel) if x.compute_kernel != y.compute_kernel else None
+        if what is not None:
+            raise UnmirroredPlanError(
+                f"table {t}: {b} is not planned like {a} ({what[0]} {what[2]} vs {what[1]}); the k-step sync "
+                f"copies shard by shard on each rank and needs one plan for both: give {b} {a}'s plan "
+                f"(make_plan / mirror_plan does)")
 
 
 def make_plan(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
               pg: Optional[dist.ProcessGroup] = None, hbm_cap: Optional[int] = None,
-              ddr_cap: Optional[int] = None) -> ShardingPlan:
+              ddr_cap: Optional[int] = None, *, local_world_size: Optional[int] = None,
+              column_shards: int = 0) -> ShardingPlan:
     """Runs TorchRec's planner on ``model`` (built on meta) and mirrors mixed -> pure."""
-    return run_planner(model, world_size, device_type, sharding, batch_size, pg, hbm_cap, ddr_cap)[0]
+    return run_planner(model, world_size, device_type, sharding, batch_size, pg, hbm_cap, ddr_cap,
+                       local_world_size=local_world_size, column_shards=column_shards)[0]
 
 
 def run_planner(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
                 pg: Optional[dist.ProcessGroup] = None, hbm_cap: Optional[int] = None,
-                ddr_cap: Optional[int] = None) -> tuple[ShardingPlan, list[ShardingOption]]:
+                ddr_cap: Optional[int] = None, *, local_world_size: Optional[int] = None,
+                column_shards: int = 0) -> tuple[ShardingPlan, list[ShardingOption]]:
     """:func:`make_plan`, also returning the planner's chosen options (one per table, with each
     shard's estimated storage and perf; none when ``pg`` is given: rank 0 plans, all get the plan).
+
+    ``local_world_size``: ranks per host (table_row_wise keeps a table's rows on one host; default
+    ``world_size``, one host). ``column_shards``: under column_wise / table_column_wise, split each
+    table into this many column shards (0: TorchRec's default, 128-column shards, so one shard for
+    tables narrower than 256).
 
     TorchRec's planner places ``pure_tgt`` on its own, but the sync needs it on ``mixed_tgt``'s
     ranks. On CUDA the mirrored placement is checked against each rank's HBM with the planner's
@@ -119,7 +150,7 @@ def run_planner(model: nn.Module, world_size: int, device_type: str, sharding: s
         forced: dict[str, list[str]] = {}
         while True:
             plan, options = _plan_once(model, world_size, device_type, sharding, batch_size, hbm_cap, ddr_cap,
-                                       forced)
+                                       forced, local_world_size, column_shards)
             over = mirrored_overflow(options, world_size, hbm_cap) if device_type == "cuda" else None
             if over is None:
                 return plan, options
@@ -182,21 +213,63 @@ def mirrored_overflow(options: list[ShardingOption], world_size: int, hbm_cap: O
     return worst, hbm[worst], usable, sorted(where[worst], reverse=True)
 
 
-def _plan_once(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
-               hbm_cap: Optional[int], ddr_cap: Optional[int], forced: dict[str, list[str]]
-               ) -> tuple[ShardingPlan, list[ShardingOption]]:
+def table_dims(model: nn.Module) -> dict[str, int]:
+    """Table name -> embedding dim of every EmbeddingBagCollection table of ``model``."""
+    return {c.name: c.embedding_dim for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+            for c in m.embedding_bag_configs()}
+
+
+def column_shard_width(dim: int, column_shards: int, table: str) -> Optional[int]:
+    """The planner's ``min_partition`` that cuts a ``dim``-wide table into ``column_shards`` shards
+    (TorchRec's column shards are a multiple of 4 columns wide); None for 0 (TorchRec's default)."""
+    if column_shards == 0:
+        return None
+    width, rest = divmod(dim, column_shards)
+    if column_shards < 0 or rest or width % 4:
+        raise ValueError(f"column_shards={column_shards} cannot split table {table} (dim {dim}): expected a count "
+                         f"that divides the dim into shards a multiple of 4 columns wide, e.g. "
+                         f"{[n for n in range(1, dim // 4 + 1) if dim % n == 0 and (dim // n) % 4 == 0]}")
+    return width
+
+
+def planner_plan(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
+                 hbm_cap: Optional[int] = None, ddr_cap: Optional[int] = None,
+                 forced: Optional[dict[str, list[str]]] = None, local_world_size: Optional[int] = None,
+                 column_shards: int = 0) -> tuple[ShardingPlan, list[ShardingOption]]:
+    """TorchRec's own plan, before the mirror: the planner places ``pure_tgt`` independently of
+    ``mixed_tgt`` (it balances them onto different ranks whenever it can). Constraints are keyed by
+    table name, so both modules get the same ones."""
     types = sharding_types(sharding, device_type)
-    constraints = {t: ParameterConstraints(sharding_types=forced.get(t, types)) for t in table_names(model)}
-    topology = Topology(world_size=world_size, compute_device=device_type, hbm_cap=hbm_cap, ddr_cap=ddr_cap)
+    forced = forced or {}
+    constraints = {t: ParameterConstraints(sharding_types=forced.get(t, types),
+                                           min_partition=column_shard_width(d, column_shards, t))
+                   for t, d in sorted(table_dims(model).items())}
+    topology = Topology(world_size=world_size, compute_device=device_type, hbm_cap=hbm_cap, ddr_cap=ddr_cap,
+                        local_world_size=local_world_size)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     plan = planner.plan(model, [EmbeddingBagCollectionSharder()])
-    plan = mirror_plan(plan)
-    check_mirrored(plan)
     return plan, list(planner._best_plan or [])  # no public accessor in TorchRec 1.8
 
 
+def _plan_once(model: nn.Module, world_size: int, device_type: str, sharding: str, batch_size: int,
+               hbm_cap: Optional[int], ddr_cap: Optional[int], forced: dict[str, list[str]],
+               local_world_size: Optional[int] = None, column_shards: int = 0
+               ) -> tuple[ShardingPlan, list[ShardingOption]]:
+    plan, options = planner_plan(model, world_size, device_type, sharding, batch_size, hbm_cap, ddr_cap, forced,
+                                 local_world_size, column_shards)
+    plan = mirror_plan(plan)
+    check_mirrored(plan)
+    return plan, options
+
+
 def shard(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:
-    """DistributedModelParallel over the default group; dense parts go to DDP."""
+    """DistributedModelParallel over the default group; dense parts go to DDP.
+
+    Raises:
+        UnmirroredPlanError: ``plan`` places a pure target table unlike its mixed one (checked
+            before anything is sharded, the same on every rank).
+    """
+    check_mirrored(plan)
     env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
     return DistributedModelParallel(model, env=env, device=device, plan=plan,
                                     sharders=[EmbeddingBagCollectionSharder()],

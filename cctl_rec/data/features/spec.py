@@ -41,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -261,5 +262,17 @@ def load_features(path: str) -> FeatureConfig:
     check_size(d, f"features file {path}")
     try:
         return from_dict(FeatureConfig, d)
-    except (ValueError, TypeError) as e:
+    except TypeError as e:
+        m = _MISSING.search(str(e))
+        if m:  # a dataclass without a default: name the section and the key
+            keys = ", ".join(k.strip("'") for k in re.findall(r"'[^']+'", m.group(2)))
+            raise ValueError(f"features file {path}: {_SECTIONS.get(m.group(1), m.group(1))} lacks the required "
+                             f"key(s) {keys}") from None
         raise ValueError(f"features file {path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"features file {path}: {e}") from None
+
+
+_MISSING = re.compile(r"(\w+)\.__init__\(\) missing \d+ required keyword-only arguments?: (.+)")
+_SECTIONS = {"FeatureConfig": "the top level", "DomainsSpec": "domains", "SpaceSpec": "a spaces[] entry",
+             "HashSpec": "a hash mapping", "FeatureSpec": "a features[] entry", "OtherSeqSpec": "other_seq"}

@@ -2,9 +2,20 @@
 
 ``ServingModel`` needs neither TorchRec nor fbgemm: one ``nn.EmbeddingBag``-equivalent table per
 target table and the SCN tower, fed padded id tensors, so it exports with ``torch.export``.
-The artifact directory holds ``model.pt`` (a state dict of tensors, loaded with
-``weights_only=True``), ``program.pt2`` (the ``torch.export`` program) and ``serving.json``
-(written last: schema, sizes, where it came from).
+The artifact directory holds the weights once and nothing that names the training machine:
+
+- ``model.pt``: the state dict (tensors only, loaded with ``weights_only=True``), the one copy of
+  the weights;
+- ``program.pt2``: the ``torch.export`` program with the weights as its first inputs (no weights
+  inside), ``program(weights, ids, seq, seq_len)``, ``weights`` the tuple of ``model.pt``'s tensors
+  in ``serving.json``'s ``weights`` order;
+- ``model.aoti.pt2`` (``export --aoti``): that program compiled by AOTInductor
+  (``aoti_compile_and_package``) for a C++ server (``docs/serving.md``), same inputs;
+- ``features/`` when the training data was written by ``cctl-rec prepare``: its raw-id -> row
+  mapping (``features.json`` and the vocabularies), so ``predict`` takes raw ids and an id never
+  seen in training lands on the reserved row 0;
+- ``serving.json`` (written last): schema, inputs, weight order, files and sizes, the run's name
+  and step.
 """
 
 from __future__ import annotations
@@ -142,8 +153,10 @@ def _check_out(out: str) -> None:
                                   f"directory or an earlier export to replace")
 
 
-def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
-    """Writes model.pt, program.pt2 and serving.json into ``out``; returns serving.json.
+def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int,
+                  data_root: Optional[str] = None, aoti: bool = False) -> dict[str, Any]:
+    """Writes model.pt, program.pt2 (with ``aoti`` model.aoti.pt2), the feature map of
+    ``data_root`` when it has one, and serving.json into ``out``; returns serving.json.
 
     The files go into a hidden temp directory next to ``out``, renamed to ``out`` once complete:
     a failed export (full disk, a kill) leaves ``out`` as it was. An existing ``out`` is replaced
@@ -156,7 +169,7 @@ def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_l
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        meta = _write_artifact(model, tmp, info, max_seq_len)
+        meta = _write_artifact(model, tmp, info, max_seq_len, data_root, aoti)
         if os.path.exists(out):
             old = tmp + ".old"
             os.replace(out, old)
@@ -173,31 +186,105 @@ def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_l
     return meta
 
 
-def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+class WeightsAsInputs(nn.Module):
+    """``forward(weights, *inputs) = model(*inputs)`` with ``model``'s tensors taken from
+    ``weights`` (a tuple in ``names`` order): exported, the program holds no weights.
+
+    ``model`` is kept out of the module tree, so ``torch.export`` lifts none of its tensors.
+    """
+
+    def __init__(self, model: ServingModel) -> None:
+        super().__init__()
+        self.__dict__["model"] = model
+        self.names = list(model.state_dict())
+
+    def forward(self, weights: tuple[torch.Tensor, ...], ids: torch.Tensor, seq: torch.Tensor,
+                seq_len: torch.Tensor, other_seq: Optional[torch.Tensor] = None,
+                other_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+        inputs = (ids, seq, seq_len) if other_seq is None else (ids, seq, seq_len, other_seq, other_len)
+        return torch.func.functional_call(self.model, dict(zip(self.names, weights)), inputs)
+
+
+def weight_tuple(model: ServingModel) -> tuple[torch.Tensor, ...]:
+    """The program's first input: ``model``'s tensors in ``state_dict`` order (serving.json ``weights``)."""
+    return tuple(v.detach() for v in model.state_dict().values())
+
+
+def export_program(model: ServingModel, max_seq_len: int) -> torch.export.ExportedProgram:
+    """``model`` as a ``torch.export`` program ``(weights, ids, seq, seq_len[, other_seq, other_len])``
+    with a dynamic batch dimension and no weights inside."""
+    b = 4
+    ex = (torch.zeros(b, len(model.single_features), dtype=torch.long),
+          torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
+    if len(model.inputs) == 5:  # distinct tensors: export would tie inputs passed as one object
+        ex = ex + tuple(t.clone() for t in ex[1:])
+    batch = torch.export.Dim("batch", min=1)
+    weights = weight_tuple(model)
+    names = model.inputs  # ids, seq, seq_len[, other_seq, other_len]
+    return torch.export.export(WeightsAsInputs(model), (weights, *ex),
+                               dynamic_shapes={"weights": tuple(None for _ in weights),
+                                               **{n: {0: batch} for n in names}})
+
+
+def compile_aoti(ep: torch.export.ExportedProgram, path: str) -> str:
+    """AOTInductor package of ``ep`` at ``path`` (a ``.pt2`` file): compiled C++/.so, no weights."""
+    return torch._inductor.aoti_compile_and_package(ep, package_path=path)
+
+
+def copy_feature_map(data_root: str, out: str) -> Optional[str]:
+    """Copies a ``cctl-rec prepare`` dataset's mapping (features.json and the vocabularies it names,
+    their sha256 checked on load) into ``out/features/``; returns its relative path, or None
+    when ``data_root`` has no mapping (its ids are rows already)."""
+    from cctl_rec.data.features.transform import FEATURES_JSON, FeatureMap
+    from cctl_rec.data.manifest import join
+    from iopath.common.file_io import g_pathmgr
+
+    src = join(data_root, FEATURES_JSON)
+    if not g_pathmgr.exists(src):
+        return None
+    FeatureMap.load(data_root)  # a broken or tampered mapping is refused before anything is copied
+    with g_pathmgr.open(src, "rb") as f:
+        raw = f.read()
+    spaces = decode_json(raw, src).get("spaces", {})
+    for rel in [FEATURES_JSON] + [e["vocab"]["path"] for e in spaces.values() if e.get("kind") == "vocab"]:
+        dst = os.path.join(out, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with g_pathmgr.open(join(data_root, rel), "rb") as f:
+            atomic_write_bytes(dst, f.read())
+    return FEATURES_JSON
+
+
+def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int,
+                    data_root: Optional[str] = None, aoti: bool = False) -> dict[str, Any]:
     import io
 
     buf = io.BytesIO()
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(os.path.join(out, "model.pt"), buf.getvalue())
-    program = None
+    program = aoti_file = None
     try:
-        b = 4
-        ex = (torch.zeros(b, len(model.single_features), dtype=torch.long),
-              torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
-        if len(model.inputs) == 5:  # distinct tensors: export would tie inputs passed as one object
-            ex = ex + tuple(t.clone() for t in ex[1:])
-        batch = torch.export.Dim("batch", min=1)
-        ep = torch.export.export(model, ex, dynamic_shapes=tuple({0: batch} for _ in ex))
+        ep = export_program(model, max_seq_len)
         buf = io.BytesIO()
+        kept, ep.example_inputs = ep.example_inputs, None  # saved, they would be a second copy of the weights
         torch.export.save(ep, buf)
+        ep.example_inputs = kept
         atomic_write_bytes(os.path.join(out, "program.pt2"), buf.getvalue())
         program = "program.pt2"
     except Exception as e:  # the state dict stays the artifact; say why the program is missing
         logger.warning("torch.export failed, serving program not written: %s", str(e).splitlines()[0])
+        if aoti:
+            raise ValueError(f"--aoti needs the torch.export program, which failed: {first_line(e)}") from None
+    if aoti:
+        compile_aoti(ep, os.path.join(out, "model.aoti.pt2"))
+        aoti_file = "model.aoti.pt2"
+    features = copy_feature_map(data_root, out) if data_root else None
+    files = ("model.pt", "program.pt2", "model.aoti.pt2")
     meta = {"format": FORMAT, "schema": model.schema.to_json(), "embedding_dim": model.dim,
             "tower": list(model.hidden), "head": model.head, "max_seq_len": max_seq_len,
             "single_features": model.single_features, "inputs": model.inputs, "program": program,
-            "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in ("model.pt", "program.pt2")
+            "program_inputs": ["weights"] + model.inputs, "weights": list(model.state_dict()),
+            "aoti": aoti_file, "features": features,
+            "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in files
                       if os.path.exists(os.path.join(out, f))}, **info}
     atomic_write_bytes(os.path.join(out, "serving.json"), (json.dumps(meta, indent=2) + "\n").encode())
     return meta

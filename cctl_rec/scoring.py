@@ -48,10 +48,13 @@ def pick_checkpoint(run_dir: str, which: str) -> tuple[int, str]:
     return int(which), by_step[int(which)]
 
 
-def served_network(cfg: TrainConfig) -> str:
-    """The checkpoint's network that ``export`` serves: CCTL's mixed one (the final sync copies it
-    into the pure network), the DNN's pure one."""
-    return "mixed" if cfg.model.name == "cctl" else "pure"
+def served_network(cfg: TrainConfig, ckpt: str) -> str:
+    """The checkpoint's network that ``export`` serves: the DNN's pure one; CCTL's pure one in a
+    checkpoint written after the run's last sync (``trainer.json`` ``final``), else its mixed one
+    (what that sync copies into the pure network)."""
+    if cfg.model.name != "cctl":
+        return "pure"
+    return "pure" if read_trainer_meta(ckpt).get("final") else "mixed"
 
 
 def checkpoint_schema(ckpt: str) -> DomainSchema:
@@ -74,7 +77,7 @@ def score(run_dir: str, data_root: str, split: str, which: str = "latest", netwo
 
     cfg = run_config(run_dir)
     step, ckpt = pick_checkpoint(run_dir, which)
-    network = network or served_network(cfg)
+    network = network or served_network(cfg, ckpt)
     schema = checkpoint_schema(ckpt)
     data = Dataset(data_root)
     if not data.has_split(split):

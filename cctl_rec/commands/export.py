@@ -2,7 +2,9 @@
 
 Reads the run's newest checkpoint (written before the final sync): for CCTL the mixed network,
 which the final sync copies into the pure network; for the DNN the pure network. Writes
-``model.pt`` (weights only), ``program.pt2`` (``torch.export``) and ``serving.json``. Nothing of
+``model.pt`` (weights only), ``program.pt2`` (``torch.export``) and ``serving.json``
+(``cctl_rec/export.py`` lists the files; ``--aoti`` adds the AOTInductor package, the feature
+map of a ``cctl-rec prepare`` dataset is copied in). Nothing of
 the source side (source tables, SAN, selector, REN) is in it.
 """
 
@@ -17,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the served (pure) network of a run", description=__doc__)
     p.add_argument("--run-dir", required=True, help="a finished training run directory")
     p.add_argument("--out", required=True, help="directory for the serving artifact")
+    p.add_argument("--aoti", action="store_true",
+                   help="also compile the program with AOTInductor into model.aoti.pt2 for a C++ server "
+                        "(docs/serving.md; about a minute on a CPU)")
     p.set_defaults(func=run)
 
 
@@ -41,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     network = "mixed" if cfg.model.name == "cctl" else "pure"
     model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network,
                                          cfg.model.head)
-    meta = save_artifact(model, args.out, {"run_dir": os.path.abspath(args.run_dir), "step": step,
+    meta = save_artifact(model, args.out, {"run": os.path.basename(os.path.normpath(args.run_dir)), "step": step,
                                            "model": cfg.model.name,
                                            "network": "pure (mixed copied by the final sync)" if network == "mixed"
-                                           else "pure"}, cfg.data.max_seq_len)
-    print(json.dumps({"out": args.out, "step": step, "bytes": meta["bytes"], "program": meta["program"]}))
+                                           else "pure"}, cfg.data.max_seq_len, data_root=cfg.data.path,
+                         aoti=args.aoti)
+    print(json.dumps({"out": args.out, "step": step, "bytes": meta["bytes"], "program": meta["program"],
+                      "aoti": meta["aoti"], "features": meta["features"]}))
     return 0

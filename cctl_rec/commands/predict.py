@@ -2,7 +2,13 @@
 
 ``--data`` is a Parquet file, a directory of Parquet files, or a dataset root (then ``--split``,
 default tgt/test). Writes Parquet with ``row``, ``logit``, ``prob`` (and ``label`` when the input
-has one), atomically.
+has one), then the ``--reserved-columns`` copied from the input unchanged (request or user ids),
+atomically.
+
+Raw ids: when the export carries a feature map (trained on a ``cctl-rec prepare`` dataset), files
+and directories are read as raw logs with the raw columns the feature config names, mapped the way
+prepare mapped the training data; an id never seen in training lands on the reserved row 0. A
+dataset root (``manifest.json``) holds rows already and is read as is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="tgt/test", help="split of a dataset root (default tgt/test)")
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--reserved-columns", default="",
+                   help="comma-separated input columns copied to the output unchanged, e.g. request_id,user_id")
     p.set_defaults(func=run)
 
 
@@ -40,6 +48,47 @@ def input_files(data: str, split: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"--data {data} holds no .parquet files")
     return files
+
+
+OUTPUT_COLUMNS = ("row", "logit", "prob", "label")
+
+
+def reserved_columns(spec: str, first_file: str) -> list[str]:
+    """The ``--reserved-columns`` names, each checked against the first input file's columns."""
+    import pyarrow.parquet as pq
+
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    if not names:
+        return []
+    clash = [c for c in names if c in OUTPUT_COLUMNS]
+    if clash:
+        raise ValueError(f"--reserved-columns {clash} would overwrite predict's own output columns "
+                         f"{list(OUTPUT_COLUMNS)}; rename them in the input")
+    have = pq.read_schema(first_file).names
+    missing = [c for c in names if c not in have]
+    if missing:
+        raise ValueError(f"--reserved-columns {missing} not in {first_file}; it has columns {have}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--reserved-columns names a column twice: {names}")
+    return names
+
+
+def raw_batches(files: list[str], fmap, batch_size: int):
+    """(raw table, mapped table, label column name, path) per batch of raw logs, mapped by ``fmap``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dom = fmap.spec.domain("tgt")
+    need = [f.source_column for f in dom.features] + ([dom.other_seq.column] if dom.other_seq else [])
+    for path in files:
+        pf = pq.ParquetFile(path)
+        missing = [c for c in need if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"raw input {path} lacks column(s) {missing} that the export's feature map reads "
+                             f"(features/features.json); expected the raw target logs the model was prepared from")
+        for rb in pf.iter_batches(batch_size=batch_size):
+            raw = pa.Table.from_batches([rb])
+            yield raw, pa.table(fmap.map_features("tgt", raw, path)), dom.label.column, path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,19 +111,32 @@ def run(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"--out {args.out} is a directory; expected a .parquet file path")
     model, meta = load_artifact(args.model)
     schema, L = model.schema, int(meta["max_seq_len"])
-    stream = ParquetStream(input_files(args.data, args.split), schema, args.batch_size, drop_last=False,
-                           with_meta=False)
-    logits, labels = [], []
+    files = input_files(args.data, args.split)
+    keep = reserved_columns(args.reserved_columns, files[0])
+    is_root = os.path.isdir(args.data) and os.path.exists(os.path.join(args.data, "manifest.json"))
+    if meta.get("features") and not is_root:
+        from cctl_rec.data.features.transform import FeatureMap
+
+        batches = raw_batches(files, FeatureMap.load(args.model), args.batch_size)
+    else:
+        stream = ParquetStream(files, schema, args.batch_size, drop_last=False, with_meta=False)
+        batches = ((r.table, r.table, "label", r.path) for r in stream)
+    logits, labels, kept = [], [], {c: [] for c in keep}
     with torch.no_grad():
-        for rows in tqdm(stream, total=stream.num_batches(), mininterval=5, desc="predict", unit="batch"):
-            logits.append(model(*serving_inputs(model, rows.table, L, rows.path)).numpy())
-            if "label" in rows.table.column_names:
-                labels.append(rows.table.column("label").to_numpy())
-    z = np.concatenate(logits).astype(np.float32)
+        for raw, rows, label, path in tqdm(batches, mininterval=5, desc="predict", unit="batch"):
+            logits.append(model(*serving_inputs(model, rows, L, path)).numpy())
+            if label in raw.column_names:
+                labels.append(raw.column(label).to_numpy())
+            for c in keep:
+                kept[c].append(raw.column(c))
+    z = np.concatenate(logits).astype(np.float32) if logits else np.zeros(0, np.float32)
     cols = {"row": pa.array(np.arange(z.size, dtype=np.int64)), "logit": pa.array(z),
             "prob": pa.array((1 / (1 + np.exp(-z.astype(np.float64)))).astype(np.float32))}
     if labels and sum(len(x) for x in labels) == z.size:
         cols["label"] = pa.array(np.concatenate(labels))
+    for c in keep:
+        cols[c] = pa.chunked_array([ch for part in kept[c] for ch in part.chunks], type=kept[c][0].type) \
+            if kept[c] else pa.array([], pa.null())
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
     atomic_write_bytes(args.out, buf.getvalue())

@@ -13,7 +13,7 @@ import pytest
 from cctl_rec.cli import main
 from cctl_rec.data.features.mapping import hash_rows, vocab_rows
 from cctl_rec.data.features.spec import load_features
-from cctl_rec.data.features.transform import FeatureMap
+from cctl_rec.data.features.transform import FeatureMap, quantile_boundaries
 from tests.rawdata import raw_from_tiny
 
 TINY_FEATURES = """
@@ -42,6 +42,7 @@ domains:
       - {name: seq, column: hist, kind: id_list, space: item}
       - {name: item_id, column: iid, space: item, token: item}
       - {name: category, space: category, token: item}
+      - {name: price_f, column: price, kind: dense, token: item, bins: 0}
 """
 
 SMALL = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.log_every=5",
@@ -81,6 +82,8 @@ def prepared(raw_tiny, tmp_path_factory) -> tuple[str, str]:
     (("{name: price, kind: dense, token: item}", "{name: price, kind: dense, token: item, space: item}"),
      "a dense feature has no space"),
     (("kind: dense", "kind: float"), "kind must be one of ['id', 'id_list', 'dense']"),
+    (("bins: 0}", "bins: -1}"), "bins must be in [0, 65536], got -1"),
+    (("price_f, column: price", "price, column: price"), "dense feature 'price' has bins 16 in domains.tgt but 0"),
 ])
 def test_feature_config_is_validated_like_the_train_config(tmp_path, edit, msg):
     old, new = edit
@@ -145,7 +148,8 @@ def test_prepare_writes_the_layout_the_trainer_reads(prepared, raw_tiny):
     m = ds.manifest
     assert m["preset"] == "features/features" and m["format"] == "cctl-rec/v1"
     ts, ss = ds.schemas["tgt"], ds.schemas["src"]
-    assert ts.field_names() == ["user_id", "city", "seq", "item_id", "category", "context"]
+    assert ts.field_names() == ["user_id", "city", "seq", "item_id", "category", "price", "context"]
+    assert "price_f" not in ss.field_names()  # bins 0: a float column the model does not read
     assert ss.feature("gender").cardinality == 4  # {0, 1, 2} + the OOV row
     assert ts.feature("category").cardinality == 17 and ts.feature("city").cardinality == 51
     assert ts.feature("user_id").cardinality == ss.feature("user_id").cardinality  # one space: REN
@@ -157,12 +161,21 @@ def test_prepare_writes_the_layout_the_trainer_reads(prepared, raw_tiny):
     uid = got.column("user_id").to_numpy()
     assert np.array_equal(uid == 0, raw.column("uid").is_null().to_numpy(zero_copy_only=False))
     assert got.column("seq").to_pylist()[0] == []  # the null list
-    # dense: standardised with the train split's statistics (nulls none here)
-    price = got.column("price").to_numpy()
-    assert abs(price.mean()) < 1e-4 and abs(price.std() - 1) < 1e-3
-    stats = m["stats"]["dense"]["tgt"]["price"]
+    # dense, binned: rows 1 + #(train quantile edges <= x), the edges recorded
     x = raw.column("price").to_numpy()
+    edges = m["stats"]["dense"]["tgt"]["price"]["boundaries"]
+    assert edges == list(quantile_boundaries(x, 16)) and 1 <= len(edges) <= 15
+    assert got.column("price").to_pylist() == (np.searchsorted(edges, x, side="right") + 1).tolist()
+    assert ts.feature("price").cardinality == len(edges) + 2 and ts.feature("price").table == "price"
+    # dense, bins 0: standardised with the train split's statistics (nulls none here)
+    src_raw, src = (pq.read_table(os.path.join(r, "src/train")) for r in (raw_tiny, out))
+    price = src.column("price_f").to_numpy()
+    assert src.schema.field("price_f").type == pa.float32()
+    assert abs(price.mean()) < 1e-4 and abs(price.std() - 1) < 1e-3
+    stats = m["stats"]["dense"]["src"]["price_f"]
+    x = src_raw.column("price").to_numpy()
     assert stats["mean"] == pytest.approx(x.mean()) and stats["std"] == pytest.approx(x.std())
+    assert stats["boundaries"] is None
     # REN masks from the raw ids of the other domain's train split
     src_users = set(pq.read_table(os.path.join(raw_tiny, "src/train")).column("uid").drop_null().to_pylist())
     want = [u in src_users for u in raw.column("uid").to_pylist()]
@@ -304,3 +317,35 @@ def test_amazon_raw_logs_match_the_converter(tmp_path):
             aucs.append(json.loads(open(os.path.join(run, "metrics.json")).read())["target_test"]["auc"])
         # measured on 2-epoch runs, seeds 0-2: |difference| <= 0.0014, seed-to-seed spread ~0.001
         assert abs(aucs[0] - aucs[1]) < 0.004 and min(aucs) > 0.79, (cfg, aucs)
+
+
+# ------------------------------------------------------------------------ dense features, binned
+@pytest.mark.slow  # two short trainings, ~10 s on one core
+def test_a_binned_dense_feature_reaches_the_towers(tmp_path):
+    """Labels that depend on a dense column only: learnt when the column is binned (it enters the
+    towers), not when it is written as a float column the model does not read (bins 0)."""
+    rng = np.random.default_rng(0)
+    for split, n in {"tgt/train": 6000, "tgt/valid": 1500, "tgt/test": 1500, "src/train": 6000}.items():
+        x = rng.normal(0, 1, n)
+        (tmp_path / "raw" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"u": pa.array(rng.integers(0, 50, n)), "i": pa.array(rng.integers(0, 50, n)),
+                                 "x": pa.array(x), "y": pa.array((rng.random(n) < 1 / (1 + np.exp(-3 * x)))
+                                                                 .astype(np.int8))}),
+                       str(tmp_path / "raw" / split / "part-0.parquet"))
+    aucs = {}
+    for bins in (16, 0):
+        dom = f"""
+            label: {{column: y}}
+            features:
+              - {{name: user_id, column: u, space: user, token: user}}
+              - {{name: item_id, column: i, space: item, token: item}}
+              - {{name: x, kind: dense, token: item, bins: {bins}}}"""
+        text = ("spaces: [{name: user, vocab: {}}, {name: item, vocab: {}}]\ndomains:\n  tgt:" +
+                textwrap.indent(textwrap.dedent(dom), "    ") + "\n  src:" + textwrap.indent(textwrap.dedent(dom), "    "))
+        out, run = str(tmp_path / f"data{bins}"), str(tmp_path / f"run{bins}")
+        assert main(["prepare", "--features", _write(tmp_path, text, f"f{bins}.yaml"), "--data", str(tmp_path / "raw"),
+                     "--out", out]) == 0
+        assert main(["train", "--data", out, "--run-dir", run, "model.name=dnn", "data.batch_size=128",
+                     "data.epochs=2", "model.tower=[32,16]", "run.log_every=50"]) == 0
+        aucs[bins] = json.loads(open(os.path.join(run, "metrics.json")).read())["target_test"]["auc"]
+    assert aucs[16] > 0.8 and aucs[0] < 0.6, aucs

@@ -43,7 +43,7 @@ from iopath.common.file_io import g_pathmgr
 from cctl_rec.data.features.mapping import arrow_dtype, build_vocab, count_ids, merge_counts, normalise_ids
 from cctl_rec.data.features.spec import SPLITS, FeatureConfig, load_features
 from cctl_rec.data.features.transform import (FEATURES_JSON, DenseStat, FeatureMap, SpaceMap, dense_stat, dumps,
-                                              id_type_ok)
+                                              id_type_ok, quantile_boundaries)
 from cctl_rec.data.manifest import (FORMAT, MANIFEST, atomic_write_bytes, file_size, join, read_manifest,
                                     sha256_file, write_manifest)
 from cctl_rec.data.reader import open_parquet
@@ -168,6 +168,7 @@ class TrainStats:
         self.counts: dict[str, list[pa.Table]] = {s.name: [] for s in spec.spaces if s.vocab is not None}
         self.sums: dict[tuple[str, str], list[float]] = {}
         self.entities: dict[tuple[str, str], list[pa.Array]] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
 
     def add(self, d: str, table: pa.Table, path: str, dtypes: dict[str, str]) -> None:
         dom = self.spec.domain(d)
@@ -188,14 +189,15 @@ class TrainStats:
                     self.counts[space] = [merge_counts(self.counts[space])]
         for f in dom.features:
             if f.kind == "dense":
-                st = DenseStat(f.source_column, 0.0, 1.0, "none").apply(table.column(f.source_column).combine_chunks(),
-                                                                          f"data file {path}")
-                keep = ~np.asarray(table.column(f.source_column).is_null().to_numpy(zero_copy_only=False), bool)
-                x = st.astype(np.float64)[keep]
+                x, null = DenseStat(f.source_column, 0.0, 1.0, "none").values(table.column(f.source_column),
+                                                                              f"data file {path}")
+                x = x[~null]
                 s = self.sums.setdefault((d, f.name), [0.0, 0.0, 0])
                 s[0] += float(x.sum())
                 s[1] += float((x * x).sum())
                 s[2] += int(x.size)
+                if f.bins:  # both domains' values of a feature name pooled: one binning, a shareable table
+                    self.values.setdefault(f.name, []).append(x)
         for role in ("user_id", "item_id"):
             f = dom.feature(role)
             arr = normalise_ids(table.column(f.source_column), dtypes[f.space])
@@ -324,7 +326,7 @@ class SplitStats:
         self.pos += int(np.asarray(cols["label"]).sum())
         self.in_other += int(np.asarray(cols["user_in_other"].to_numpy(zero_copy_only=False)).sum())
         self.seq_len += int(pc.sum(pc.list_value_length(cols["seq"])).as_py() or 0)
-        for f in fmap.id_features(d):
+        for f in fmap.schema_features(d):
             v = pc.list_flatten(cols[f.name]) if f.kind == "id_list" else cols[f.name]
             z = self.oov.setdefault(f.name, [0, 0])
             z[0] += int(pc.sum(pc.equal(v, 0)).as_py() or 0)
@@ -390,11 +392,18 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
         spaces[s.name] = SpaceMap(s.name, "vocab", dtypes[s.name], v.num_rows + 1,
                                   vocab=normalise_ids(v.column("raw_id"), dtypes[s.name]))
     dense: dict[str, dict[str, DenseStat]] = {"tgt": {}, "src": {}}
+    bounds: dict[str, tuple[float, ...]] = {}
     for d in ("tgt", "src"):
         for f in spec.domain(d).features:
             if f.kind == "dense":
                 total, sq, n = stats.sums.get((d, f.name), [0.0, 0.0, 0])
-                dense[d][f.name] = dense_stat(f.source_column, total, sq, n, f.normalize)
+                edges = None
+                if f.bins:
+                    if f.name not in bounds:
+                        bounds[f.name] = quantile_boundaries(np.concatenate(stats.values.get(f.name) or
+                                                                            [np.zeros(0)]), f.bins)
+                    edges = bounds[f.name]
+                dense[d][f.name] = dense_stat(f.source_column, total, sq, n, f.normalize, edges)
     fmap = FeatureMap(spec, spaces, dense)
     for d, s in SPLIT_KEYS:  # labels and dense values of valid / test: checked before writing
         if s == "train":

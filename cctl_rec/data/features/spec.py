@@ -16,7 +16,7 @@ unknown keys refused by their path, every value type-checked, ranges checked her
           - {name: seq, column: hist, kind: id_list, space: item, token: user}
           - {name: item_id, column: iid, kind: id, space: item, token: item}
           - {name: city, kind: id, space: city, token: user}
-          - {name: price, kind: dense, token: item}
+          - {name: price, kind: dense, token: item, bins: 16}   # enters the towers as its quantile bin
         other_seq: {column: books_hist}              # optional: the user's items in the other domain
       src: {...}                                     # files: {train: ...} only
 
@@ -28,7 +28,9 @@ Rules the model imposes (checked here, one line each):
   source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space;
 - a feature of the same name, token and space in both domains is an attribute the mixed network
   shares (``model.share_attributes``);
-- a domain without a context feature gets the constant ``context`` (one row), as converted data has.
+- a domain without a context feature gets the constant ``context`` (one row), as converted data has;
+- a dense feature enters the towers as the embedding of its quantile bin (``bins``, default 16;
+  ``bins: 0`` writes a standardised float column the model does not read).
 
 Row 0 of every space is the out-of-vocabulary / null row: a vocabulary of V ids has V + 1 rows
 (ids ordered by train count, descending, then by value), N hash buckets have N + 1 rows.
@@ -54,6 +56,7 @@ PAIRED = ("user_id", "item_id")
 RESERVED = ("label", "other_seq", "user_in_other", "item_in_other", "ts", "is_harmful", "user_group")
 """Output column names a feature may not take (the layout's meta columns)."""
 MAX_BUCKETS = 1 << 40
+MAX_BINS = 1 << 16
 SPLITS = {"tgt": ("train", "valid", "test"), "src": ("train",)}
 
 
@@ -129,13 +132,19 @@ class FeatureSpec:
     """The raw ids' type; a column of another type is refused (auto: whatever the column holds,
     integer or string; the same for every feature of a space)."""
     normalize: Literal["standard", "none"] = "standard"
-    """dense: standard = (x - mean) / std of the train split (recorded); none = as is."""
+    """dense with bins 0: standard = (x - mean) / std of the train split (recorded); none = as is."""
+    bins: int = 16
+    """dense: the feature enters the towers as the embedding of its quantile bin (EasyRec's
+    ``boundaries``): bins - 1 boundaries at the train split's quantiles j / bins (both domains'
+    values pooled when both have the feature; ties merged; recorded), row 0 for null. 0: written as a
+    standardised float32 column that the model does not read."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and self.name.isidentifier(),
                f"feature name must be an identifier (letters, digits, _), got {self.name!r}")
         _check(self.name not in RESERVED, f"feature name {self.name!r} is a reserved column name; "
                                           f"expected another name (reserved: {', '.join(RESERVED)})")
+        _check(0 <= self.bins <= MAX_BINS, f"feature {self.name!r}: bins must be in [0, {MAX_BINS}], got {self.bins}")
         if self.kind == "dense":
             _check(not self.space, f"feature {self.name!r}: a dense feature has no space, got space={self.space!r}")
         else:
@@ -236,6 +245,11 @@ class FeatureConfig:
             a, b = self.domains.tgt.feature(name).space, self.domains.src.feature(name).space
             _check(a == b, f"domains.tgt.features {name!r} uses space {a!r} but domains.src uses {b!r}; REN looks "
                            f"target {name} up in the source table, so both domains must name one space")
+        for f in self.domains.tgt.features:
+            g = self.domains.src.feature(f.name)
+            _check(not (f.kind == "dense" and g is not None and g.kind == "dense" and f.bins != g.bins),
+                   f"dense feature {f.name!r} has bins {f.bins} in domains.tgt but {g.bins if g else 0} in domains.src; "
+                   f"expected one binning per feature name (its train quantiles are pooled over both domains)")
         for name in names:
             dtypes = {f.dtype for d in ("tgt", "src") for f in self.domain(d).features
                       if f.space == name and f.dtype != "auto"}

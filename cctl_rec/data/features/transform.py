@@ -10,7 +10,8 @@ A prepared dataset records it in ``features/features.json`` (format ``cctl-rec/f
                          "vocab": {"path": "features/vocab/user.parquet", "sha256": "...", "size": V}},
                 "city": {"kind": "hash", "dtype": "int64", "rows": N + 1, "buckets": N, "salt": 0,
                          "algorithm": "<HASH_ALGORITHM>"}},
-     "dense": {"tgt": {"price": {"mean": m, "std": s, "normalize": "standard", "column": "price"}}}}
+     "dense": {"tgt": {"price": {"mean": m, "std": s, "normalize": "standard", "column": "price",
+                                 "boundaries": [b1, ..., b15], "rows": 17}}}}
 
 Vocabulary files: Parquet ``(raw_id, row, count)``, raw_id int64 or string; row 0 is never listed
 (the OOV / null row).
@@ -67,24 +68,51 @@ class SpaceMap:
 
 @dataclass
 class DenseStat:
+    """What the train split says about one dense feature.
+
+    Attributes:
+        column: the raw column.
+        mean, std: of the train values (std 1 for a constant); ``normalize`` (standard | none)
+            applies them to the float column written when the feature is not binned.
+        boundaries: the binned feature's sorted inner bin edges (train quantiles, ties merged), or
+            None: not binned. A value x is in row ``1 + #(boundaries <= x)``; null is row 0.
+    """
+
     column: str
     mean: float
     std: float
     normalize: str
+    boundaries: Optional[tuple[float, ...]] = None
 
-    def apply(self, arr: pa.Array, where: str) -> np.ndarray:
-        """N float32: ``(x - mean) / std`` (or x); a null is the train mean (0 after standardising);
-        NaN or infinity fails naming ``where``."""
+    @property
+    def rows(self) -> int:
+        """Table rows of a binned feature: its bins + the null row."""
+        return len(self.boundaries or ()) + 2
+
+    def values(self, arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N float64 values, N bool null mask); NaN or infinity fails naming ``where``."""
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
         x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
         null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         bad = ~np.isfinite(x) & ~null
         if bad.any():
             raise ValueError(f"{where}: dense column {self.column!r} has {int(bad.sum())} NaN or infinite value(s) "
-                             f"(first {x[bad][0]}); expected finite numbers (null is allowed: it becomes the train mean)")
-        x = np.where(np.isnan(x), self.mean, x)
+                             f"(first {x[bad][0]}); expected finite numbers (null is allowed: it becomes the train mean, "
+                             f"or row 0 when binned)")
+        return x, null
+
+    def apply(self, arr: pa.Array, where: str) -> pa.Array:
+        """N int64 bin rows (binned) or N float32 ``(x - mean) / std`` (or x; a null is the mean)."""
+        x, null = self.values(arr, where)
+        if self.boundaries is not None:
+            rows = np.searchsorted(np.asarray(self.boundaries, np.float64), x, side="right").astype(np.int64) + 1
+            rows[null] = 0
+            return pa.array(rows, pa.int64())
+        x = np.where(null, self.mean, x)
         if self.normalize == "standard":
             x = (x - self.mean) / self.std
-        return x.astype(np.float32)
+        return pa.array(x.astype(np.float32), pa.float32())
 
 
 def list_rows(col: pa.Array, space: SpaceMap) -> pa.Array:
@@ -142,7 +170,7 @@ class FeatureMap:
         for f in dom.features:
             col = table.column(f.source_column)
             if f.kind == "dense":
-                out[f.name] = pa.array(self.dense[d][f.name].apply(col.combine_chunks(), where), pa.float32())
+                out[f.name] = self.dense[d][f.name].apply(col, where)
             elif f.kind == "id_list":
                 out[f.name] = list_rows(col, self.spaces[f.space])
             else:
@@ -166,12 +194,19 @@ class FeatureMap:
                 out.setdefault(f.space, f.name)
         return out
 
+    def schema_features(self, d: str) -> list[FeatureSpec]:
+        """The configured features the model reads: ids, sequences and binned dense features."""
+        return [f for f in self.spec.domain(d).features if f.kind != "dense" or self.dense[d][f.name].boundaries
+                is not None]
+
     def schema_json(self, d: str) -> dict[str, Any]:
-        """The domain's ``DomainSchema.to_json()`` (categorical features only; dense columns are
-        not in the schema)."""
+        """The domain's ``DomainSchema.to_json()``: id features in their space's table, binned
+        dense features in a table of their own (unbinned dense columns are not in the schema)."""
         tables = self.tables(d)
         feats = [{"name": f.name, "token": f.resolved_token, "cardinality": self.spaces[f.space].rows,
-                  "table": tables[f.space]} for f in self.id_features(d)]
+                  "table": tables[f.space]} if f.kind != "dense" else
+                 {"name": f.name, "token": f.resolved_token, "cardinality": self.dense[d][f.name].rows, "table": f.name}
+                 for f in self.schema_features(d)]
         names = {f["name"] for f in feats}
         item = self.spec.domain(d).feature("item_id")
         if "seq" not in names:
@@ -191,7 +226,9 @@ class FeatureMap:
             else:
                 e["vocab"] = vocab_files[name]
             spaces[name] = e
-        dense = {d: {n: {"column": st.column, "mean": st.mean, "std": st.std, "normalize": st.normalize}
+        dense = {d: {n: {"column": st.column, "mean": st.mean, "std": st.std, "normalize": st.normalize,
+                         "boundaries": None if st.boundaries is None else list(st.boundaries),
+                         "rows": st.rows if st.boundaries is not None else None}
                      for n, st in per.items()} for d, per in self.dense.items()}
         return {"format": FORMAT, "config": to_dict(self.spec), "spaces": spaces, "dense": dense}
 
@@ -218,19 +255,30 @@ class FeatureMap:
                     vocab = normalise_ids(pq.read_table(vpath, columns=["raw_id"]).column("raw_id"), e["dtype"])
                 spaces[name] = SpaceMap(name, e["kind"], e["dtype"], int(e["rows"]), int(e.get("buckets", 0)),
                                         int(e.get("salt", 0)), vocab)
-            dense = {dm: {n: DenseStat(str(x["column"]), float(x["mean"]), float(x["std"]), str(x["normalize"]))
+            dense = {dm: {n: DenseStat(str(x["column"]), float(x["mean"]), float(x["std"]), str(x["normalize"]),
+                                       None if x["boundaries"] is None else tuple(float(b) for b in x["boundaries"]))
                           for n, x in per.items()} for dm, per in d["dense"].items()}
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed feature map (missing or mistyped {e})") from None
         return FeatureMap(spec, spaces, dense)
 
 
-def dense_stat(column: str, total: float, total_sq: float, n: int, normalize: str) -> DenseStat:
+def dense_stat(column: str, total: float, total_sq: float, n: int, normalize: str,
+               boundaries: Optional[tuple[float, ...]] = None) -> DenseStat:
     """Mean and (population) std from sums over the train split; std 0 (a constant) becomes 1."""
     mean = total / n if n else 0.0
     var = max(0.0, total_sq / n - mean * mean) if n else 0.0
     std = math.sqrt(var) if var > 0 else 1.0
-    return DenseStat(column, mean, std, normalize)
+    return DenseStat(column, mean, std, normalize, boundaries)
+
+
+def quantile_boundaries(x: np.ndarray, bins: int) -> tuple[float, ...]:
+    """The ``bins - 1`` inner edges at the quantiles j / bins of ``x``, ties merged (fewer bins
+    when values repeat; none for an empty or constant ``x``)."""
+    if x.size == 0 or bins <= 1:
+        return ()
+    q = np.quantile(x, np.arange(1, bins) / bins)
+    return tuple(float(b) for b in np.unique(q) if b > x.min())
 
 
 def dumps(d: dict[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cctl_rec.cli import main
-from cctl_rec.data.features.mapping import hash_rows, vocab_rows
+from cctl_rec.data.features.mapping import VocabIndex, hash_rows, vocab_rows
 from cctl_rec.data.features.spec import load_features
 from cctl_rec.data.features.transform import FeatureMap, quantile_boundaries
 from tests.rawdata import raw_from_tiny
@@ -137,6 +137,20 @@ def test_hash_is_stable_and_reproducible_by_hand():
 def test_vocab_rows_start_at_1_and_unknown_or_null_is_0():
     vocab = pa.array(["b", "a"])
     assert vocab_rows(pa.array(["a", "zz", None, "b"]), vocab).tolist() == [2, 0, 0, 1]
+
+
+@pytest.mark.parametrize("strings", [False, True])
+def test_vocab_index_agrees_with_index_in(strings):
+    rng = np.random.default_rng(1)
+    ids = rng.choice(10 ** 9, 5000, replace=False)
+    vocab = pa.array([f"i{x}" for x in ids] if strings else ids, pa.large_string() if strings else pa.int64())
+    q = rng.choice(np.concatenate([ids, rng.integers(10 ** 9, 2 * 10 ** 9, 2000)]), 20000)
+    mask = rng.random(q.size) < 0.05
+    arr = pa.array([None if m else (f"i{x}" if strings else int(x)) for x, m in zip(q, mask)], vocab.type).slice(3)
+    got = VocabIndex(vocab).rows(arr)
+    assert got.tolist() == vocab_rows(arr, vocab).tolist()
+    assert (got > 0).sum() > 10000 and (got == 0).sum() > 1000
+    assert VocabIndex(vocab.slice(0, 0)).rows(arr).tolist() == [0] * len(arr)
 
 
 # ------------------------------------------------------------------------------------ prepare

@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from iopath.common.file_io import g_pathmgr
 
-from cctl_rec.data.features.mapping import arrow_dtype, build_vocab, count_ids, merge_counts, normalise_ids
+from cctl_rec.data.features.mapping import (VocabIndex, arrow_dtype, build_vocab, count_ids, merge_counts,
+                                            normalise_ids)
 from cctl_rec.data.features.spec import SPLITS, FeatureConfig, load_features
 from cctl_rec.data.features.transform import (FEATURES_JSON, DenseStat, FeatureMap, SpaceMap, dense_stat, dumps,
                                               id_type_ok, quantile_boundaries)
@@ -420,7 +421,7 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
 
     raw_files = [p for paths in files.values() for p in paths]
     prepare_output(out, raw_files)
-    others = {(d, role): stats.entity_set("src" if d == "tgt" else "tgt", role)
+    others = {(d, role): VocabIndex(stats.entity_set("src" if d == "tgt" else "tgt", role))
               for d in ("tgt", "src") for role in ("user_id", "item_id")}
     splits: dict[str, list[dict[str, Any]]] = {}
     split_stats: dict[str, Any] = {}
@@ -482,7 +483,7 @@ def _read_columns(spec: FeatureConfig, d: str, arrow: pa.Schema, with_passthroug
     return list(dict.fromkeys(cols))
 
 
-def _output_columns(fmap: FeatureMap, d: str, t: pa.Table, path: str, others: dict[tuple[str, str], pa.Array],
+def _output_columns(fmap: FeatureMap, d: str, t: pa.Table, path: str, others: dict[tuple[str, str], VocabIndex],
                     dtypes: dict[str, str], names: list[str]) -> dict[str, pa.Array]:
     """The dataset columns of one raw batch of domain ``d``: features, label, other_seq, the REN
     masks (the raw user / item occurs in the other domain's train split) and passthrough columns."""
@@ -492,7 +493,7 @@ def _output_columns(fmap: FeatureMap, d: str, t: pa.Table, path: str, others: di
     for role, flag in (("user_id", "user_in_other"), ("item_id", "item_in_other")):
         f = spec.domain(d).feature(role)
         raw = normalise_ids(t.column(f.source_column), dtypes[f.space])
-        cols[flag] = pc.fill_null(pc.is_in(raw, value_set=others[(d, role)]), False)
+        cols[flag] = pa.array(others[(d, role)].rows(raw) > 0, pa.bool_())
     for c in PASSTHROUGH:
         if c in names and not (c == "is_harmful" and d == "tgt") and not (c == "user_group" and d == "src"):
             cols[c] = t.column(c).combine_chunks()

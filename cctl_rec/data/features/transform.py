@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cctl_rec.config import from_dict, to_dict
-from cctl_rec.data.features.mapping import HASH_ALGORITHM, arrow_dtype, hash_rows, normalise_ids, vocab_rows
+from cctl_rec.data.features.mapping import HASH_ALGORITHM, VocabIndex, arrow_dtype, hash_rows, normalise_ids
 from cctl_rec.data.features.spec import FeatureConfig, FeatureSpec
 
 FORMAT = "cctl-rec/features-v1"
@@ -58,12 +58,15 @@ class SpaceMap:
     salt: int = 0
     vocab: Optional[pa.Array] = None
 
+    def __post_init__(self) -> None:
+        self.index = VocabIndex(self.vocab) if self.vocab is not None else None
+
     def map(self, arr: pa.Array) -> np.ndarray:
         """N int64 rows in ``[0, rows)`` of a raw id array (cast to this space's dtype)."""
         ids = normalise_ids(arr, self.dtype)
         if self.kind == "hash":
             return hash_rows(ids, self.buckets, self.salt)
-        return vocab_rows(ids, self.vocab)
+        return self.index.rows(ids)
 
 
 @dataclass

@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_OPTIONS = {"out": "--out", "data": "--data", "run_dir": "--run-dir", "model": "--model",
+                "features": "--features", "config": "--config"}
+"""Options that name a file or directory: each is checked by ``storage.check_location`` first."""
+REMOTE_OK = {("datagen", "out"), ("train", "data"), ("evaluate", "data")}
+"""(command, option) pairs that take remote URLs (s3://, gs://, ...); every other path is local."""
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A URL the command cannot use (unknown scheme, missing bucket or credentials, an option that
+    takes local paths only): one ValueError before anything runs (``cctl_rec/storage.py``)."""
+    from cctl_rec.storage import check_location
+
+    for attr, flag in PATH_OPTIONS.items():
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and "://" in value:
+            check_location(value, flag, (args.command, attr) in REMOTE_OK,
+                           ", ".join(f"{c} {PATH_OPTIONS[a]}" for c, a in sorted(REMOTE_OK)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cctl_rec.logging_utils import setup_logging
 
@@ -98,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
+        check_paths(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"cctl-rec {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,176 @@
+"""One I/O layer for local paths and remote URLs: iopath's ``g_pathmgr`` in front, fsspec behind.
+
+Every read and write of the tool already goes through ``g_pathmgr`` (manifests, shards, JSON
+files). This module registers an iopath handler per remote scheme that delegates to fsspec, so
+``s3://bucket/data`` works wherever ``data/`` does. fsspec rather than iopath's own remote
+handlers or ``pyarrow.fs``: it is the one library with S3, GCS, Azure, HDFS and in-memory
+filesystems behind a single interface, it is what PyTorch's distributed checkpoint speaks
+(``torch.distributed.checkpoint.FsspecWriter`` / ``FsspecReader``), and pyarrow reads Parquet from
+its file objects; iopath ships no S3 handler, and ``pyarrow.fs`` has no DCP writer.
+
+Credentials and endpoints come from the scheme's usual environment (for S3: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+
+:func:`check_location` is called by the CLI on every path argument before a command runs: an
+unknown scheme, a scheme whose fsspec package is not installed, a missing bucket, missing
+credentials, an unreachable endpoint, or a URL given to an option that takes local paths only is
+one ValueError (one line, exit 2), before anything is written.
+
+Example::
+
+    from cctl_rec.storage import check_location
+    check_location("s3://bucket/data", "--out", remote_ok=True)   # raises ValueError if unusable
+    with g_pathmgr.open("s3://bucket/data/manifest.json") as f: ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any, Optional
+
+from iopath.common.file_io import PathHandler, g_pathmgr
+
+LOCAL_SCHEMES = ("file",)
+_REGISTERED: set[str] = set()
+
+
+def scheme_of(path: str) -> Optional[str]:
+    """``"s3"`` for ``s3://b/k``; None for a plain local path."""
+    head, sep, _ = path.partition("://")
+    return head.lower() if sep and head.replace("+", "").replace("-", "").isalnum() else None
+
+
+def _storage_options(scheme: str) -> dict[str, Any]:
+    """Fail fast on an unreachable S3 endpoint (botocore retries for minutes by default)."""
+    if scheme in ("s3", "s3a"):  # the environment in the options: fsspec caches one instance per options
+        env = os.environ.get
+        return {"endpoint_url": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+                "key": env("AWS_ACCESS_KEY_ID"), "secret": env("AWS_SECRET_ACCESS_KEY"),
+                "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}}
+    return {}
+
+
+def filesystem(scheme: str):
+    """The fsspec filesystem of ``scheme`` (cached by fsspec per scheme and options)."""
+    import fsspec
+
+    return fsspec.filesystem(scheme, **_storage_options(scheme))
+
+
+class FsspecPathHandler(PathHandler):
+    """iopath handler for one URL scheme, delegating to fsspec.
+
+    ``get_local_path`` downloads a remote file once into a cache directory (``CCTL_REC_CACHE``,
+    default ``$TMPDIR/cctl-rec-cache``) keyed by URL, size and modification tag.
+    """
+
+    def __init__(self, scheme: str) -> None:
+        super().__init__()
+        self.scheme = scheme
+
+    @property
+    def fs(self):
+        return filesystem(self.scheme)
+
+    def _get_supported_prefixes(self) -> list[str]:
+        return [f"{self.scheme}://"]
+
+    def _get_local_path(self, path: str, force: bool = False, **kwargs: Any) -> str:
+        info = self.fs.info(path)
+        tag = f"{path}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+        root = os.environ.get("CCTL_REC_CACHE") or os.path.join(tempfile.gettempdir(), "cctl-rec-cache")
+        local = os.path.join(root, hashlib.sha256(tag.encode()).hexdigest()[:32], os.path.basename(path))
+        if force or not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = f"{local}.tmp-{os.getpid()}"
+            self.fs.get(path, tmp)
+            os.replace(tmp, local)
+        return local
+
+    def _copy_from_local(self, local_path: str, dst_path: str, overwrite: bool = False, **kwargs: Any) -> None:
+        if not overwrite and self.fs.exists(dst_path):
+            raise FileExistsError(f"{dst_path} exists")
+        self.fs.put(local_path, dst_path)
+
+    def _open(self, path: str, mode: str = "r", buffering: int = -1, **kwargs: Any):
+        return self.fs.open(path, mode)
+
+    def _copy(self, src_path: str, dst_path: str, overwrite: bool = False, **kwargs: Any) -> bool:
+        if not overwrite and self.fs.exists(dst_path):
+            return False
+        self.fs.copy(src_path, dst_path)
+        return True
+
+    def _mv(self, src_path: str, dst_path: str, **kwargs: Any) -> bool:
+        self.fs.mv(src_path, dst_path)
+        return True
+
+    def _exists(self, path: str, **kwargs: Any) -> bool:
+        return self.fs.exists(path)
+
+    def _isfile(self, path: str, **kwargs: Any) -> bool:
+        return self.fs.isfile(path)
+
+    def _isdir(self, path: str, **kwargs: Any) -> bool:
+        return self.fs.isdir(path)
+
+    def _ls(self, path: str, **kwargs: Any) -> list[str]:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+
+    def _mkdirs(self, path: str, **kwargs: Any) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def _rm(self, path: str, **kwargs: Any) -> None:
+        self.fs.rm(path, recursive=self.fs.isdir(path))
+
+
+def register(scheme: str) -> None:
+    """Routes ``scheme://`` paths of ``g_pathmgr`` to fsspec (once per scheme and process)."""
+    if scheme in _REGISTERED or scheme in LOCAL_SCHEMES:
+        return
+    g_pathmgr.register_handler(FsspecPathHandler(scheme), allow_override=True)
+    _REGISTERED.add(scheme)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(e).__name__
+
+
+def check_location(path: str, flag: str, remote_ok: bool, remote_options: str = "") -> None:
+    """Refuses, as one ValueError naming ``flag`` and ``path``, a URL the tool cannot use here.
+
+    Local paths (and ``file://``) pass unchecked. A URL passes when ``remote_ok``, its scheme is
+    an installed fsspec filesystem, and its bucket (the first path component) exists and answers
+    with the credentials at hand; then its scheme is registered with ``g_pathmgr``.
+    """
+    scheme = scheme_of(path)
+    if scheme is None or scheme in LOCAL_SCHEMES:
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise ValueError(f"{flag} {path}: unknown URL scheme {scheme!r}; expected a local path or a URL of a "
+                         f"filesystem fsspec knows (s3://, gs://, az://, hdfs://, memory://)") from None
+    except ImportError as e:
+        raise ValueError(f"{flag} {path}: the {scheme}:// scheme needs a package that is not installed "
+                         f"({_first_line(e)})") from None
+    if not remote_ok:
+        raise ValueError(f"{flag} {path}: this option takes a local path; remote URLs are supported for "
+                         f"{remote_options or 'other options'} so far (docs/storage.md)")
+    bucket = path.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise ValueError(f"{flag} {path}: the URL names no bucket; expected {scheme}://BUCKET/PATH")
+    try:  # a listing, not exists(): s3fs's exists() answers False for missing credentials too
+        filesystem(scheme).ls(f"{scheme}://{bucket}", detail=False)
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: bucket {bucket!r} does not exist; create it first") from None
+    except Exception as e:  # credentials, endpoint, DNS, permissions: whatever the backend raises
+        raise ValueError(f"{flag} {path}: cannot reach {scheme}://{bucket} ({type(e).__name__}: {_first_line(e)}); "
+                         f"check the credentials and the endpoint (for S3: AWS_ACCESS_KEY_ID, "
+                         f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from None
+    register(scheme)

@@ -82,6 +82,8 @@ def prepared(raw_tiny, tmp_path_factory) -> tuple[str, str]:
     (("{name: price, kind: dense, token: item}", "{name: price, kind: dense, token: item, space: item}"),
      "a dense feature has no space"),
     (("kind: dense", "kind: float"), "kind must be one of ['id', 'id_list', 'dense']"),
+    (("{name: city, space: city, token: user, dtype: string}", "{name: context, column: city, space: city, token: user}"),
+     "feature 'context' must have token context"),
     (("bins: 0}", "bins: -1}"), "bins must be in [0, 65536], got -1"),
     (("price_f, column: price", "price, column: price"), "dense feature 'price' has bins 16 in domains.tgt but 0"),
 ])
@@ -260,6 +262,9 @@ def _col(t: pa.Table, name: str, arr: pa.Array) -> pa.Table:
     ("NaN in a dense column", "tgt/test",
      lambda t: _col(t, "price", pa.array(np.where(np.arange(t.num_rows) == 3, np.nan, t.column("price").to_numpy())))
      , None, "dense column 'price' has 1 NaN or infinite value(s)"),
+    ("user_group not 0/1", "tgt/test",
+     lambda t: t.append_column("user_group", pa.array(np.full(t.num_rows, 2, np.int8))), None,
+     "column 'user_group' holds a null or a value other than 0 (warm) and 1 (cold)"),
     ("label not 0/1", "src/train", lambda t: _col(t, "label", pa.array(np.full(t.num_rows, 4, np.int8))), None,
      "label column 'label' has value 4; expected 0 or 1"),
 ])

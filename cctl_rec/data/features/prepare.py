@@ -143,6 +143,17 @@ def check_footer(spec: FeatureConfig, d: str, path: str, arrow: pa.Schema, dtype
                              f"(it is copied into the dataset)")
 
 
+def check_passthrough(table: pa.Table, path: str) -> None:
+    """Raises ValueError when a copied ``user_group`` column holds a null or a value other than
+    0 (warm) / 1 (cold): the trainer would find it only when it evaluates."""
+    if "user_group" in table.column_names:
+        g = table.column("user_group")
+        bad = g.null_count or pc.any(pc.invert(pc.is_in(g, value_set=pa.array([0, 1], g.type)))).as_py()
+        if bad:
+            raise ValueError(f"data file {path}: column 'user_group' holds a null or a value other than 0 (warm) and "
+                             f"1 (cold); expected 0 or 1 on every row (or drop the column)")
+
+
 def labels(spec: FeatureConfig, d: str, table: pa.Table, path: str) -> np.ndarray:
     """N int8 labels of a raw batch; a null, or a value other than 0/1 without ``min_positive``, fails."""
     lab = spec.domain(d).label
@@ -174,6 +185,7 @@ class TrainStats:
     def add(self, d: str, table: pa.Table, path: str, dtypes: dict[str, str]) -> None:
         dom = self.spec.domain(d)
         labels(self.spec, d, table, path)
+        check_passthrough(table, path)
         cols = [(f.source_column, f.kind, f.space) for f in dom.features]
         if dom.other_seq is not None:
             other = "src" if d == "tgt" else "tgt"
@@ -413,8 +425,10 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
             with open_parquet(p) as pf:
                 cols = [spec.domain(d).label.column] + [f.source_column for f in spec.domain(d).features
                                                         if f.kind == "dense"]
+                cols += ["user_group"] if "user_group" in pf.schema_arrow.names else []
                 for t in _batches(pf, list(dict.fromkeys(cols)), p):
                     labels(spec, d, t, p)
+                    check_passthrough(t, p)
                     for f in spec.domain(d).features:
                         if f.kind == "dense":
                             dense[d][f.name].apply(t.column(f.source_column).combine_chunks(), f"data file {p}")
@@ -480,6 +494,8 @@ def _read_columns(spec: FeatureConfig, d: str, arrow: pa.Schema, with_passthroug
         cols.append(dom.other_seq.column)
     if with_passthrough:
         cols += [c for c in PASSTHROUGH if c in arrow.names]
+    elif "user_group" in arrow.names:
+        cols.append("user_group")
     return list(dict.fromkeys(cols))
 
 

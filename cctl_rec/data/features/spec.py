@@ -153,6 +153,9 @@ class FeatureSpec:
                f"feature {self.name!r}: kind id_list is supported for the behaviour sequence 'seq' only; "
                f"expected kind id or dense")
         _check(self.name != "seq" or self.kind == "id_list", f"feature 'seq' must be kind id_list, got {self.kind}")
+        _check(self.name != "context" or self.token == "context",
+               f"feature 'context' must have token context, got {self.token or 'none'!r} (a domain without a context "
+               f"feature gets a constant one of that name)")
         _check(self.token != "" or self.name == "seq",
                f"feature {self.name!r} needs a token: user, item or context")
 

@@ -252,21 +252,30 @@ def _col(t: pa.Table, name: str, arr: pa.Array) -> pa.Table:
     return t.set_column(t.column_names.index(name), name, arr)
 
 
+EXPECT = "exit 2, one line naming the file, the column and the value; nothing written"
+
+
+def _case(case, split, fn, config_edit, msg, category="data"):
+    return pytest.param(case, split, fn, config_edit, msg, id=case.replace(" ", "-"),
+                        marks=pytest.mark.reliability(category, f"prepare: {case}", expect=EXPECT))
+
+
 @pytest.mark.parametrize("case, split, fn, config_edit, msg", [
-    ("missing column", "tgt/valid", lambda t: t.drop(["category"]), None,
-     "lacks column 'category' (domains.tgt.features 'category')"),
-    ("declared int holds strings", "tgt/train",
-     lambda t: _col(t, "uid", pa.array([str(x) for x in t.column("uid").to_pylist()])), None,
-     "column 'uid' (domains.tgt.features 'user_id') holds string ids but space 'user' is declared dtype int64"),
-    ("bucket count 0", None, None, ("buckets: 50", "buckets: 0"), "hash.buckets must be in [1,"),
-    ("NaN in a dense column", "tgt/test",
-     lambda t: _col(t, "price", pa.array(np.where(np.arange(t.num_rows) == 3, np.nan, t.column("price").to_numpy())))
-     , None, "dense column 'price' has 1 NaN or infinite value(s)"),
-    ("user_group not 0/1", "tgt/test",
-     lambda t: t.append_column("user_group", pa.array(np.full(t.num_rows, 2, np.int8))), None,
-     "column 'user_group' holds a null or a value other than 0 (warm) and 1 (cold)"),
-    ("label not 0/1", "src/train", lambda t: _col(t, "label", pa.array(np.full(t.num_rows, 4, np.int8))), None,
-     "label column 'label' has value 4; expected 0 or 1"),
+    _case("missing column", "tgt/valid", lambda t: t.drop(["category"]), None,
+          "lacks column 'category' (domains.tgt.features 'category')"),
+    _case("declared int holds strings", "tgt/train",
+          lambda t: _col(t, "uid", pa.array([str(x) for x in t.column("uid").to_pylist()])), None,
+          "column 'uid' (domains.tgt.features 'user_id') holds string ids but space 'user' is declared dtype int64"),
+    _case("bucket count 0", None, None, ("buckets: 50", "buckets: 0"), "hash.buckets must be in [1,", "config"),
+    _case("NaN in a dense column", "tgt/test",
+          lambda t: _col(t, "price", pa.array(np.where(np.arange(t.num_rows) == 3, np.nan,
+                                                       t.column("price").to_numpy()))),
+          None, "dense column 'price' has 1 NaN or infinite value(s)"),
+    _case("user_group not 0/1", "tgt/test",
+          lambda t: t.append_column("user_group", pa.array(np.full(t.num_rows, 2, np.int8))), None,
+          "column 'user_group' holds a null or a value other than 0 (warm) and 1 (cold)"),
+    _case("label not 0/1", "src/train", lambda t: _col(t, "label", pa.array(np.full(t.num_rows, 4, np.int8))), None,
+          "label column 'label' has value 4; expected 0 or 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(raw_tiny, tmp_path, capsys, case, split, fn,
                                                           config_edit, msg):
@@ -279,6 +288,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(raw_tiny, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.reliability("data", "prepare: a vocabulary from another dataset", expect="exit 2, one line naming the "
+                         "vocabulary and its coverage of the train ids (or its id type); nothing written")
 def test_a_vocabulary_from_another_dataset_is_refused(prepared, raw_tiny, tmp_path, capsys):
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"raw_id": pa.array(np.arange(10 ** 6, 10 ** 6 + 500), pa.int64()),

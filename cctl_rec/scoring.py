@@ -33,14 +33,23 @@ def run_config(run_dir: str) -> TrainConfig:
 
 
 def pick_checkpoint(run_dir: str, which: str) -> tuple[int, str]:
-    """(step, path) of ``which``: "latest" or a step number of a complete checkpoint in ``run_dir``."""
+    """(step, path) of ``which``: "latest", "best" (``run.keep_best``'s ``RUN/best/``) or a step
+    number of a complete checkpoint in ``run_dir``."""
+    if which == "best":
+        from cctl_rec.train.best import read_best
+
+        best = read_best(run_dir)
+        if best is None:
+            raise FileNotFoundError(f"--checkpoint best: {run_dir} has no best checkpoint; train with "
+                                    f"run.keep_best=true and run.eval_every=N to keep one")
+        return int(best["step"]), best["path"]
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(f"{run_dir} holds no complete checkpoint")
     if which == "latest":
         return ckpts[-1]
     if not which.isdigit():
-        raise ValueError(f"--checkpoint must be 'latest' or a step number, got {which!r}")
+        raise ValueError(f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
     by_step = dict(ckpts)
     if int(which) not in by_step:
         raise ValueError(f"--checkpoint {which}: {run_dir} has no complete checkpoint of step {int(which)}; "
@@ -49,11 +58,16 @@ def pick_checkpoint(run_dir: str, which: str) -> tuple[int, str]:
 
 
 def served_network(cfg: TrainConfig, ckpt: str) -> str:
-    """The checkpoint's network that ``export`` serves: the DNN's pure one; CCTL's pure one in a
-    checkpoint written after the run's last sync (``trainer.json`` ``final``), else its mixed one
-    (what that sync copies into the pure network)."""
+    """The checkpoint's network that ``export`` serves: the DNN's pure one; the best checkpoint's
+    measured one (``best.json``); CCTL's pure one in a checkpoint written after the run's last
+    sync (``trainer.json`` ``final``), else its mixed one (what that sync copies into the pure
+    network)."""
+    from cctl_rec.train.best import BEST_JSON
+
     if cfg.model.name != "cctl":
         return "pure"
+    if os.path.exists(os.path.join(ckpt, BEST_JSON)):
+        return json.loads(open(os.path.join(ckpt, BEST_JSON), encoding="utf-8").read())["network"]
     return "pure" if read_trainer_meta(ckpt).get("final") else "mixed"
 
 

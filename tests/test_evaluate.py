@@ -65,7 +65,7 @@ def test_evaluate_scores_an_older_checkpoint_on_another_split(runs, tiny_data, c
 
 @pytest.mark.parametrize("args, msg", [
     (["--checkpoint", "7"], "has no complete checkpoint of step 7; it has steps [4, 8, 10]"),
-    (["--checkpoint", "best!"], "--checkpoint must be 'latest' or a step number, got 'best!'"),
+    (["--checkpoint", "best!"], "--checkpoint must be 'latest', 'best' or a step number, got 'best!'"),
     (["--split", "src/train"], "expected a tgt/* split"),
     (["--split", "tgt/nope"], "--split tgt/nope: dataset"),
 ])
@@ -97,3 +97,26 @@ def test_eval_table_shows_ne_gauc_and_calibration(runs, capsys):
     t = json.loads((runs / "cctl" / "metrics.json").read_text())["target_test"]
     assert cells["test NE"] == f"{t['ne']:.4f}" and cells["test GAUC"] == f"{t['gauc']:.4f}"
     assert cells["test calibration"] == f"{t['calibration']:.4f}"
+
+
+def test_best_checkpoint_is_kept_apart_and_evaluate_and_export_take_it(runs, tiny_data, capsys, tmp_path):
+    import shutil
+
+    from cctl_rec.train.best import improves, keep_best, read_best
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "cctl", run)
+    rc, err = _evaluate(capsys, "--run-dir", str(run), "--data", tiny_data, "--checkpoint", "best")
+    assert rc == 2 and "has no best checkpoint; train with run.keep_best=true" in err
+    assert improves(str(run), 0.5) and not improves(str(run), None)
+    keep_best(str(run), 4, 0.61, str(run / "checkpoints" / "step-00000004"))
+    assert read_best(str(run))["step"] == 4 and not improves(str(run), 0.61) and improves(str(run), 0.62)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # pruned by keep_checkpoints: the best copy stays
+    _, best = _evaluate(capsys, "--run-dir", str(run), "--data", tiny_data, "--split", "tgt/valid",
+                        "--checkpoint", "best")
+    _, step4 = _evaluate(capsys, "--run-dir", str(runs / "cctl"), "--data", tiny_data, "--split", "tgt/valid",
+                         "--checkpoint", "4", "--network", "pure")
+    assert best["step"] == 4 and best["network"] == "pure" and best["auc"] == step4["auc"]
+    assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "m"), "--checkpoint", "best"]) == 0
+    meta = json.loads((tmp_path / "m" / "serving.json").read_text())
+    assert meta["step"] == 4 and meta["network"] == "pure"

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="a training run directory")
     p.add_argument("--data", required=True, help="dataset root (manifest.json) with the run's target schema")
     p.add_argument("--split", default="tgt/test", help="target split to score (default tgt/test)")
-    p.add_argument("--checkpoint", default="latest", help="'latest' (default) or a step number")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (default), 'best' (run.keep_best) or a step number")
     p.add_argument("--network", choices=("pure", "mixed"), default=None,
                    help="network of the checkpoint to score (default: the one export serves)")
     p.add_argument("--batch-size", type=int, default=8192)

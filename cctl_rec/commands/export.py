@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the served (pure) network of a run", description=__doc__)
     p.add_argument("--run-dir", required=True, help="a finished training run directory")
     p.add_argument("--out", required=True, help="directory for the serving artifact")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (default), 'best' (the best by valid AUC, run.keep_best) or a step number")
     p.add_argument("--aoti", action="store_true",
                    help="also compile the program with AOTInductor into model.aoti.pt2 for a C++ server "
                         "(docs/serving.md; about a minute on a CPU)")
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.config import load_config
     from cctl_rec.data.loader import Dataset
     from cctl_rec.export import load_network_from_checkpoint, save_artifact
+    from cctl_rec.scoring import pick_checkpoint, served_network
     from cctl_rec.train.checkpoint import check_fingerprint, list_checkpoints
     from cctl_rec.train.loop import _fingerprint
 
@@ -39,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
     ckpts = list_checkpoints(args.run_dir)
     if not ckpts:
         raise FileNotFoundError(f"{args.run_dir} holds no complete checkpoint to export")
-    step, ckpt = ckpts[-1]
+    step, ckpt = pick_checkpoint(args.run_dir, args.checkpoint)
     data = Dataset(cfg.data.path)
     check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
     schema = data.schemas["tgt"]
     network = "mixed" if cfg.model.name == "cctl" else "pure"
+    if args.checkpoint == "best":  # the network its valid AUC was measured on
+        network = served_network(cfg, ckpt)
     model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network,
                                          cfg.model.head)
     meta = save_artifact(model, args.out, {"run": os.path.basename(os.path.normpath(args.run_dir)), "step": step,

@@ -29,10 +29,9 @@ Example::
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,23 +39,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from iopath.common.file_io import g_pathmgr
 
+from cctl_rec.data.features.checks import PASSTHROUGH, check_footer, check_passthrough, labels
 from cctl_rec.data.features.mapping import (VocabIndex, arrow_dtype, build_vocab, count_ids, merge_counts,
                                             normalise_ids)
 from cctl_rec.data.features.spec import SPLITS, FeatureConfig, load_features
 from cctl_rec.data.features.transform import (FEATURES_JSON, DenseStat, FeatureMap, SpaceMap, dense_stat, dumps,
-                                              id_type_ok, quantile_boundaries)
-from cctl_rec.data.manifest import (FORMAT, MANIFEST, atomic_write_bytes, file_size, join, read_manifest,
-                                    sha256_file, write_manifest)
+                                              quantile_boundaries)
+from cctl_rec.data.features.write import PRESET_PREFIX, ShardWriter, parquet_bytes, prepare_output, remove_stale
+from cctl_rec.data.manifest import FORMAT, atomic_write_bytes, file_size, join, sha256_file, write_manifest
 from cctl_rec.data.reader import open_parquet
 
 logger = logging.getLogger(__name__)
 
-PRESET_PREFIX = "features/"
 BATCH_ROWS = 65_536
-ROW_GROUP_ROWS = 16_384
-PASSTHROUGH = {"ts": ("int", pa.types.is_integer), "is_harmful": ("bool", pa.types.is_boolean),
-               "user_group": ("int", pa.types.is_integer)}
-"""Optional raw columns copied as they are (the layout's analysis columns), when present."""
 SPLIT_KEYS = [(d, s) for d in ("tgt", "src") for s in SPLITS[d]]
 
 
@@ -88,87 +83,6 @@ def _batches(pf: pq.ParquetFile, columns: list[str], path: str) -> Iterator[pa.T
             raise
         raise ValueError(f"data file {path} cannot be read ({str(e).splitlines()[0][:200]}); the file is corrupt "
                          f"or truncated") from None
-
-
-# ---------------------------------------------------------------------------------- pass 1: types
-def check_footer(spec: FeatureConfig, d: str, path: str, arrow: pa.Schema, dtypes: dict[str, tuple[str, str]]
-                 ) -> None:
-    """Raises ValueError when ``path`` (a raw file of domain ``d``) lacks a configured column or
-    holds one of another type; records each space's raw dtype in ``dtypes`` (space -> (dtype,
-    where it was seen)) and refuses a second dtype."""
-    dom = spec.domain(d)
-    have = set(arrow.names)
-
-    def need(column: str, what: str) -> pa.DataType:
-        if column not in have:
-            raise ValueError(f"data file {path} lacks column {column!r} ({what}); it has {sorted(have)[:20]}")
-        return arrow.field(column).type
-
-    cols = [(f, f.source_column, f.kind, f.space) for f in dom.features]
-    if dom.other_seq is not None:
-        other = "src" if d == "tgt" else "tgt"
-        cols.append((None, dom.other_seq.column, "id_list", spec.domain(other).feature("item_id").space))
-    for f, column, kind, space in cols:
-        label = f"domains.{d}.{'other_seq' if f is None else 'features ' + repr(f.name)}"
-        t = need(column, label)
-        if kind == "dense":
-            if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
-                raise ValueError(f"data file {path}: column {column!r} ({label}, dense) has type {t}; expected a "
-                                 f"number (float or int)")
-            continue
-        got, want = id_type_ok(t, kind)
-        if not got:
-            raise ValueError(f"data file {path}: column {column!r} ({label}) has type {t}; expected {want}")
-        declared = f.dtype if f is not None and f.dtype != "auto" else None
-        if declared is None:  # another feature of the space may declare it
-            declared = next((g.dtype for dd in ("tgt", "src") for g in spec.domain(dd).features
-                             if g.space == space and g.dtype != "auto"), None)
-        if declared is not None and got != declared:
-            raise ValueError(f"data file {path}: column {column!r} ({label}) holds {got} ids but space {space!r} is "
-                             f"declared dtype {declared}; expected {declared} ids (or change the dtype)")
-        seen = dtypes.setdefault(space, (got, f"column {column!r} of {path}"))
-        if seen[0] != got:
-            raise ValueError(f"data file {path}: column {column!r} ({label}) holds {got} ids but space {space!r} got "
-                             f"{seen[0]} ids from {seen[1]}; expected one id type per space")
-    lab = dom.label
-    t = need(lab.column, f"domains.{d}.label")
-    ok = (pa.types.is_integer(t) or pa.types.is_floating(t)) if lab.min_positive is not None else \
-        (pa.types.is_integer(t) or pa.types.is_boolean(t))
-    if not ok:
-        want = "a number (label.min_positive is set)" if lab.min_positive is not None else "int or bool 0/1"
-        raise ValueError(f"data file {path}: label column {lab.column!r} has type {t}; expected {want}")
-    for c, (want, fits) in PASSTHROUGH.items():
-        if c in have and not fits(arrow.field(c).type):
-            raise ValueError(f"data file {path}: column {c!r} has type {arrow.field(c).type}; expected {want} "
-                             f"(it is copied into the dataset)")
-
-
-def check_passthrough(table: pa.Table, path: str) -> None:
-    """Raises ValueError when a copied ``user_group`` column holds a null or a value other than
-    0 (warm) / 1 (cold): the trainer would find it only when it evaluates."""
-    if "user_group" in table.column_names:
-        g = table.column("user_group")
-        bad = g.null_count or pc.any(pc.invert(pc.is_in(g, value_set=pa.array([0, 1], g.type)))).as_py()
-        if bad:
-            raise ValueError(f"data file {path}: column 'user_group' holds a null or a value other than 0 (warm) and "
-                             f"1 (cold); expected 0 or 1 on every row (or drop the column)")
-
-
-def labels(spec: FeatureConfig, d: str, table: pa.Table, path: str) -> np.ndarray:
-    """N int8 labels of a raw batch; a null, or a value other than 0/1 without ``min_positive``, fails."""
-    lab = spec.domain(d).label
-    col = table.column(lab.column)
-    if col.null_count:
-        raise ValueError(f"data file {path}: label column {lab.column!r} has {col.null_count} null value(s); "
-                         f"expected a label on every row")
-    if lab.min_positive is not None:
-        return pc.greater_equal(col, lab.min_positive).to_numpy(zero_copy_only=False).astype(np.int8)
-    y = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
-    bad = (y != 0) & (y != 1)
-    if bad.any():
-        raise ValueError(f"data file {path}: label column {lab.column!r} has value {int(y[bad][0])}; expected 0 or 1 "
-                         f"(for ratings set label.min_positive)")
-    return y.astype(np.int8)
 
 
 # ----------------------------------------------------------------------------- pass 2: statistics
@@ -214,7 +128,10 @@ class TrainStats:
         for role in ("user_id", "item_id"):
             f = dom.feature(role)
             arr = normalise_ids(table.column(f.source_column), dtypes[f.space])
-            self.entities.setdefault((d, role), []).append(pc.unique(arr.drop_null()))
+            seen = self.entities.setdefault((d, role), [])
+            seen.append(pc.unique(arr.drop_null()))
+            if len(seen) > 16:
+                seen[:] = [self.entity_set(d, role)]
 
     def entity_set(self, d: str, role: str) -> pa.Array:
         parts = self.entities.get((d, role), [])
@@ -254,78 +171,6 @@ def reused_vocab(space: str, path: str, dtype: str, counts: pa.Table, min_covera
                                                                                                     np.int64))})
 
 
-# -------------------------------------------------------------------------------------- writing
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    return sink.getvalue()
-
-
-def prepare_output(out: str, raw_files: list[str]) -> None:
-    """Creates ``out``; refuses one that holds raw input or another kind of dataset; removes the
-    manifest of an earlier prepare first (a run that stops leaves no finished-looking dataset)."""
-    root = os.path.realpath(out)
-    for p in raw_files:
-        if os.path.realpath(p).startswith(root + os.sep):
-            raise ValueError(f"--out {out} holds the raw input {p}; preparing would overwrite it; use another --out")
-    path = join(out, MANIFEST)
-    if g_pathmgr.exists(path):
-        try:
-            old: Optional[dict[str, Any]] = read_manifest(out)
-        except ValueError:
-            old = None
-        if old is None or not str(old.get("preset", "")).startswith(PRESET_PREFIX):
-            what = f"preset {old['preset']!r}" if old else "an unreadable manifest"
-            raise ValueError(f"--out {out} holds another dataset ({what}); preparing would overwrite it; use a new "
-                             f"--out or empty it")
-        g_pathmgr.rm(path)
-    try:
-        g_pathmgr.mkdirs(out)
-    except OSError as e:
-        raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
-
-
-class ShardWriter:
-    """Buffers one split's mapped tables and writes ``part-NNNNN.parquet`` shards of ``shard_rows``."""
-
-    def __init__(self, out: str, key: str, shard_rows: int) -> None:
-        self.out, self.key, self.shard_rows = out, key, shard_rows
-        self.buf: list[pa.Table] = []
-        self.have = 0
-        self.entries: list[dict[str, Any]] = []
-        g_pathmgr.mkdirs(join(out, *key.split("/")))
-
-    def add(self, t: pa.Table) -> None:
-        self.buf.append(t)
-        self.have += t.num_rows
-        while self.have >= self.shard_rows:
-            self._flush(self.shard_rows)
-
-    def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.buf)
-        part, rest = t.slice(0, n), t.slice(n)
-        rel = f"{self.key}/part-{len(self.entries):05d}.parquet"
-        path = join(self.out, *rel.split("/"))
-        atomic_write_bytes(path, _parquet_bytes(part))
-        self.entries.append({"path": rel, "rows": part.num_rows, "sha256": sha256_file(path), "bytes": file_size(path)})
-        self.buf, self.have = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def close(self) -> list[dict[str, Any]]:
-        if self.have or not self.entries:
-            self._flush(self.have)
-        return self.entries
-
-
-def _remove_stale(out: str, keep: set[str]) -> None:
-    for key in ("tgt/train", "tgt/valid", "tgt/test", "src/train"):
-        full = join(out, *key.split("/"))
-        if not g_pathmgr.exists(full):
-            continue
-        for name in g_pathmgr.ls(full):
-            if (name.startswith("part-") and f"{key}/{name}" not in keep) or (name.startswith(".") and ".tmp-" in name):
-                g_pathmgr.rm(join(full, name))
-
-
 class SplitStats:
     """Rows, positives and the out-of-vocabulary share of every id feature of one written split."""
 
@@ -350,6 +195,72 @@ class SplitStats:
         return {"rows": self.rows, "positives": self.pos, "ctr": round(self.pos / n, 6),
                 "seq_len_mean": round(self.seq_len / n, 4), "user_in_other_share": round(self.in_other / n, 6),
                 "oov_share": {k: round(a / b, 6) if b else 0.0 for k, (a, b) in self.oov.items()}}
+
+
+def resolve_spaces(spec: FeatureConfig, stats: TrainStats, dtypes: dict[str, str]
+                   ) -> tuple[dict[str, SpaceMap], dict[str, pa.Table]]:
+    """Each space's mapping (hash parameters, or the vocabulary built from / checked against the
+    train counts) and the vocabularies to write."""
+    spaces: dict[str, SpaceMap] = {}
+    vocabs: dict[str, pa.Table] = {}
+    for s in spec.spaces:
+        if s.hash is not None:
+            spaces[s.name] = SpaceMap(s.name, "hash", dtypes[s.name], s.hash.buckets + 1, s.hash.buckets, s.hash.salt)
+            continue
+        parts = stats.counts[s.name]
+        empty = pa.array([], pa.int64() if dtypes[s.name] == "int64" else pa.large_string())
+        counts = merge_counts(parts) if parts else pa.table({"raw_id": empty, "count": pa.array([], pa.int64())})
+        if s.vocab.path:
+            v = reused_vocab(s.name, s.vocab.path, dtypes[s.name], counts, s.vocab.min_coverage)
+        else:
+            v = build_vocab(counts, s.vocab.min_count, s.vocab.max_size)
+            if v.num_rows == 0:
+                raise ValueError(f"space {s.name!r}: no id occurs at least vocab.min_count={s.vocab.min_count} times in "
+                                 f"the train splits; expected a smaller min_count")
+        vocabs[s.name] = v
+        spaces[s.name] = SpaceMap(s.name, "vocab", dtypes[s.name], v.num_rows + 1,
+                                  vocab=normalise_ids(v.column("raw_id"), dtypes[s.name]))
+    return spaces, vocabs
+
+
+def dense_stats(spec: FeatureConfig, stats: TrainStats) -> dict[str, dict[str, DenseStat]]:
+    """domain -> dense feature -> its train mean / std and, binned, its quantile edges (one set per
+    feature name, from both domains' train values)."""
+    dense: dict[str, dict[str, DenseStat]] = {"tgt": {}, "src": {}}
+    bounds: dict[str, tuple[float, ...]] = {}
+    for d in ("tgt", "src"):
+        for f in spec.domain(d).features:
+            if f.kind != "dense":
+                continue
+            total, sq, n = stats.sums.get((d, f.name), [0.0, 0.0, 0])
+            edges = None
+            if f.bins:
+                if f.name not in bounds:
+                    values = stats.values.get(f.name) or [np.zeros(0)]
+                    bounds[f.name] = quantile_boundaries(np.concatenate(values), f.bins)
+                edges = bounds[f.name]
+            dense[d][f.name] = dense_stat(f.source_column, total, sq, n, f.normalize, edges)
+    return dense
+
+
+def check_heldout(fmap: FeatureMap, files: dict[tuple[str, str], list[str]]) -> None:
+    """Reads the labels, dense values and ``user_group`` of the valid / test files (the train
+    files were read for the statistics) and raises on the first bad value."""
+    spec = fmap.spec
+    for d, s in SPLIT_KEYS:
+        if s == "train":
+            continue
+        dom = spec.domain(d)
+        for p in files[(d, s)]:
+            with open_parquet(p) as pf:
+                cols = [dom.label.column] + [f.source_column for f in dom.features if f.kind == "dense"]
+                cols += ["user_group"] if "user_group" in pf.schema_arrow.names else []
+                for t in _batches(pf, list(dict.fromkeys(cols)), p):
+                    labels(spec, d, t, p)
+                    check_passthrough(t, p)
+                    for f in dom.features:
+                        if f.kind == "dense":
+                            fmap.dense[d][f.name].apply(t.column(f.source_column), f"data file {p}")
 
 
 # ------------------------------------------------------------------------------------- prepare
@@ -385,53 +296,9 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
             with open_parquet(p) as pf:
                 for t in _batches(pf, _read_columns(spec, d, pf.schema_arrow), p):
                     stats.add(d, t, p, dtypes)
-    spaces: dict[str, SpaceMap] = {}
-    vocabs: dict[str, pa.Table] = {}
-    for s in spec.spaces:
-        if s.hash is not None:
-            spaces[s.name] = SpaceMap(s.name, "hash", dtypes[s.name], s.hash.buckets + 1, s.hash.buckets, s.hash.salt)
-            continue
-        parts = stats.counts[s.name]
-        empty = pa.array([], pa.int64() if dtypes[s.name] == "int64" else pa.large_string())
-        counts = merge_counts(parts) if parts else pa.table({"raw_id": empty, "count": pa.array([], pa.int64())})
-        if s.vocab.path:
-            v = reused_vocab(s.name, s.vocab.path, dtypes[s.name], counts, s.vocab.min_coverage)
-        else:
-            v = build_vocab(counts, s.vocab.min_count, s.vocab.max_size)
-            if v.num_rows == 0:
-                raise ValueError(f"space {s.name!r}: no id occurs at least vocab.min_count={s.vocab.min_count} times in "
-                                 f"the train splits; expected a smaller min_count")
-        vocabs[s.name] = v
-        spaces[s.name] = SpaceMap(s.name, "vocab", dtypes[s.name], v.num_rows + 1,
-                                  vocab=normalise_ids(v.column("raw_id"), dtypes[s.name]))
-    dense: dict[str, dict[str, DenseStat]] = {"tgt": {}, "src": {}}
-    bounds: dict[str, tuple[float, ...]] = {}
-    for d in ("tgt", "src"):
-        for f in spec.domain(d).features:
-            if f.kind == "dense":
-                total, sq, n = stats.sums.get((d, f.name), [0.0, 0.0, 0])
-                edges = None
-                if f.bins:
-                    if f.name not in bounds:
-                        bounds[f.name] = quantile_boundaries(np.concatenate(stats.values.get(f.name) or
-                                                                            [np.zeros(0)]), f.bins)
-                    edges = bounds[f.name]
-                dense[d][f.name] = dense_stat(f.source_column, total, sq, n, f.normalize, edges)
-    fmap = FeatureMap(spec, spaces, dense)
-    for d, s in SPLIT_KEYS:  # labels and dense values of valid / test: checked before writing
-        if s == "train":
-            continue
-        for p in files[(d, s)]:
-            with open_parquet(p) as pf:
-                cols = [spec.domain(d).label.column] + [f.source_column for f in spec.domain(d).features
-                                                        if f.kind == "dense"]
-                cols += ["user_group"] if "user_group" in pf.schema_arrow.names else []
-                for t in _batches(pf, list(dict.fromkeys(cols)), p):
-                    labels(spec, d, t, p)
-                    check_passthrough(t, p)
-                    for f in spec.domain(d).features:
-                        if f.kind == "dense":
-                            dense[d][f.name].apply(t.column(f.source_column).combine_chunks(), f"data file {p}")
+    spaces, vocabs = resolve_spaces(spec, stats, dtypes)
+    fmap = FeatureMap(spec, spaces, dense_stats(spec, stats))
+    check_heldout(fmap, files)
 
     raw_files = [p for paths in files.values() for p in paths]
     prepare_output(out, raw_files)
@@ -451,14 +318,14 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
                     w.add(pa.table(cols))
         splits[key] = w.close()
         split_stats[key] = st.to_json()
-    _remove_stale(out, {e["path"] for v in splits.values() for e in v})
+    remove_stale(out, {e["path"] for v in splits.values() for e in v})
 
     vocab_files: dict[str, dict[str, Any]] = {}
     g_pathmgr.mkdirs(join(out, "features", "vocab"))
     for name, v in vocabs.items():
         rel = f"features/vocab/{name}.parquet"
         path = join(out, *rel.split("/"))
-        atomic_write_bytes(path, _parquet_bytes(v))
+        atomic_write_bytes(path, parquet_bytes(v))
         vocab_files[name] = {"path": rel, "sha256": sha256_file(path), "size": v.num_rows}
     fjson = fmap.to_json(vocab_files)
     fpath = join(out, *FEATURES_JSON.split("/"))

@@ -53,6 +53,8 @@ def _run(capsys, *argv):
     ({}, ["train", "--data", "s3://cctl/data", "--run-dir", "s3://cctl/run"],
      "--run-dir s3://cctl/run: this option takes a local path"),
     ({}, ["export", "--run-dir", "runs/r", "--out", "s3://cctl/model"], "--out s3://cctl/model: this option takes a"),
+    ({}, ["predict", "--model", "s3://cctl/model", "--data", "d", "--out", "p.parquet"],
+     "--model s3://cctl/model: this option takes a local path"),
 ])
 def test_unusable_urls_are_one_line_exit_2_and_nothing_is_written(s3, tmp_path, capsys, env, argv, msg):
     s3.chdir(tmp_path)  # the old bug wrote a local directory s3:/bucket/x here
@@ -88,3 +90,17 @@ def test_datagen_train_evaluate_on_s3_equal_the_local_run(s3, tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "s3"), "--data", "s3://cctl/data"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["rows"] == sum(e["rows"] for e in local["splits"]["tgt/test"])
+    # export (local) -> predict with s3:// input and output == predict on the local copy
+    assert main(["export", "--run-dir", str(tmp_path / "s3"), "--out", str(tmp_path / "model")]) == 0
+    assert main(["predict", "--model", str(tmp_path / "model"), "--data", "s3://cctl/data",
+                 "--out", "s3://cctl/pred/test.parquet"]) == 0
+    assert main(["predict", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data" / "tgt" / "test"),
+                 "--out", str(tmp_path / "pred.parquet"), "--reserved-columns", "user_id"]) == 0
+    import io
+
+    import pyarrow.parquet as pq
+
+    remote_pred = pq.read_table(io.BytesIO(boto3.client("s3").get_object(
+        Bucket="cctl", Key="pred/test.parquet")["Body"].read()))
+    local_pred = pq.read_table(tmp_path / "pred.parquet")
+    assert remote_pred.column("logit").to_pylist() == local_pred.column("logit").to_pylist()

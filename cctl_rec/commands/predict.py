@@ -33,18 +33,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def input_files(data: str, split: str) -> list[str]:
-    if os.path.isfile(data):
+    """The Parquet files ``--data`` names (local path or URL): a file, a dataset root's split, or
+    every ``*.parquet`` below a directory, sorted."""
+    from iopath.common.file_io import g_pathmgr
+
+    from cctl_rec.data.manifest import is_local, join
+
+    if g_pathmgr.isfile(data):
         return [data]
-    if not os.path.isdir(data):
+    if not g_pathmgr.isdir(data):
         raise FileNotFoundError(f"--data {data} does not exist")
-    if os.path.exists(os.path.join(data, "manifest.json")):
+    if g_pathmgr.exists(join(data, "manifest.json")):
         from cctl_rec.data.manifest import read_manifest, shard_paths
 
         m = read_manifest(data)
         if not m["splits"].get(split):
             raise ValueError(f"dataset {data} has no split {split!r}; it has {sorted(m['splits'])}")
         return shard_paths(data, m, split)
-    files = sorted(glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True))
+    if is_local(data):
+        files = sorted(glob.glob(os.path.join(data, "**", "*.parquet"), recursive=True))
+    else:
+        from cctl_rec.storage import filesystem, scheme_of
+
+        scheme = scheme_of(data)
+        found = filesystem(scheme).glob(data.rstrip("/") + "/**/*.parquet")
+        files = sorted(p if "://" in p else f"{scheme}://{p}" for p in found)
     if not files:
         raise FileNotFoundError(f"--data {data} holds no .parquet files")
     return files
@@ -55,8 +68,6 @@ OUTPUT_COLUMNS = ("row", "logit", "prob", "label")
 
 def reserved_columns(spec: str, first_file: str) -> list[str]:
     """The ``--reserved-columns`` names, each checked against the first input file's columns."""
-    import pyarrow.parquet as pq
-
     names = [c.strip() for c in spec.split(",") if c.strip()]
     if not names:
         return []
@@ -64,7 +75,10 @@ def reserved_columns(spec: str, first_file: str) -> list[str]:
     if clash:
         raise ValueError(f"--reserved-columns {clash} would overwrite predict's own output columns "
                          f"{list(OUTPUT_COLUMNS)}; rename them in the input")
-    have = pq.read_schema(first_file).names
+    from cctl_rec.data.reader import open_parquet
+
+    with open_parquet(first_file) as pf:
+        have = pf.schema_arrow.names
     missing = [c for c in names if c not in have]
     if missing:
         raise ValueError(f"--reserved-columns {missing} not in {first_file}; it has columns {have}")
@@ -76,12 +90,13 @@ def reserved_columns(spec: str, first_file: str) -> list[str]:
 def raw_batches(files: list[str], fmap, batch_size: int):
     """(raw table, mapped table, label column name, path) per batch of raw logs, mapped by ``fmap``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     dom = fmap.spec.domain("tgt")
     need = [f.source_column for f in dom.features] + ([dom.other_seq.column] if dom.other_seq else [])
+    from cctl_rec.data.reader import open_parquet
+
     for path in files:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         missing = [c for c in need if c not in pf.schema_arrow.names]
         if missing:
             raise ValueError(f"raw input {path} lacks column(s) {missing} that the export's feature map reads "
@@ -104,16 +119,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out directory {out_dir} does not exist")
-    if os.path.isdir(args.out):
+    from iopath.common.file_io import g_pathmgr
+
+    from cctl_rec.data.manifest import is_local
+
+    if is_local(args.out):  # a URL's bucket was checked by the CLI (storage.check_location)
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"--out directory {out_dir} does not exist")
+    if g_pathmgr.isdir(args.out):
         raise IsADirectoryError(f"--out {args.out} is a directory; expected a .parquet file path")
     model, meta = load_artifact(args.model)
     schema, L = model.schema, int(meta["max_seq_len"])
     files = input_files(args.data, args.split)
     keep = reserved_columns(args.reserved_columns, files[0])
-    is_root = os.path.isdir(args.data) and os.path.exists(os.path.join(args.data, "manifest.json"))
+    from cctl_rec.data.manifest import join
+
+    is_root = g_pathmgr.isdir(args.data) and g_pathmgr.exists(join(args.data, "manifest.json"))
     if meta.get("features") and not is_root:
         from cctl_rec.data.features.transform import FeatureMap
 

@@ -219,3 +219,30 @@ def selector_stats(p: torch.Tensor, harmful: Optional[torch.Tensor], has_truth: 
 
 def fmt(x: Optional[float], nd: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+class WindowMetrics:
+    """Training CTR metrics over a window of steps (the steps between two log lines).
+
+    :meth:`update` keeps each step's logits and labels where they are (no copy, no device sync);
+    :meth:`compute` (a collective: every rank calls it at the same step) scores the window with
+    :class:`BinaryMetrics` and starts the next one. Keys are prefixed ``train_``:
+    ``train_auc``, ``train_logloss``, ``train_ne``, ``train_calibration``, ``train_ctr``.
+    """
+
+    def __init__(self, name: str = "train window") -> None:
+        self.name = name
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """``logits``, ``labels``: one step's B_t floats."""
+        self.logits.append(logits.detach())
+        self.labels.append(labels.detach())
+
+    def compute(self) -> dict[str, Optional[float]]:
+        m = BinaryMetrics(self.name)
+        if self.logits:
+            m.update(torch.cat(self.logits), torch.cat(self.labels))
+        self.logits, self.labels = [], []
+        return {f"train_{k}": v for k, v in m.compute().items()}

@@ -161,3 +161,20 @@ def test_ctr_metrics_reduce_across_ranks():
     assert a.keys() == want.keys()
     for k, v in want.items():
         assert a[k] == pytest.approx(v, rel=1e-6), k
+
+
+def test_window_metrics_score_each_window_alone():
+    from cctl_rec.metrics import WindowMetrics
+
+    z, y, _ = _data(n=512, seed=11)
+    w = WindowMetrics()
+    for lo in range(0, 256, 64):  # window 1: rows 0..255
+        w.update(z[lo:lo + 64], y[lo:lo + 64])
+    first = w.compute()
+    for lo in range(256, 512, 64):  # window 2: rows 256..511 only
+        w.update(z[lo:lo + 64], y[lo:lo + 64])
+    second = w.compute()
+    for got, rows in ((first, slice(0, 256)), (second, slice(256, 512))):
+        want = _whole(z[rows], y[rows])
+        assert got == {f"train_{k}": v for k, v in want.items()}
+    assert set(first) == {"train_auc", "train_logloss", "train_ne", "train_calibration", "train_ctr"}

@@ -26,12 +26,12 @@ MUTANTS = [
      "the reward negated inside IFN.step"),
     ("cctl_rec/train/ifn.py", "loss = -(z * p).mean()", "loss = +(z * p).mean()",
      "the influence objective's sign flipped"),
-    ("cctl_rec/train/losses.py", "else tgt) + (ren_weight * ren if ren_weight else zero)",
-     "else tgt) - (ren_weight * ren if ren_weight else zero)", "Loss_ren subtracted from Loss_mixed"),
+    ("cctl_rec/train/losses.py", "else tgt) + (ren_weight * ren_l if ren_weight else zero)",
+     "else tgt) - (ren_weight * ren_l if ren_weight else zero)", "Loss_ren subtracted from Loss_mixed"),
     ("cctl_rec/train/sync.py", "    if dense_opt is not None:", "    if dense_opt is None:",
      "the sync skips the dense Adam moments"),
-    ("cctl_rec/train/loop.py", 'ifn.step(step, logits, glob["reward"]', 'ifn.step(step, logits, -glob["reward"]',
-     "the loop hands the IFN the negated reward"),
+    ("cctl_rec/train/trainer.py", "ifn.step(step, logits, r, actions", "ifn.step(step, logits, -r, actions",
+     "the trainer hands the IFN the negated reward"),
 ]
 
 

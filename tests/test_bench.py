@@ -42,9 +42,10 @@ def test_harness_step_is_train_step(tiny_data, extra):
         m = train(cfg, d)
     h = Harness(cfg, hooks=True)
     run_steps(h, 9)
+    assert h.needs_final_sync(9)
     h.sync()  # train() ends with a sync: the pure tower is what is served
     assert h.evaluate("tgt/test") == m["target_test"]
-    assert h.syncs + 1 == m["syncs"]
+    assert h.syncs == m["syncs"] == 3  # k=4 over 9 steps, then the last sync
     assert (h.ifn.rl.updates if h.ifn.rl is not None else 0) == m["selector_updates"]
     parts = h.sections.medians()
     assert {"data", "forward", "embeddings", "towers", "san", "backward_opt", "towers_bwd", "ren"} <= set(parts)

@@ -1,20 +1,18 @@
-"""The training step of :func:`cctl_rec.train.loop.train`, built and run the same way, with timers.
+"""The training step of :func:`cctl_rec.train.loop.train`, with timers: a :class:`Trainer` whose parts are timed.
 
-``train()`` runs its steps inside one loop with logging, TensorBoard and checkpoints around them;
-the benchmarks need the step itself, piece by piece. :class:`Harness` builds what ``train()``
-builds, in the same order and with the same seeds (the CCTL model on the meta device, the fused
-sparse optimizer, TorchRec's plan, DistributedModelParallel, Adam, the data_parallel tables'
-optimizer, the IFN, the initial sync), and :meth:`Harness.step` runs the statements of one
-iteration of ``train()``'s loop, each part under a named timer. ``tests/test_bench.py`` checks
-that a harness run and ``train()`` give the same model (same target test AUC) on the same data.
+``train()`` runs :meth:`Trainer.step` inside a loop with logging, TensorBoard and checkpoints
+around it; the benchmarks need the step itself, piece by piece. :class:`Harness` is the trainer
+(same build, same seeds, same step) with :meth:`Trainer.span` timing each part of the step under its
+name (``forward``, ``selector_score``, ``losses``, ``ren``, ``reward``, ``influence``,
+``backward_opt``, ``metrics``, ``selector_update``, ``sync``) into :attr:`Harness.sections`.
+``tests/test_bench.py`` checks that a harness run and ``train()`` give the same model.
 
 With ``hooks=True`` the parts inside the forward and the backward are timed too:
 
 - forward hooks on the embedding collections (``pure_tgt``, ``mixed_tgt``, ``src``: lookups,
   including TorchRec's input and output dist), the towers and SAN;
 - full backward hooks on the towers and SAN's token MLPs: the time from their output gradient
-  to their input gradient;
-- REN's loss (``ren_loss``, called inside ``scn_losses``) through a timing wrapper.
+  to their input gradient.
 
 Example::
 
@@ -30,26 +28,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torchrec import KeyedJaggedTensor
 
 from cctl_rec.config import TrainConfig
 from cctl_rec.data.batch import CCTLBatch
-from cctl_rec.data.loader import Dataset, TrainStream, heldout_batches
 from cctl_rec.data.prefetch import prefetch
-from cctl_rec.distributed.env import init_distributed
-from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
-from cctl_rec.train import losses as losses_mod
-from cctl_rec.train.ifn import IFN
+from cctl_rec.train.evaluation import evaluate
 from cctl_rec.train.losses import scn_losses
-from cctl_rec.train.loop import (evaluate, finetune_steps, heldout_reward, step_influence, step_stats,
-                                 total_steps)
-from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
+from cctl_rec.train.trainer import Trainer
 
 from cctl_rec.bench.common import Sections
 
@@ -59,62 +50,44 @@ EMBEDDINGS = ("pure_tgt", "mixed_tgt", "src")
 TOWERS = ("pure_tower", "mixed_tower")
 
 
-class Harness:
-    """One rank's trainer state, as ``train()`` builds it, and its step.
+class Harness(Trainer):
+    """One rank's trainer, as ``train()`` builds it, its step timed part by part.
 
     Args:
         cfg: the training config (``model.name``, batch, selector, k, precision, ...).
         schemas: domain schemas to build the model with instead of the dataset's (the sync
             benchmark grows the target user table); the data must fit them.
-        hooks: time the embeddings, towers, SAN and REN inside forward and backward.
+        hooks: time the embeddings, towers and SAN inside forward and backward.
+
+    :meth:`step` returns this rank's logged values (``out["loss_mixed"]``, ``out["reward"]``,
+    ``out["p_mean"]``, ...) and what the IFN logged (``out.get("selector_update")``).
     """
 
     def __init__(self, cfg: TrainConfig, schemas: Optional[dict[str, DomainSchema]] = None,
                  hooks: bool = False) -> None:
-        env = init_distributed(cfg.dist.device, cfg.dist.backend)
-        self.cfg, self.rank, self.world, self.device = cfg, env.rank, env.world_size, env.device
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        self.data = Dataset(cfg.data.path)
-        if schemas is not None:
-            self.data.schemas = schemas
-        self.with_source = cfg.model.name == "cctl"
-        # --- as train(): seed, model on meta, stream, fused sparse optimizer, plan, DMP
-        torch.manual_seed(cfg.run.seed)
-        model = CCTL(self.data.schemas, cfg.model, with_source=self.with_source, seq_len=cfg.data.max_seq_len)
-        self.stream = TrainStream(self.data, cfg.data, self.rank, self.world, self.with_source, model.shared,
-                                  model.positions)
-        apply_sparse_optimizer(model, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, self.device.type)
-        self.plan = make_plan(model, self.world, self.device.type, cfg.dist.sharding, cfg.data.batch_size,
-                              pg=dist.GroupMember.WORLD)
-        self.dmp = shard(model, self.plan, self.device)
-        self.module: CCTL = self.dmp.module
-        self.total = total_steps(cfg, self.stream)
-        dense = [p for name in ("mixed_tower", "san", "pure_tower", "domain_clf") if hasattr(self.module, name)
-                 for p in getattr(self.module, name).parameters()]
-        self.dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
-        self.dp_tables = DataParallelTables(self.module, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr)
-        torch.manual_seed(cfg.run.seed + 1000 + self.rank)
-        self.ifn: Optional[IFN] = None
-        if self.with_source:
-            check_same_layout(self.module.mixed_tgt, self.module.pure_tgt)
-            self.ifn = IFN(cfg.selector, self.module.width, self.module.schemas["src"], total_steps=self.total)
-            sync_mixed_to_pure(self.module, self.dense_opt, cfg.scn.sync_optimizer_state, self.dp_tables)
-        self.heldout = heldout_batches(self.data, cfg.data, self.rank, self.world, 0) if self.with_source and (
-            cfg.scn.reward_source == "heldout_batch" or
-            (cfg.selector.needs_influence and cfg.selector.influence_target == "heldout_batch")
-        ) else None
-        self.batches: Iterator[CCTLBatch] = prefetch(self.stream.iterate(0), cfg.data.prefetch)
+        super().__init__(cfg, schemas)
+        self.start_heldout(0)
+        self.batches_it: Iterator[CCTLBatch] = prefetch(self.stream.iterate(0), cfg.data.prefetch)
         self.sections = Sections()
-        self.syncs = 0
         self.on_logits: Optional[Callable[[torch.Tensor], None]] = None
         """Called with the selector's logits (with graph) before the IFN step (the stress checks)."""
         self._handles: list[Any] = []
-        self._timed_ren = False
         if hooks:
             self._install_hooks()
 
-    # ------------------------------------------------------------------ timing hooks
+    # ------------------------------------------------------------------ the trainer's hooks, timed
+
+    def span(self, name: str) -> ContextManager[Any]:
+        return self.sections.span(name)
+
+    def mark(self, name: str) -> None:
+        self.sections.add(name, 0.0)  # a marker: the per-step statistics leave this step out
+
+    def before_selector_update(self, logits: torch.Tensor) -> None:
+        if self.on_logits is not None:
+            self.on_logits(logits)
+
+    # ------------------------------------------------------------------ timing hooks inside forward / backward
 
     def _install_hooks(self) -> None:
         m, t = self.module, self.sections
@@ -144,93 +117,24 @@ class Harness:
             for sub in m.san.maps.values():
                 if any(p.requires_grad for p in sub.parameters()):
                     bwd(sub, "san_bwd")
-        _install_ren_timer()
-        self._timed_ren = True
 
     def close(self) -> None:
         """Removes the hooks."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._timed_ren = False
 
-    # ------------------------------------------------------------------ the step
-
-    def amp(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16")
+    # ------------------------------------------------------------------ data, the ablation, evaluation
 
     def next_batch(self) -> CCTLBatch:
         """The next training batch (Parquet read + KJT build + ``to(device)``), timed as ``data``."""
         with self.sections.span("data"):
             try:
-                batch = next(self.batches)
+                batch = next(self.batches_it)
             except StopIteration:  # benchmarks may run past one pass: start the split again
-                self.batches = prefetch(self.stream.iterate(0), self.cfg.data.prefetch)
-                batch = next(self.batches)
+                self.batches_it = prefetch(self.stream.iterate(0), self.cfg.data.prefetch)
+                batch = next(self.batches_it)
             return batch.to(self.device)
-
-    def step(self, batch: CCTLBatch, step: int) -> dict[str, Any]:
-        """One iteration of ``train()``'s loop on ``batch`` (step number ``step``, from 1).
-
-        Returns the rank-averaged logged values (``loss_mixed``, ``reward``, ``p_mean``, ...) and
-        what the IFN logged, e.g. ``selector_update``.
-        """
-        global _REN_SECTIONS
-        _REN_SECTIONS = self.sections if self._timed_ren else None
-        try:
-            return self._step(batch, step)
-        finally:
-            _REN_SECTIONS = None
-
-    def _step(self, batch: CCTLBatch, step: int) -> dict[str, Any]:
-        cfg, t, module, ifn = self.cfg, self.sections, self.module, self.ifn
-        with_source = self.with_source
-        with t.span("forward"), self.amp():
-            out = self.dmp(batch)
-        weights = logits = actions = None
-        with t.span("selector_score"):
-            if with_source and out.x_src is not None:
-                assert ifn is not None
-                weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful, batch.src_label,
-                                                       out.logit_src)
-            tgt_weight = 1.0
-            ft = finetune_steps(cfg, self.total)
-            if ft and weights is not None:  # Finetune baseline: source, then target
-                pre = step <= ft
-                weights, tgt_weight = torch.full_like(weights, 1.0 if pre else 0.0), 0.0 if pre else 1.0
-        with t.span("losses"), self.amp():
-            losses = scn_losses(out, batch, weights, cfg.model.loss_reduction,
-                                cfg.ren.weight if cfg.ren.enabled else 0.0, cfg.model.dann_weight, tgt_weight)
-        with t.span("reward"):
-            reward = float(losses.reward)
-            hb = next(self.heldout) if self.heldout is not None else None
-            if with_source and cfg.scn.reward_source == "heldout_batch":
-                assert hb is not None
-                reward = heldout_reward(module, hb)
-        infl = None
-        with t.span("influence"):
-            if ifn is not None and ifn.needs_influence and out.x_src is not None:
-                infl = step_influence(module, cfg, out, batch, hb)
-        self._backward_opt(losses)
-        with t.span("metrics"):
-            h = batch.src_harmful
-            glob = step_stats(losses, reward, torch.sigmoid(logits.detach()) if logits is not None else None, h)
-        extra: dict[str, float] = {}
-        with t.span("selector_update"):
-            if ifn is not None and logits is not None:
-                if self.on_logits is not None:
-                    self.on_logits(logits)
-                gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
-                extra = ifn.step(step, logits, glob["reward"], actions, h, infl, batch.src_label, gids,
-                                 out.logit_src, batch.tgt_label, out.logit_tgt)
-                if extra.get("selector_update"):
-                    t.add("update_ran", 0.0)  # a marker: the per-step statistics leave this step out
-        with t.span("sync"):
-            if with_source and step % cfg.scn.sync_every == 0:
-                sync_mixed_to_pure(module, self.dense_opt, cfg.scn.sync_optimizer_state, self.dp_tables)
-                self.syncs += 1
-                t.add("sync_ran", 0.0)
-        return {**glob, **extra}
 
     def scn_step(self, batch: CCTLBatch) -> float:
         """The ablation "SCN towers only": the same model and batch through the mixed tower (target
@@ -238,14 +142,6 @@ class Harness:
         backward and optimizers; no selector, REN (its lookup rows are dropped from the source
         KJT), reward, metrics or sync. SAN remains (the source rows need it to reach the tower):
         its forward and backward are timed by the hooks (``san``, ``san_bwd``). Returns the loss."""
-        global _REN_SECTIONS
-        _REN_SECTIONS = self.sections if self._timed_ren else None
-        try:
-            return self._scn_step(batch)
-        finally:
-            _REN_SECTIONS = None
-
-    def _scn_step(self, batch: CCTLBatch) -> float:
         cfg, t = self.cfg, self.sections
         if batch.src is not None:
             batch = dataclasses.replace(batch, src=_first_rows(batch.src, batch.num_src))
@@ -254,48 +150,12 @@ class Harness:
         with t.span("losses"), self.amp():
             out = dataclasses.replace(out, ren_id_s=None, ren_id_t=None, ren_seq_s=None, ren_seq_t=None)
             losses = scn_losses(out, batch, None, cfg.model.loss_reduction, 0.0)
-        self._backward_opt(losses)
+        self.backward(losses)
         return float(losses.pure.detach())
-
-    def _backward_opt(self, losses: Any) -> None:
-        """One backward of Loss_mixed + Loss_pure, then the dense and data_parallel optimizers."""
-        t = self.sections
-        with t.span("backward_opt"):
-            self.dense_opt.zero_grad(set_to_none=True)
-            (losses.mixed + losses.pure).backward()
-            with t.span("optimizer_dense"):
-                self.dense_opt.step()
-                self.dp_tables.step()
-
-    def sync(self) -> None:
-        """One mixed -> pure sync, as ``train()`` does every k steps."""
-        sync_mixed_to_pure(self.module, self.dense_opt, self.cfg.scn.sync_optimizer_state, self.dp_tables)
 
     def evaluate(self, split: str = "tgt/test") -> dict[str, float]:
         """The pure tower's AUC / logloss on a target split (``train()``'s final evaluation)."""
         return evaluate(self.module, self.data, split, self.cfg, self.rank, self.world)["pure"]
-
-
-_REN_SECTIONS: Optional[Sections] = None
-"""Where the REN timer records: the sections of the harness whose step is running."""
-
-
-def _install_ren_timer() -> None:
-    """Wraps ``ren_loss`` as ``scn_losses`` calls it (once per process) to time it as ``ren``."""
-    orig = losses_mod.ren_loss
-    if getattr(orig, "_bench_timed", False):
-        return
-
-    def ren_timed(*args: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return orig(*args, **kw)
-        finally:
-            if _REN_SECTIONS is not None:
-                _REN_SECTIONS.add("ren", time.perf_counter() - t0)
-
-    ren_timed._bench_timed = True  # type: ignore[attr-defined]
-    losses_mod.ren_loss = ren_timed
 
 
 def _shards(t: Any) -> list[torch.Tensor]:

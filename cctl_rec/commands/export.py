@@ -1,7 +1,8 @@
 """``cctl-rec export``: the served pure network of a finished run, unsharded, for CPU serving.
 
-Reads the run's newest checkpoint (written before the final sync): for CCTL the mixed network,
-which the final sync copies into the pure network; for the DNN the pure network. Writes
+Reads the pure network of the run's newest checkpoint: the last checkpoint of a run is written
+after its final mixed -> pure sync, so it holds the served network (a checkpoint of a run stopped
+earlier has not synced yet: for CCTL its mixed network is read, which that sync would copy). Writes
 ``model.pt`` (weights only), ``program.pt2`` (``torch.export``) and ``serving.json``
 (``cctl_rec/export.py`` lists the files; ``--aoti`` adds the AOTInductor package, the feature
 map of a ``cctl-rec prepare`` dataset is copied in). Nothing of
@@ -44,16 +45,19 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no complete checkpoint to export")
     step, ckpt = pick_checkpoint(args.run_dir, args.checkpoint)
     data = Dataset(cfg.data.path)
-    check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
+    trainer = check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
     schema = data.schemas["tgt"]
-    network = "mixed" if cfg.model.name == "cctl" else "pure"
+    # the served network is the pure one after the run's last sync: the final checkpoint holds it; an
+    # earlier one (a run stopped before its end) has not synced yet, and its mixed network is what the
+    # last sync would copy
+    network = "mixed" if cfg.model.name == "cctl" and not trainer.get("final") else "pure"
     if args.checkpoint == "best":  # the network its valid AUC was measured on
         network = served_network(cfg, ckpt)
     model = load_network_from_checkpoint(ckpt, schema, cfg.model.embedding_dim, cfg.model.tower, network,
                                          cfg.model.head)
     meta = save_artifact(model, args.out, {"run": os.path.basename(os.path.normpath(args.run_dir)), "step": step,
                                            "model": cfg.model.name,
-                                           "network": "pure (mixed copied by the final sync)" if network == "mixed"
+                                           "network": "pure (the mixed network, not synced yet)" if network == "mixed"
                                            else "pure"}, cfg.data.max_seq_len, data_root=cfg.data.path,
                          aoti=args.aoti)
     print(json.dumps({"out": args.out, "step": step, "bytes": meta["bytes"], "program": meta["program"],

@@ -59,6 +59,14 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
     return env
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live for the default group's collectives: this rank's GPU under nccl,
+    else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
     """Averages tensors across ranks in place, with one all_reduce (a no-op on one rank)."""
     if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:

@@ -32,7 +32,7 @@ import pickle
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -122,6 +122,20 @@ class TrainState:
             if self.ifn.label_shift is not None:
                 flat.update({f"ifn/label_shift/{k}": v for k, v in self.ifn.label_shift.state_dict().items()})
         return flat
+
+    def pure_keys(self, flat: dict[str, Any]) -> list[str]:
+        """The keys of ``flat`` (:meth:`tensors`) that a mixed -> pure sync overwrites: the pure
+        tables and tower, the pure tables' fused and data_parallel optimizer state, the pure
+        tower's Adam moments."""
+        module = self.dmp.module
+        pure = {id(p) for p in module.pure_tower.parameters()} if hasattr(module, "pure_tower") else set()
+        dense = [str(i) for i, p in enumerate(q for g in self.dense_opt.param_groups for q in g["params"])
+                 if id(p) in pure]
+        dp = [str(i) for i, name in enumerate(self.dp_tables.params) if name.startswith("pure_tgt.")] \
+            if self.dp_tables.opt is not None else []
+        prefixes = ("model/pure_tgt.", "model/pure_tower.", "fused/pure_tgt.",
+                    *(f"dense/{i}/" for i in dense), *(f"dp/{i}/" for i in dp))
+        return [k for k in flat if k.startswith(prefixes)]
 
     def prepare(self) -> None:
         """Materialises lazily created optimizer state before a load."""
@@ -216,8 +230,20 @@ TEMP_DIR = re.compile(r"^\.step-\d{8}\.tmp(-\d+)?$")
 """A checkpoint being written: ``.step-<step>.tmp-<pid of rank 0>`` (unique per process)."""
 
 
-def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, Any], keep: int) -> str:
+PRESYNC = "presync"
+"""A final checkpoint's subdirectory: what the run's last sync overwrote (the pure network as
+training left it), so that a longer rerun resumes exactly the run it continues."""
+
+
+def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: Callable[[], dict[str, Any]], keep: int,
+                    final_sync: Optional[Callable[[], None]] = None) -> str:
     """Writes ``RUN/checkpoints/step-<step>`` (visible only when complete); keeps the newest ``keep``.
+
+    ``meta()`` (called on every rank) gives what trainer.json holds besides step, world size and
+    RNG state. With
+    ``final_sync`` (the run's last mixed -> pure sync), the tensors it overwrites are written into
+    ``PRESYNC/`` first, then it runs, then the checkpoint: its pure network is the served one, and
+    :func:`load_checkpoint` puts the pure network back as it was before that sync.
 
     Raises:
         OSError: the write failed (e.g. ENOSPC); the temp directory is gone, older checkpoints
@@ -238,12 +264,19 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: dict[str, 
         os.makedirs(tmp)
     dist.barrier()
     try:
+        presync: dict[str, Any] = {}
+        if final_sync is not None:
+            flat = state.tensors()
+            dcp.save({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=os.path.join(tmp, PRESYNC))
+            final_sync()
+            presync = {"presync": PRESYNC}
         dcp.save(state.tensors(), checkpoint_id=tmp)
+        info = meta()
         rngs = [None] * world
         dist.all_gather_object(rngs, _rng_b64())
         if rank == 0:
-            atomic_write_bytes(os.path.join(tmp, "trainer.json"),
-                               json.dumps({**meta, "step": step, "world_size": world, "rng": rngs}).encode())
+            atomic_write_bytes(os.path.join(tmp, "trainer.json"), json.dumps(
+                {**info, **presync, "step": step, "world_size": world, "rng": rngs}).encode())
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -279,6 +312,8 @@ class TrainerJSON(BaseModel):
     syncs: int = Field(default=0, ge=0)
     reward_sum: float = 0.0
     log_window: Optional[list[Any]] = None
+    final: bool = False
+    presync: Optional[str] = Field(default=None, pattern=f"^{PRESYNC}$")
 
 
 MAX_TRAINER_JSON_BYTES = 256 << 20
@@ -352,13 +387,21 @@ def check_metadata(path: str) -> None:
 
 def load_checkpoint(path: str, state: TrainState, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Loads a checkpoint into the live objects; returns its trainer.json (RNG restored when the
-    world size matches). Raises ValueError if it belongs to another model or config."""
+    world size matches). Raises ValueError if it belongs to another model or config.
+
+    A final checkpoint written after the run's last sync (``presync``) loads as training left it:
+    the pure network from ``PRESYNC/``, and ``syncs`` without that last sync."""
     meta = check_fingerprint(path, fingerprint)
     check_metadata(path)
+    if meta.get("presync"):
+        check_metadata(os.path.join(path, PRESYNC))
     state.prepare()
     flat = state.tensors()
     try:
         dcp.load(flat, checkpoint_id=path)
+        if meta.get("presync"):
+            dcp.load({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=os.path.join(path, PRESYNC))
+            meta["syncs"] = meta.get("syncs", 0) - 1
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's error
         raise ValueError(f"checkpoint {path} does not fit this model ({first_line(dcp_cause(e))})") from None
     state.restore(flat)

@@ -1,0 +1,61 @@
+"""The run ends with its last sync before its last checkpoint: the checkpoint holds the served pure
+network, and what the sync overwrote is kept so a longer rerun continues the same run
+(tests/test_checkpoint.py pins that bitwise)."""
+
+import json
+
+import pytest
+import torch
+
+from cctl_rec.cli import main
+from cctl_rec.config import load_config
+from cctl_rec.data.loader import Dataset
+from cctl_rec.export import load_network_from_checkpoint
+from cctl_rec.train.checkpoint import PRESYNC
+
+BASE = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.max_eval_rows=512",
+        "selector.mode=paper", "selector.update_every=2", "scn.sync_every=3", "run.log_every=2"]
+
+
+def _network(ckpt, data, name):
+    dim = load_config(None, BASE).model.embedding_dim
+    net = load_network_from_checkpoint(str(ckpt), Dataset(data).schemas["tgt"], dim, (32, 16), name)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("steps,syncs,presync", [(5, 2, True), (6, 2, False)], ids=["sync-at-the-end", "synced-at-k"])
+def test_last_checkpoint_holds_the_synced_pure_network(tiny_data, tmp_path, steps, syncs, presync):
+    """5 steps, k=3: the sync at step 3, then the last sync; 6 steps: step 6 synced already, no
+    sync is added (and none counted)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", tiny_data, "--run-dir", str(run), *BASE, f"run.steps={steps}"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["syncs"] == syncs
+    ckpt = run / "checkpoints" / f"step-{steps:08d}"
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    assert meta["final"] is True and meta["syncs"] == syncs
+    assert (meta.get("presync") == PRESYNC) is presync and (ckpt / PRESYNC).is_dir() is presync
+    pure, mixed = _network(ckpt, tiny_data, "pure"), _network(ckpt, tiny_data, "mixed")
+    assert pure.keys() == mixed.keys()
+    for k in pure:
+        assert torch.equal(pure[k], mixed[k]), k
+    # export serves that pure network
+    assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "model")]) == 0
+    served = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    for k, v in pure.items():
+        assert torch.equal(served[k], v), k
+
+
+def test_presync_keeps_the_pure_network_training_left(tiny_data, tmp_path):
+    """After 5 steps with k=3 the pure network trained 2 steps on its own since the sync at step 3:
+    PRESYNC/ holds that network, different from the mixed one the last sync copied."""
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", tiny_data, "--run-dir", str(run), *BASE, "run.steps=5"]) == 0
+    ckpt = run / "checkpoints" / "step-00000005"
+    mixed = _network(ckpt, tiny_data, "mixed")
+    before = {f"model/pure_tower.{k[len('tower.'):]}": torch.zeros_like(v) for k, v in mixed.items()
+              if k.startswith("tower.")}
+    dcp.load(before, checkpoint_id=str(ckpt / PRESYNC), no_dist=True)
+    assert any(not torch.equal(v, mixed["tower." + k[len("model/pure_tower."):]]) for k, v in before.items())

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 PATH_OPTIONS = {"out": "--out", "data": "--data", "run_dir": "--run-dir", "model": "--model",
                 "features": "--features", "config": "--config"}
 """Options that name a file or directory: each is checked by ``storage.check_location`` first."""
-REMOTE_OK = {("datagen", "out"), ("train", "data"), ("evaluate", "data"), ("predict", "data"), ("predict", "out")}
+REMOTE_OK = {("datagen", "out"), ("train", "data"), ("evaluate", "data"), ("predict", "data"), ("predict", "out"),
+             ("predict", "model"), ("export", "out")}
 """(command, option) pairs that take remote URLs (s3://, gs://, ...); every other path is local."""
 
 

@@ -162,6 +162,8 @@ def save_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_l
     a failed export (full disk, a kill) leaves ``out`` as it was. An existing ``out`` is replaced
     only if it is empty or an earlier export.
     """
+    if "://" in out:
+        return _save_remote(model, out, info, max_seq_len, data_root, aoti)
     out = os.path.normpath(out)
     _check_out(out)
     parent = os.path.dirname(os.path.abspath(out))
@@ -252,6 +254,57 @@ def copy_feature_map(data_root: str, out: str) -> Optional[str]:
         with g_pathmgr.open(join(data_root, rel), "rb") as f:
             atomic_write_bytes(dst, f.read())
     return FEATURES_JSON
+
+
+def _save_remote(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int,
+                 data_root: Optional[str], aoti: bool) -> dict[str, Any]:
+    """An export to a URL: written into a local temp directory, then uploaded with serving.json
+    last (an earlier export's serving.json is removed first, so a reader never takes a partial
+    upload for a complete export). A prefix holding anything but an earlier export is refused."""
+    import tempfile
+
+    from iopath.common.file_io import g_pathmgr
+
+    from cctl_rec.data.manifest import join
+
+    out = out.rstrip("/")
+    if g_pathmgr.isdir(out) and g_pathmgr.ls(out) and not g_pathmgr.exists(join(out, "serving.json")):
+        raise FileExistsError(f"--out {out} holds objects but no serving.json; expected a new prefix or an "
+                              f"earlier export to replace")
+    with tempfile.TemporaryDirectory(prefix="cctl-export-") as tmp:
+        meta = _write_artifact(model, tmp, info, max_seq_len, data_root, aoti)
+        if g_pathmgr.exists(join(out, "serving.json")):
+            g_pathmgr.rm(join(out, "serving.json"))
+        files = [os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs]
+        for rel in sorted(files, key=lambda r: r == "serving.json"):
+            g_pathmgr.copy_from_local(os.path.join(tmp, rel), join(out, *rel.split(os.sep)), overwrite=True)
+    return meta
+
+
+def local_export(path: str) -> str:
+    """An export directory as a local path: a URL's files are downloaded once into the cache
+    (``CCTL_REC_CACHE``), keyed by the URL and its serving.json."""
+    if "://" not in path:
+        return path
+    import hashlib
+    import tempfile
+
+    from cctl_rec.storage import filesystem, scheme_of
+
+    fs, path = filesystem(scheme_of(path)), path.rstrip("/")
+    sj = path + "/serving.json"
+    if not fs.exists(sj):
+        raise FileNotFoundError(f"model {path} lacks ['serving.json']; is it a `cctl-rec export` output?")
+    info = fs.info(sj)
+    tag = f"{path}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}|{info.get('size')}"
+    root = os.environ.get("CCTL_REC_CACHE") or os.path.join(tempfile.gettempdir(), "cctl-rec-cache")
+    local = os.path.join(root, "export-" + hashlib.sha256(tag.encode()).hexdigest()[:32])
+    if not os.path.exists(os.path.join(local, "serving.json")):
+        tmp = f"{local}.tmp-{os.getpid()}"
+        fs.get(path + "/", tmp + "/", recursive=True)
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+    return local
 
 
 def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq_len: int,

@@ -52,9 +52,8 @@ def _run(capsys, *argv):
      "cannot reach s3://cctl (EndpointConnectionError"),
     ({}, ["train", "--data", "s3://cctl/data", "--run-dir", "s3://cctl/run"],
      "--run-dir s3://cctl/run: this option takes a local path"),
-    ({}, ["export", "--run-dir", "runs/r", "--out", "s3://cctl/model"], "--out s3://cctl/model: this option takes a"),
-    ({}, ["predict", "--model", "s3://cctl/model", "--data", "d", "--out", "p.parquet"],
-     "--model s3://cctl/model: this option takes a local path"),
+    ({}, ["experiment", "--config", "c.yaml", "--out", "s3://cctl/exp"], "--out s3://cctl/exp: this option takes a"),
+    ({}, ["export", "--run-dir", "s3://cctl/run", "--out", "m"], "--run-dir s3://cctl/run: this option takes a"),
 ])
 def test_unusable_urls_are_one_line_exit_2_and_nothing_is_written(s3, tmp_path, capsys, env, argv, msg):
     s3.chdir(tmp_path)  # the old bug wrote a local directory s3:/bucket/x here
@@ -90,9 +89,10 @@ def test_datagen_train_evaluate_on_s3_equal_the_local_run(s3, tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "s3"), "--data", "s3://cctl/data"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["rows"] == sum(e["rows"] for e in local["splits"]["tgt/test"])
-    # export (local) -> predict with s3:// input and output == predict on the local copy
+    # export to the bucket -> predict with s3:// model, input and output == local export and predict
+    assert main(["export", "--run-dir", str(tmp_path / "s3"), "--out", "s3://cctl/model"]) == 0
     assert main(["export", "--run-dir", str(tmp_path / "s3"), "--out", str(tmp_path / "model")]) == 0
-    assert main(["predict", "--model", str(tmp_path / "model"), "--data", "s3://cctl/data",
+    assert main(["predict", "--model", "s3://cctl/model", "--data", "s3://cctl/data",
                  "--out", "s3://cctl/pred/test.parquet"]) == 0
     assert main(["predict", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data" / "tgt" / "test"),
                  "--out", str(tmp_path / "pred.parquet"), "--reserved-columns", "user_id"]) == 0

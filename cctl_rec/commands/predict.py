@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cctl_rec.data.manifest import atomic_write_bytes
     from cctl_rec.data.reader import ParquetStream
-    from cctl_rec.export import load_artifact, serving_inputs
+    from cctl_rec.export import load_artifact, local_export, serving_inputs
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--out directory {out_dir} does not exist")
     if g_pathmgr.isdir(args.out):
         raise IsADirectoryError(f"--out {args.out} is a directory; expected a .parquet file path")
-    model, meta = load_artifact(args.model)
+    model_dir = local_export(args.model)  # a URL: downloaded once into the cache
+    model, meta = load_artifact(model_dir)
     schema, L = model.schema, int(meta["max_seq_len"])
     files = input_files(args.data, args.split)
     keep = reserved_columns(args.reserved_columns, files[0])
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if meta.get("features") and not is_root:
         from cctl_rec.data.features.transform import FeatureMap
 
-        batches = raw_batches(files, FeatureMap.load(args.model), args.batch_size)
+        batches = raw_batches(files, FeatureMap.load(model_dir), args.batch_size)
     else:
         stream = ParquetStream(files, schema, args.batch_size, drop_last=False, with_meta=False)
         batches = ((r.table, r.table, "label", r.path) for r in stream)

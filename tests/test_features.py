@@ -218,6 +218,9 @@ def test_serving_reloads_the_mapping_and_maps_raw_columns_the_same_way(prepared,
     # an id never seen in train goes to the OOV row; an int column of a string space is cast
     unseen = raw.slice(0, 2).set_column(0, "uid", pa.array([10 ** 12, None], pa.int64()))
     assert fmap.map_features("tgt", unseen, "x")["user_id"].to_pylist() == [0, 0]
+    words = raw.slice(0, 2).set_column(0, "uid", pa.array(["alice", "bob"]))
+    with pytest.raises(ValueError, match="ids of type string cannot be read as int64 ids"):
+        fmap.map_features("tgt", words, "x")
 
 
 def test_a_prepared_dataset_trains(prepared, tmp_path):

@@ -52,7 +52,11 @@ def normalise_ids(arr: pa.Array, dtype: str) -> pa.Array:
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    return pc.cast(arr, pa.int64() if dtype == "int64" else pa.large_string())
+    try:
+        return pc.cast(arr, pa.int64() if dtype == "int64" else pa.large_string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"ids of type {arr.type} cannot be read as {dtype} ids ({str(e).splitlines()[0][:120]}); "
+                         f"expected the id type the mapping was built from") from None
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

@@ -346,6 +346,9 @@ class RunConfig:
     checkpoint_every: int = 0
     """Write a DCP checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
+    keep_best: bool = False
+    """Keep the checkpoint of the step with the best target valid AUC in RUN/best/ (needs
+    run.eval_every; export / evaluate --checkpoint best read it)."""
     save_predictions: bool = False
     """Write the pure tower's target test logits (row order) to predictions-tgt-test.parquet."""
     resume: bool = True
@@ -364,6 +367,9 @@ class RunConfig:
         _check(self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(not self.keep_best or self.eval_every > 0,
+               "run.keep_best=true needs run.eval_every > 0 (the valid AUC it keeps the best of is measured "
+               "every eval_every steps)")
         _check(self.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got {self.precision!r}")
 
 

@@ -40,6 +40,25 @@ def read_best(run_dir: str) -> Optional[dict[str, Any]]:
     return {**meta, "path": best_dir(run_dir)}
 
 
+def better(auc: Optional[float], best: Optional[float]) -> bool:
+    """True when ``auc`` (not None: undefined with one label class) beats ``best`` (None: none yet)."""
+    return auc is not None and (best is None or auc > best)
+
+
+def best_so_far(run_dir: str) -> Optional[float]:
+    """The recorded best valid AUC (a resumed run continues from it), the same on every rank:
+    rank 0 reads ``best.json`` and broadcasts it (a collective when distributed)."""
+    import torch.distributed as dist
+
+    value = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        best = read_best(run_dir)
+        value = [float(best["valid_auc"]) if best is not None and best.get("valid_auc") is not None else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def improves(run_dir: str, auc: Optional[float]) -> bool:
     """True when ``auc`` (not None) beats the recorded best (or there is none)."""
     if auc is None:

@@ -24,11 +24,12 @@ from cctl_rec.config import TrainConfig, dump_yaml, to_dict
 from cctl_rec.data.loader import Dataset, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import gather_cat
-from cctl_rec.metrics import fmt, harmful_auc, selector_stats
+from cctl_rec.metrics import WindowMetrics, fmt, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN
 from cctl_rec.data.manifest import atomic_write_bytes
 from cctl_rec.train.evaluation import evaluate  # noqa: F401  (also imported from here)
+from cctl_rec.train.best import better, best_so_far, keep_best, read_best
 from cctl_rec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
 from cctl_rec.train.runlog import RunLog
@@ -112,8 +113,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", ckpts[-1][1], start)
     log = RunLog(meta, start)
 
-    def checkpoint(at: int, final_sync: Optional[Callable[[], None]] = None) -> None:
-        save_checkpoint(run_dir, at, t.state, lambda: {
+    def checkpoint(at: int, final_sync: Optional[Callable[[], None]] = None) -> str:
+        return save_checkpoint(run_dir, at, t.state, lambda: {
             "fingerprint": fingerprint, "syncs": t.syncs, **log.meta(), "final": at == t.total,
             "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints, final_sync)
 
@@ -129,21 +130,33 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     t0 = t_last = time.perf_counter()
     step = step_last = start
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
+    window = WindowMetrics()  # the pure tower's CTR metrics over each log window (a resume starts a new one)
+    best_auc = best_so_far(run_dir) if cfg.run.keep_best else None
     for step, batch in t.batches(start):
         out = t.step(batch, step)
         log.add(out.stats)
+        if out.logit_pure is not None:
+            window.update(out.logit_pure, batch.tgt_label)
+        saved = False
         if writer and step % cfg.scn.sync_every == 0 and t.with_source:
             writer.add_scalar("scn/sync", t.syncs, step)
         bar.update(1)
         if step % cfg.run.log_every == 0 or step == total:
             now = time.perf_counter()
             exs = (step - step_last) * cfg.data.batch_size * world / (now - t_last)
-            row = log.close_window(step, {"ex_per_s": exs, **out.extra})
+            row = log.close_window(step, {"ex_per_s": exs, **out.extra, **window.compute()})
             if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 row["valid_auc"] = evaluate(module, data, "tgt/valid", cfg, rank, world)["pure"]["auc"]
+                # the last step's candidate is the served network, measured after the last sync below
+                if cfg.run.keep_best and step < total and better(row["valid_auc"], best_auc):
+                    best_auc, saved = row["valid_auc"], True
+                    path = checkpoint(step)
+                    if rank == 0:
+                        keep_best(run_dir, step, best_auc, path)
+                    dist.barrier()
             _log_row(row, writer, out.p)
             t_last, step_last = now, step
-        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total and not saved:
             checkpoint(step)
     bar.close()
     steps = min(step, total)
@@ -156,6 +169,11 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     elif final_sync is not None:  # resumed at the end: the checkpoint is there, the pure network is not synced
         final_sync()
     valid = evaluate(module, data, "tgt/valid", cfg, rank, world)
+    if cfg.run.keep_best and better(valid["pure"]["auc"], best_auc):  # the served network is the best
+        best_auc = valid["pure"]["auc"]
+        if rank == 0:
+            keep_best(run_dir, steps, best_auc, os.path.join(run_dir, "checkpoints", f"step-{steps:08d}"))
+        dist.barrier()
     test = evaluate(module, data, "tgt/test", cfg, rank, world, keep_logits=cfg.run.save_predictions)
     sel = score_source(module, ifn, data, cfg, rank, world) if ifn is not None else None
     log.reduce()
@@ -169,6 +187,8 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         "selector_updates": ifn.rl.updates if ifn is not None and ifn.rl is not None else 0,
         "train_samples_per_s": (steps - start) * cfg.data.batch_size * world / max(elapsed, 1e-9),
         "resumed_from_step": start if ckpts else None,
+        "best_checkpoint": {"step": (read_best(run_dir) or {}).get("step"), "valid_auc": best_auc}
+        if cfg.run.keep_best else None,
         "train_seconds": elapsed, "data": cfg.data.path, "version": __version__,
         "history": log.history,
     }

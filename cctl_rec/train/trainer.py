@@ -124,11 +124,14 @@ class StepOutput:
         stats: this rank's :data:`LOG_KEYS` values (averaged over ranks only when logged).
         extra: what the IFN logged (``selector_update``, ``reward_shaped``, ...).
         p: the selector's B_s detached probabilities (the evidence mode's weights), or None.
+        logit_pure: the pure tower's B_t detached logits on the step's target rows (the training
+            window's CTR metrics, ``metrics.WindowMetrics``), or None.
     """
 
     stats: list[float]
     extra: dict[str, float] = field(default_factory=dict)
     p: Optional[torch.Tensor] = None
+    logit_pure: Optional[torch.Tensor] = None
 
     def as_dict(self) -> dict[str, Any]:
         """{LOG_KEYS: stats, then extra}."""
@@ -280,7 +283,7 @@ class Trainer:
             if self.with_source and step % cfg.scn.sync_every == 0:
                 self.sync()
                 self.mark("sync_ran")
-        return StepOutput(stats, extra, p)
+        return StepOutput(stats, extra, p, out.logit_pure.detach())
 
     def backward(self, losses: Any) -> None:
         """One backward of Loss_mixed + Loss_pure (the fused TBE optimizer updates the tables inside

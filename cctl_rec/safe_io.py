@@ -60,6 +60,13 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 3
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type's name
+    when the message is empty): what a one-line error quotes of a library's error."""
+    lines = str(e).strip().splitlines()
+    return (lines[0][:limit] if lines else "") or type(e).__name__
+
+
 def short(value: Any, limit: int = 80) -> str:
     """A bounded ``repr`` of ``value`` (nested containers and long strings cut with ``...``):
     safe for any input, however large or deeply shared its structure is."""

@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 from iopath.common.file_io import PathHandler, g_pathmgr
 
+from cctl_rec.safe_io import first_line
+
 LOCAL_SCHEMES = ("file",)
 _REGISTERED: set[str] = set()
 
@@ -134,11 +136,6 @@ def register(scheme: str) -> None:
     _REGISTERED.add(scheme)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(e).__name__
-
-
 def check_location(path: str, flag: str, remote_ok: bool, remote_options: str = "") -> None:
     """Refuses, as one ValueError naming ``flag`` and ``path``, a URL the tool cannot use here.
 
@@ -158,7 +155,7 @@ def check_location(path: str, flag: str, remote_ok: bool, remote_options: str = 
                          f"filesystem fsspec knows (s3://, gs://, az://, hdfs://, memory://)") from None
     except ImportError as e:
         raise ValueError(f"{flag} {path}: the {scheme}:// scheme needs a package that is not installed "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e)})") from None
     if not remote_ok:
         raise ValueError(f"{flag} {path}: this option takes a local path; remote URLs are supported for "
                          f"{remote_options or 'other options'} so far (docs/storage.md)")
@@ -170,7 +167,7 @@ def check_location(path: str, flag: str, remote_ok: bool, remote_options: str = 
     except FileNotFoundError:
         raise ValueError(f"{flag} {path}: bucket {bucket!r} does not exist; create it first") from None
     except Exception as e:  # credentials, endpoint, DNS, permissions: whatever the backend raises
-        raise ValueError(f"{flag} {path}: cannot reach {scheme}://{bucket} ({type(e).__name__}: {_first_line(e)}); "
+        raise ValueError(f"{flag} {path}: cannot reach {scheme}://{bucket} ({type(e).__name__}: {first_line(e)}); "
                          f"check the credentials and the endpoint (for S3: AWS_ACCESS_KEY_ID, "
                          f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from None
     register(scheme)

@@ -13,9 +13,9 @@ import pytest
 
 from cctl_rec.data.manifest import (MANIFEST, read_manifest, sha256_file, shard_paths,
                                     verify_shard, write_manifest)
-from datagen import writer
-from datagen.pipeline import generate
-from datagen.presets import PRESETS, resolve
+from cctl_rec.datagen import writer
+from cctl_rec.datagen.pipeline import generate
+from cctl_rec.datagen.presets import PRESETS, resolve
 
 TINY = PRESETS["tiny"]
 
@@ -306,13 +306,13 @@ def test_parquet_layout(tiny):
 
 
 def test_id_types():
-    from datagen.generator import id_type
+    from cctl_rec.datagen.generator import id_type
 
     assert id_type(2 ** 31) == pa.int32() and id_type(2 ** 31 + 1) == pa.int64()
 
 
 def test_zipf_rank32_has_the_law_of_zipf_rank():
-    from datagen.hashing import zipf_rank, zipf_rank32
+    from cctl_rec.datagen.hashing import zipf_rank, zipf_rank32
 
     bits = np.random.default_rng(0).integers(0, 2 ** 32, 400_000, dtype=np.uint64)
     for n, s in ((450, 0.9), (55_000, 0.9), (50, 1.0), (10, 0.0), (1000, 1.5)):
@@ -323,9 +323,9 @@ def test_zipf_rank32_has_the_law_of_zipf_rank():
 
 
 def test_fast_paths_match_their_reference():
-    from datagen.generator import Generator, _count_le, calibrate
-    from datagen.hashing import hash_factors
-    from datagen.stats import sorted_unique
+    from cctl_rec.datagen.generator import Generator, _count_le, calibrate
+    from cctl_rec.datagen.hashing import hash_factors
+    from cctl_rec.datagen.stats import sorted_unique
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 2 ** 40, 10_000)
@@ -343,7 +343,7 @@ def test_fast_paths_match_their_reference():
 
 def _reference_sequences(gen, d, uid, ts, fav):
     """The behaviour model of ``Generator.sequences`` written per element, in float64."""
-    from datagen.hashing import permute, splitmix64, zipf_rank
+    from cctl_rec.datagen.hashing import permute, splitmix64, zipf_rank
 
     n_ev, _ = gen._activity(d, uid, ts)
     length = np.minimum(n_ev, gen.max_seq_len)
@@ -364,7 +364,7 @@ def test_sequences_follow_the_reference_model(scale, scale_ids):
     """float32 Zipf ranks (< 65,536 items per category) agree with the float64 model but for
     rare one-rank rounding steps; the int64 path (more items per category: the source of
     meituan with --scale-ids 1.5, 82,500) is exact."""
-    from datagen.generator import DAY, T0, Generator, calibrate
+    from cctl_rec.datagen.generator import DAY, T0, Generator, calibrate
 
     params = calibrate(resolve("meituan", scale=scale, scale_ids=scale_ids), rows=1000)
     gen = Generator(params)
@@ -397,7 +397,7 @@ def test_set_changes_a_generator_knob_and_the_manifest_records_it(tmp_path, caps
 
 
 def test_check_auc_without_scipy():
-    from datagen.check import auc, average_ranks
+    from cctl_rec.datagen.check import auc, average_ranks
 
     assert average_ranks(np.array([3.0, 1.0, 2.0, 2.0, 5.0, 1.0])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]
     # pairs (pos, neg): 0.9 > 0.1, 0.9 > 0.5, 0.5 > 0.1, 0.5 = 0.5 (half)
@@ -406,8 +406,8 @@ def test_check_auc_without_scipy():
 
 def test_harm_quality_negates_the_quality_effect_on_harmful_rows_only():
     """logit(harm_quality=1) - logit(harm_quality=0) = -2 * quality * q_i on harmful source rows, 0 elsewhere."""
-    from datagen.generator import Generator, calibrate
-    from datagen.hashing import hash_factors
+    from cctl_rec.datagen.generator import Generator, calibrate
+    from cctl_rec.datagen.hashing import hash_factors
 
     out = {}
     for hq in (0.0, 1.0):

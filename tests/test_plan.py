@@ -45,8 +45,8 @@ def test_planned_bytes_are_the_tables_plus_optimizer_state_within_the_planners_r
     """Rows x dim x fp32 plus one fp32 per row (rowwise Adagrad) for every table of the three
     modules, computed here from the preset's schema, equals the report's total; TorchRec's own
     storage estimate adds only its input/output buffers (< 2%)."""
-    from datagen.pipeline import schemas_of
-    from datagen.presets import resolve
+    from cctl_rec.datagen.pipeline import schemas_of
+    from cctl_rec.datagen.presets import resolve
 
     rc, rep = _plan(tmp_path, "--preset", "meituan", "--world-size", "8", "--device", "cuda", "--hbm-gb", "80",
                     "--sharding", "table_wise")

@@ -645,7 +645,7 @@ def test_kill_during_checkpoint_write(tiny_data, tmp_path):
 
 KILL_DATAGEN = """
 import os, signal, sys
-from datagen import writer
+from cctl_rec.datagen import writer
 
 real = writer.replace
 calls = []
@@ -720,7 +720,7 @@ def test_full_disk_during_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
      "output directory; no partial shard or temp file, the earlier complete dataset (manifest and shards) is "
      "byte-identical")
 def test_full_disk_during_datagen(tmp_path, capsys, monkeypatch):
-    from datagen import writer
+    from cctl_rec.datagen import writer
 
     out = tmp_path / "d"
     assert main(["datagen", "--preset", "tiny", "--scale", "0.3", "--max-shards", "1", "--out", str(out)]) == 0

@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _datagen(args: argparse.Namespace) -> int:
-    from datagen.bench import bench_datagen
-    from datagen.presets import resolve
+    from cctl_rec.datagen.bench import bench_datagen
+    from cctl_rec.datagen.presets import resolve
 
     resolve(args.preset)  # unknown preset: one clear line before any work
     res = bench_datagen(args.preset, args.rows, args.workers, args.cores)

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def check_split_rows(preset: str, scale: float, scale_ids: bool, knobs: dict) -> None:
     """Raises ValueError when ``--scale`` leaves a split without rows (the dataset would be written,
     and ``train`` would then refuse it for lacking a split its manifest lists)."""
-    from datagen.presets import resolve
+    from cctl_rec.datagen.presets import resolve
 
     params = resolve(preset, scale, scale_ids, 0, knobs)
     for dom in ("tgt", "src"):
@@ -54,7 +54,7 @@ def check_split_rows(preset: str, scale: float, scale_ids: bool, knobs: dict) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from datagen.presets import PRESETS
+    from cctl_rec.datagen.presets import PRESETS
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_shards is not None and args.max_shards < 1:
         raise ValueError(f"--max-shards must be >= 1, got {args.max_shards}")
 
-    from cctl_rec.cli import DISK_ERRNOS
-    from datagen.pipeline import generate
+    from cctl_rec.safe_io import DISK_ERRNOS
+    from cctl_rec.datagen.pipeline import generate
 
     knobs = {}
     for item in args.set:

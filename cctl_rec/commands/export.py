@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.data.loader import Dataset
     from cctl_rec.export import load_network_from_checkpoint, save_artifact
     from cctl_rec.scoring import pick_checkpoint, served_network
-    from cctl_rec.train.checkpoint import check_fingerprint, list_checkpoints
-    from cctl_rec.train.loop import _fingerprint
+    from cctl_rec.train.checkpoint import check_fingerprint, list_checkpoints, run_fingerprint
 
     cfg_path = os.path.join(args.run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run_dir} holds no complete checkpoint to export")
     step, ckpt = pick_checkpoint(args.run_dir, args.checkpoint)
     data = Dataset(cfg.data.path)
-    trainer = check_fingerprint(ckpt, _fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
+    trainer = check_fingerprint(ckpt, run_fingerprint(cfg, data))  # config.yaml and the checkpoint must agree
     schema = data.schemas["tgt"]
     # the served network is the pure one after the run's last sync: the final checkpoint holds it; an
     # earlier one (a run stopped before its end) has not synced yet, and its mixed network is what the

@@ -46,8 +46,8 @@ def schemas_for(args: argparse.Namespace):
         from cctl_rec.data.loader import Dataset
 
         return Dataset(args.data).schemas
-    from datagen.pipeline import schemas_of
-    from datagen.presets import resolve
+    from cctl_rec.datagen.pipeline import schemas_of
+    from cctl_rec.datagen.presets import resolve
 
     return schemas_of(resolve(args.preset))
 

@@ -71,12 +71,11 @@ def check_run_dir(run_dir: str, cfg, data) -> None:
     """Raises ValueError when ``run_dir`` holds another run's checkpoint (another config, seed or
     dataset: a run directory belongs to one run, whether or not this run resumes) or a checkpoint
     this run would resume from and cannot read."""
-    from cctl_rec.train.checkpoint import check_fingerprint, check_metadata, list_checkpoints
-    from cctl_rec.train.loop import _fingerprint
+    from cctl_rec.train.checkpoint import check_fingerprint, check_metadata, list_checkpoints, run_fingerprint
 
     ckpts = list_checkpoints(run_dir)
     if ckpts:
-        check_fingerprint(ckpts[-1][1], _fingerprint(cfg, data))
+        check_fingerprint(ckpts[-1][1], run_fingerprint(cfg, data))
         if cfg.run.resume:
             check_metadata(ckpts[-1][1])
 

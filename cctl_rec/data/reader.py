@@ -32,7 +32,7 @@ import torch
 from iopath.common.file_io import g_pathmgr
 from torchrec import KeyedJaggedTensor
 
-from cctl_rec.safe_io import regular_file
+from cctl_rec.safe_io import DISK_ERRNOS, first_line, regular_file
 from cctl_rec.schema import DomainSchema
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ OPTIONAL_COLUMNS = ("is_harmful", "user_group")
 synthetic or ``convert --corrupt-frac``), ``user_group`` (int8, target valid/test: 0 warm, 1
 cold; ``convert``), read for analysis and the grouped metrics, never model features."""
 GROUP_COLUMN = "user_group"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def lookup_rows(schema: DomainSchema) -> dict[str, int]:
@@ -63,8 +58,6 @@ def lookup_rows(schema: DomainSchema) -> dict[str, int]:
 
 def _disk_error(e: BaseException) -> bool:
     """An OSError of the machine (full / read-only / failing disk): not the file's fault."""
-    from cctl_rec.cli import DISK_ERRNOS
-
     return isinstance(e, OSError) and e.errno in DISK_ERRNOS
 
 
@@ -79,7 +72,7 @@ def _open(path: str) -> pq.ParquetFile:
     except (pa.ArrowInvalid, OSError) as e:
         if _disk_error(e):
             raise
-        raise ValueError(f"data file {path} is not a readable Parquet file ({_first_line(e)}); "
+        raise ValueError(f"data file {path} is not a readable Parquet file ({first_line(e)}); "
                          f"expected a complete Parquet file (empty, truncated or corrupt?)") from None
 
 
@@ -93,7 +86,7 @@ def _read_row_group(pf: pq.ParquetFile, rg: int, path: str, columns: Optional[li
     except (pa.ArrowException, OSError) as e:
         if _disk_error(e):
             raise
-        raise ValueError(f"data file {path}: row group {rg} cannot be read ({_first_line(e)}); "
+        raise ValueError(f"data file {path}: row group {rg} cannot be read ({first_line(e)}); "
                          f"the file is corrupt or truncated") from None
 
 

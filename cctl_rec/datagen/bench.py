@@ -66,9 +66,9 @@ def peak_rss_mib() -> float:
 
 
 def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, float]:
-    from datagen.generator import DAY, T0, Generator, calibrate, schemas_of
-    from datagen.presets import resolve
-    from datagen.writer import ShardTask, sidecars, write_shard
+    from cctl_rec.datagen.generator import DAY, T0, Generator, calibrate, schemas_of
+    from cctl_rec.datagen.presets import resolve
+    from cctl_rec.datagen.writer import ShardTask, sidecars, write_shard
 
     params = calibrate(resolve(preset, seed=seed))
     gen = Generator(params)
@@ -97,7 +97,7 @@ def _one_worker(preset: str, rows: int, write: bool, seed: int) -> dict[str, flo
 
 def _measure(preset: str, rows: int, workers: int, write: bool, seed: int) -> dict[str, float]:
     """Runs the workers in fresh spawned processes, so RSS is the generator's alone."""
-    from datagen.pipeline import light_children
+    from cctl_rec.datagen.pipeline import light_children
 
     per = -(-rows // workers)
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))

@@ -12,7 +12,7 @@ generator that works gives ``target_only < mix_all < mix_clean``.
 
 Run::
 
-    python -m datagen.check --data data/small
+    python -m cctl_rec.datagen.check --data data/small
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run_check(root: str, epochs: int = 4, seed: int = 0, lr: float = 1e-2) -> di
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datagen.check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cctl_rec.datagen.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (with manifest.json)")
     p.add_argument("--epochs", type=int, default=4, help="epochs (best target valid AUC wins)")
@@ -166,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         r = run_check(args.data, args.epochs, args.seed, args.lr)
     except (ValueError, FileNotFoundError) as e:
-        print(f"datagen.check: error: {e}", file=sys.stderr)
+        print(f"cctl_rec.datagen.check: error: {e}", file=sys.stderr)
         return 2
     for k in ("target_only", "mix_all", "mix_clean"):
         print(f"{k:12s} target test AUC {r[k]['test_auc']:.4f}  (epoch {r[k]['epoch']}, "

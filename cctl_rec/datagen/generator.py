@@ -1,6 +1,6 @@
 """The generative model: one shard of rows of one domain, as a pyarrow Table.
 
-Model (all per-id quantities come from :mod:`datagen.hashing`, so nothing is stored per id):
+Model (all per-id quantities come from :mod:`cctl_rec.datagen.hashing`, so nothing is stored per id):
 
 - user ``u`` has three favourite categories and a shared interest ``z_u`` (K factors) built
   from their centres plus noise; in domain ``d`` it sees
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from datagen.hashing import (coprime_multiplier, hash_factors, hash_uniform, permute, salt_of,
+from cctl_rec.datagen.hashing import (coprime_multiplier, hash_factors, hash_uniform, permute, salt_of,
                              splitmix64, zipf_rank, zipf_rank32)
-from datagen.presets import GenParams
+from cctl_rec.datagen.presets import GenParams
 
 logger = logging.getLogger(__name__)
 

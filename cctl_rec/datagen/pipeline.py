@@ -25,11 +25,11 @@ from iopath.common.file_io import g_pathmgr
 from tqdm import tqdm
 
 from cctl_rec.data.manifest import FORMAT, atomic_write_bytes, join, write_manifest
-from datagen.generator import Generator, calibrate, schemas_of
-from datagen.presets import LEGACY_KNOBS, GenParams, resolve
-from datagen.stats import merge_stats
-from datagen.writer import (SPLIT_KEYS, ShardTask, clean_temps, is_complete, plan, split_rule,
-                            write_shard)
+from cctl_rec.datagen.generator import Generator, calibrate, schemas_of
+from cctl_rec.datagen.presets import LEGACY_KNOBS, GenParams, resolve
+from cctl_rec.datagen.stats import merge_stats
+from cctl_rec.datagen.writer import (SPLIT_KEYS, ShardTask, clean_temps, is_complete, plan, split_rule,
+                                     write_shard)
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datagen.hashing import splitmix64
+from cctl_rec.datagen.hashing import splitmix64
 
 logger = logging.getLogger(__name__)
 

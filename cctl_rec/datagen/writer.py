@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from iopath.common.file_io import g_pathmgr
 
 from cctl_rec.data.manifest import (atomic_write_bytes, join, replace, sha256_file, temp_name)
-from datagen.generator import DAY, T0, Generator
-from datagen.presets import SPLITS, GenParams
-from datagen.stats import shard_stats
+from cctl_rec.datagen.generator import DAY, T0, Generator
+from cctl_rec.datagen.presets import SPLITS, GenParams
+from cctl_rec.datagen.stats import shard_stats
 
 logger = logging.getLogger(__name__)
 

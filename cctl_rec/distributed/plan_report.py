@@ -22,7 +22,6 @@ from cctl_rec.config import ModelConfig
 from cctl_rec.distributed.sharding import GPU_SHARDING, apply_sparse_optimizer, mirrored_shards, run_planner
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
-from cctl_rec.train.rundir import plan_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,22 @@ class _Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+def plan_to_json(plan: Any) -> dict:
+    """TorchRec ShardingPlan -> {module: {table: {sharding_type, compute_kernel, ranks, shards}}}."""
+    out: dict = {}
+    for module, tables in plan.plan.items():
+        out[module] = {}
+        for table, ps in tables.items():
+            shards = []
+            spec = ps.sharding_spec
+            for s in getattr(spec, "shards", []) or []:
+                shards.append({"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes),
+                               "placement": str(s.placement)})
+            out[module][table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
+                                  "ranks": list(ps.ranks) if ps.ranks is not None else None, "shards": shards}
+    return out
 
 
 @contextlib.contextmanager

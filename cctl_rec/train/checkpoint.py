@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import pickle
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cctl_rec.config import TrainConfig, to_dict
 from cctl_rec.data.manifest import atomic_write_bytes
-from cctl_rec.safe_io import decode_json, disk_error, read_bounded, short, validate
+from cctl_rec.safe_io import decode_json, disk_error, first_line, read_bounded, short, validate
+
+if TYPE_CHECKING:
+    from cctl_rec.data.loader import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +175,6 @@ class TrainState:
                                                    for k in self.ifn.evidence.state_dict()})
             if self.ifn.label_shift is not None:
                 self.ifn.label_shift.load_state_dict({k: flat[f"ifn/label_shift/{k}"] for k in ("counts", "hist")})
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(e).__name__
 
 
 def _rng_b64() -> str:
@@ -330,6 +330,21 @@ def read_trainer_meta(path: str) -> dict[str, Any]:
         raise ValueError(f"{meta_path} holds {type(meta).__name__}; expected a JSON object")
     validate(TrainerJSON, meta, meta_path, "cctl-rec checkpoint's trainer.json")
     return meta
+
+
+def run_fingerprint(cfg: TrainConfig, data: "Dataset") -> dict[str, str]:
+    """What a checkpoint must agree on to be loaded: model, training rule, seed, data layout and
+    the dataset itself (its manifest's sha256: shards, rows, checksums, schema), so a run
+    directory belongs to one run."""
+    d = to_dict(cfg)
+    return {"model": json.dumps(d["model"], sort_keys=True), "selector": json.dumps(d["selector"], sort_keys=True),
+            "scn": json.dumps(d["scn"], sort_keys=True), "ren": json.dumps(d["ren"], sort_keys=True),
+            "optim": json.dumps(d["optim"], sort_keys=True),
+            "data": json.dumps({k: d["data"][k] for k in ("batch_size", "src_ratio", "max_seq_len", "epochs")}),
+            "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True),
+            "seed": str(cfg.run.seed),
+            "dataset": "manifest sha256 " + hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()
+                                                           ).hexdigest()}
 
 
 def check_fingerprint(path: str, fingerprint: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cctl_rec import __version__
-from cctl_rec.config import TrainConfig, dump_yaml, to_dict
+from cctl_rec.config import TrainConfig, dump_yaml
 from cctl_rec.data.loader import Dataset, split_source
 from cctl_rec.data.reader import ParquetStream, features, make_kjt
 from cctl_rec.distributed.env import gather_cat
@@ -30,30 +30,13 @@ from cctl_rec.train.ifn import IFN
 from cctl_rec.data.manifest import atomic_write_bytes
 from cctl_rec.train.evaluation import evaluate  # noqa: F401  (also imported from here)
 from cctl_rec.train.best import better, best_so_far, keep_best, read_best
-from cctl_rec.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, plan_to_json, prepare_run_dir
+from cctl_rec.train.checkpoint import list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint
+from cctl_rec.distributed.plan_report import plan_to_json
+from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, prepare_run_dir
 from cctl_rec.train.runlog import RunLog
 from cctl_rec.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-def _fingerprint(cfg: TrainConfig, data: Dataset) -> dict[str, str]:
-    """What a checkpoint must agree on to be loaded: model, training rule, seed, data layout and
-    the dataset itself (its manifest's sha256: shards, rows, checksums, schema), so a run
-    directory belongs to one run."""
-    import hashlib
-    import json
-
-    d = to_dict(cfg)
-    return {"model": json.dumps(d["model"], sort_keys=True), "selector": json.dumps(d["selector"], sort_keys=True),
-            "scn": json.dumps(d["scn"], sort_keys=True), "ren": json.dumps(d["ren"], sort_keys=True),
-            "optim": json.dumps(d["optim"], sort_keys=True),
-            "data": json.dumps({k: d["data"][k] for k in ("batch_size", "src_ratio", "max_seq_len", "epochs")}),
-            "schema": json.dumps({k: s.to_json() for k, s in data.schemas.items()}, sort_keys=True),
-            "seed": str(cfg.run.seed),
-            "dataset": "manifest sha256 " + hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()
-                                                           ).hexdigest()}
-
 
 @torch.no_grad()
 def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: int, world: int,
@@ -100,7 +83,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         atomic_write_text(os.path.join(run_dir, "plan.txt"), str(t.plan) + "\n\n" + "\n".join(t.planner_stats) + "\n")
 
     # --- resume from the newest complete checkpoint of this run directory
-    fingerprint = _fingerprint(cfg, data)
+    fingerprint = run_fingerprint(cfg, data)
     start, meta = 0, {}
     ckpts = list_checkpoints(run_dir) if cfg.run.resume else []
     if ckpts:

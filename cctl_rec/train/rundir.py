@@ -72,19 +72,3 @@ def run_dir_lock(run_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def plan_to_json(plan: Any) -> dict:
-    """TorchRec ShardingPlan -> {module: {table: {sharding_type, compute_kernel, ranks, shards}}}."""
-    out: dict = {}
-    for module, tables in plan.plan.items():
-        out[module] = {}
-        for table, ps in tables.items():
-            shards = []
-            spec = ps.sharding_spec
-            for s in getattr(spec, "shards", []) or []:
-                shards.append({"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes),
-                               "placement": str(s.placement)})
-            out[module][table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
-                                  "ranks": list(ps.ranks) if ps.ranks is not None else None, "shards": shards}
-    return out

@@ -270,10 +270,61 @@ def shard(model: nn.Module, plan: ShardingPlan, device: torch.device) -> Distrib
             before anything is sharded, the same on every rank).
     """
     check_mirrored(plan)
+    tables = {path: m.embedding_bag_configs() for path, m in model.named_modules()
+              if isinstance(m, EmbeddingBagCollection)}
+    seed = torch.initial_seed()
     env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, env=env, device=device, plan=plan,
-                                    sharders=[EmbeddingBagCollectionSharder()],
-                                    data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
+    dmp = DistributedModelParallel(model, env=env, device=device, plan=plan,
+                                   sharders=[EmbeddingBagCollectionSharder()],
+                                   data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
+    init_tables(dmp.module, tables, seed)
+    return dmp
+
+
+INIT_CHUNK_ROWS = 1 << 16
+
+
+def _chunk_seed(seed: int, path: str, table: str, chunk: int) -> int:
+    import hashlib
+
+    h = hashlib.sha256(f"{seed}/{path}/{table}/{chunk}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_tables(module: nn.Module, tables: dict[str, list[Any]], seed: int) -> None:
+    """Draws every embedding table of the sharded ``module`` the same way whatever the plan.
+
+    TorchRec materialises each rank's shards from that rank's random stream, so one seed gave other
+    initial tables at another world size or sharding type (all 24 tables differed between 1 and 2
+    table_wise ranks). Here row chunk ``c`` (``INIT_CHUNK_ROWS`` rows, full width) of table ``t`` of
+    module ``path`` is drawn uniform(TorchRec's init min, max) from a generator seeded by
+    ``(seed, path, t, c)``, and each rank keeps the rows and columns of its own shards: the initial
+    tables are a function of the seed alone.
+
+    Args:
+        module: the DMP-wrapped module (``dmp.module``).
+        tables: module path -> its EmbeddingBagConfigs (read before sharding).
+        seed: the run's seed (``torch.initial_seed()`` when the model was built).
+    """
+    for path, configs in tables.items():
+        state = (module.get_submodule(path) if path else module).state_dict()
+        for c in configs:
+            t = state[f"embedding_bags.{c.name}.weight"]
+            parts = ([(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in t.local_shards()]
+                     if hasattr(t, "local_shards") else [(t, [0, 0], list(t.shape))])
+            lo, hi = c.get_weight_init_min(), c.get_weight_init_max()
+            for dst, (r0, c0), (nr, nc) in parts:
+                if dst.numel() == 0:
+                    continue
+                for chunk in range(r0 // INIT_CHUNK_ROWS, (r0 + nr - 1) // INIT_CHUNK_ROWS + 1):
+                    a = chunk * INIT_CHUNK_ROWS
+                    rows = min(INIT_CHUNK_ROWS, c.num_embeddings - a)
+                    g = torch.Generator(device=dst.device).manual_seed(_chunk_seed(seed, path, c.name, chunk))
+                    w = torch.empty(rows, c.embedding_dim, device=dst.device, dtype=dst.dtype).uniform_(lo, hi,
+                                                                                                          generator=g)
+                    s, e = max(a, r0), min(a + rows, r0 + nr)
+                    dst[s - r0:e - r0].copy_(w[s - a:e - a, c0:c0 + nc])
 
 
 class DataParallelTables:

@@ -239,6 +239,12 @@ def test_reusing_the_vocabulary_keeps_rows(prepared, raw_tiny, tmp_path):
     assert main(["prepare", "--features", _write(tmp_path, text), "--data", raw_tiny, "--out", out2]) == 0
     a, b = (pq.read_table(os.path.join(o, "tgt/valid")).column("user_id") for o in (out, out2))
     assert a.to_pylist() == b.to_pylist()
+    # prepared again into the same --out with the users hashed: the old vocabulary file goes
+    text = text.replace(f"{{name: user, vocab: {{path: {out}/features/vocab/user.parquet}}}}",
+                        "{name: user, hash: {buckets: 1000}}")
+    assert main(["prepare", "--features", _write(tmp_path, text), "--data", raw_tiny, "--out", out2]) == 0
+    assert sorted(os.listdir(os.path.join(out2, "features/vocab"))) == ["gender.parquet", "item.parquet"]
+    assert json.loads(open(os.path.join(out2, "features/features.json")).read())["spaces"]["user"]["kind"] == "hash"
 
 
 # ---------------------------------------------------------------------------------- bad input

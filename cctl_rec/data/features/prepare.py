@@ -327,6 +327,9 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
         path = join(out, *rel.split("/"))
         atomic_write_bytes(path, parquet_bytes(v))
         vocab_files[name] = {"path": rel, "sha256": sha256_file(path), "size": v.num_rows}
+    for name in g_pathmgr.ls(join(out, "features", "vocab")):  # an earlier prepare's spaces
+        if name.endswith(".parquet") and name[:-len(".parquet")] not in vocabs:
+            g_pathmgr.rm(join(out, "features", "vocab", name))
     fjson = fmap.to_json(vocab_files)
     fpath = join(out, *FEATURES_JSON.split("/"))
     atomic_write_bytes(fpath, dumps(fjson))

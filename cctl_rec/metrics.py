@@ -74,6 +74,14 @@ class BinaryMetrics:
         self.counts[0] += labels.numel()
         self.counts[1] += float(labels.sum())
 
+    def reset(self) -> None:
+        """Forgets every row (the metric objects are kept: building them costs more than scoring a window)."""
+        self.auc.reset()
+        self.logloss.reset()
+        for m in self.rec.values():
+            m.reset()
+        self.counts.zero_()
+
     def _rec_values(self, rows: int, pos: int) -> dict[str, Optional[float]]:
         """torchrec's lifetime values (a collective: every rank calls it); None where undefined."""
         got = {name: float(next(v for k, v in m.compute().items() if "|lifetime_" in k))
@@ -231,7 +239,7 @@ class WindowMetrics:
     """
 
     def __init__(self, name: str = "train window") -> None:
-        self.name = name
+        self.meter = BinaryMetrics(name)
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
@@ -241,8 +249,10 @@ class WindowMetrics:
         self.labels.append(labels.detach())
 
     def compute(self) -> dict[str, Optional[float]]:
-        m = BinaryMetrics(self.name)
+        m = self.meter
         if self.logits:
             m.update(torch.cat(self.logits), torch.cat(self.labels))
         self.logits, self.labels = [], []
-        return {f"train_{k}": v for k, v in m.compute().items()}
+        out = {f"train_{k}": v for k, v in m.compute().items()}
+        m.reset()
+        return out

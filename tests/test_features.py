@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -296,6 +297,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(raw_tiny, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and msg in err, (case, err)
     assert not out.exists()
+
+
+def test_the_files_of_a_split_may_differ_in_int_widths_but_not_in_copied_columns(raw_tiny, tmp_path, capsys):
+    t = pq.read_table(os.path.join(raw_tiny, "tgt/test"))
+    half = t.num_rows // 2
+    a = t.slice(0, half).append_column("ts", pa.array(np.arange(half), pa.int32()))
+    b = t.slice(half).append_column("ts", pa.array(np.arange(t.num_rows - half), pa.int64()))
+    b = _col(b, "uid", pc.cast(b.column("uid"), pa.int32()))
+    raw = _bad_raw(raw_tiny, tmp_path, "tgt/test", lambda x: a)
+    pq.write_table(b, os.path.join(raw, "tgt/test", "part-1.parquet"))
+    feats, out = _write(tmp_path, TINY_FEATURES), str(tmp_path / "out")
+    assert main(["prepare", "--features", feats, "--data", raw, "--out", out]) == 0
+    got = pq.read_table(os.path.join(out, "tgt/test"))
+    assert got.schema.field("ts").type == pa.int64() and got.column("ts").to_pylist()[half - 1:half + 1] == [half - 1, 0]
+    pq.write_table(b.drop(["ts"]), os.path.join(raw, "tgt/test", "part-1.parquet"))
+    assert main(["prepare", "--features", feats, "--data", raw, "--out", str(tmp_path / "out2")]) == 2
+    assert "has the copied column(s) none but" in capsys.readouterr().err
 
 
 @pytest.mark.reliability("data", "prepare: a vocabulary from another dataset", expect="exit 2, one line naming the "

@@ -10,9 +10,10 @@ import pyarrow.compute as pc
 from cctl_rec.data.features.spec import FeatureConfig
 from cctl_rec.data.features.transform import id_type_ok
 
-PASSTHROUGH = {"ts": ("int", pa.types.is_integer), "is_harmful": ("bool", pa.types.is_boolean),
-               "user_group": ("int", pa.types.is_integer)}
-"""Optional raw columns copied as they are (the layout's analysis columns), when present."""
+PASSTHROUGH = {"ts": (pa.types.is_integer, pa.int64()), "is_harmful": (pa.types.is_boolean, pa.bool_()),
+               "user_group": (pa.types.is_integer, pa.int8())}
+"""Optional raw columns copied (the layout's analysis columns), when present: name -> (the raw
+type check, the type written)."""
 
 
 def check_footer(spec: FeatureConfig, d: str, path: str, arrow: pa.Schema, dtypes: dict[str, tuple[str, str]]
@@ -61,8 +62,9 @@ def check_footer(spec: FeatureConfig, d: str, path: str, arrow: pa.Schema, dtype
     if not ok:
         want = "a number (label.min_positive is set)" if lab.min_positive is not None else "int or bool 0/1"
         raise ValueError(f"data file {path}: label column {lab.column!r} has type {t}; expected {want}")
-    for c, (want, fits) in PASSTHROUGH.items():
+    for c, (fits, written) in PASSTHROUGH.items():
         if c in have and not fits(arrow.field(c).type):
+            want = "bool" if written == pa.bool_() else "int"
             raise ValueError(f"data file {path}: column {c!r} has type {arrow.field(c).type}; expected {want} "
                              f"(it is copied into the dataset)")
 

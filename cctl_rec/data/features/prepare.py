@@ -281,10 +281,15 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
     spec = load_features(features)
     files = {(d, s): resolve_files(data, spec.files(d, s), f"domains.{d}.files.{s}") for d, s in SPLIT_KEYS}
     seen: dict[str, tuple[str, str]] = {}
-    for (d, _), paths in files.items():
+    for (d, split), paths in files.items():
+        copied: dict[str, str] = {}
         for p in paths:
             with open_parquet(p) as pf:
                 check_footer(spec, d, p, pf.schema_arrow, seen)
+                have = ", ".join(c for c in PASSTHROUGH if c in pf.schema_arrow.names) or "none"
+            if copied.setdefault("cols", have) != have:  # the shards of a split share one schema
+                raise ValueError(f"data file {p} has the copied column(s) {have} but {paths[0]} has {copied['cols']}; "
+                                 f"expected the same of ts, is_harmful, user_group in every file of {d}/{split}")
     for s in spec.spaces:
         if s.name not in seen:
             raise ValueError(f"space {s.name!r} is named by no feature; expected every space to be used (or remove it)")
@@ -380,7 +385,7 @@ def _output_columns(fmap: FeatureMap, d: str, t: pa.Table, path: str, others: di
         f = spec.domain(d).feature(role)
         raw = normalise_ids(t.column(f.source_column), dtypes[f.space])
         cols[flag] = pa.array(others[(d, role)].rows(raw) > 0, pa.bool_())
-    for c in PASSTHROUGH:
+    for c, (_, cast) in PASSTHROUGH.items():
         if c in names and not (c == "is_harmful" and d == "tgt") and not (c == "user_group" and d == "src"):
-            cols[c] = t.column(c).combine_chunks()
+            cols[c] = pc.cast(t.column(c).combine_chunks(), cast)
     return cols

@@ -233,13 +233,21 @@ class WindowMetrics:
     """Training CTR metrics over a window of steps (the steps between two log lines).
 
     :meth:`update` keeps each step's logits and labels where they are (no copy, no device sync);
-    :meth:`compute` (a collective: every rank calls it at the same step) scores the window with
-    :class:`BinaryMetrics` and starts the next one. Keys are prefixed ``train_``:
-    ``train_auc``, ``train_logloss``, ``train_ne``, ``train_calibration``, ``train_ctr``.
+    :meth:`compute` (a collective: every rank calls it at the same step) scores the window and
+    starts the next one. Keys are prefixed ``train_``: ``train_auc``, ``train_logloss``,
+    ``train_ne``, ``train_calibration``, ``train_ctr``.
+
+    The states and formulas are torchrec's (``get_ne_states`` / ``compute_ne``,
+    ``get_calibration_states``, ``get_ctr_states``), their sums reduced across ranks in one
+    all-reduce; the AUC is torchmetrics' functional ``binary_auroc`` (exact under ties) over the
+    window's rows of every rank. No metric object is built per window: a log line costs about
+    1 ms for 5 steps of 512 rows (the :class:`BinaryMetrics` objects cost 5-10 ms).
     """
 
-    def __init__(self, name: str = "train window") -> None:
-        self.meter = BinaryMetrics(name)
+    ETA = 1e-12
+    """torchrec's NE clamp of probabilities and label entropy."""
+
+    def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
@@ -249,10 +257,34 @@ class WindowMetrics:
         self.labels.append(labels.detach())
 
     def compute(self) -> dict[str, Optional[float]]:
-        m = self.meter
-        if self.logits:
-            m.update(torch.cat(self.logits), torch.cat(self.labels))
+        import torch.distributed as dist
+        from torchmetrics.functional.classification import binary_auroc
+        from torchrec.metrics.calibration import get_calibration_states
+        from torchrec.metrics.ne import compute_ne, get_ne_states
+
+        from cctl_rec.distributed.env import gather_cat
+
+        z = torch.cat(self.logits).float().cpu() if self.logits else torch.zeros(0)
+        y = torch.cat(self.labels).float().cpu() if self.labels else torch.zeros(0)
         self.logits, self.labels = [], []
-        out = {f"train_{k}": v for k, v in m.compute().items()}
-        m.reset()
+        p = torch.sigmoid(z)
+        w = torch.ones_like(p)
+        ne = get_ne_states(y[None], p[None].clone(), w[None], self.ETA)
+        cal = get_calibration_states(y[None], p[None], w[None])
+        sums = torch.cat([ne["cross_entropy_sum"], ne["weighted_num_samples"], ne["pos_labels"], ne["neg_labels"],
+                          cal["calibration_num"]]).double()  # 5 sums
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        ce, n, pos, neg, psum = sums.tolist()
+        out: dict[str, Optional[float]] = {"train_auc": None, "train_logloss": None, "train_ne": None,
+                                           "train_calibration": None, "train_ctr": None}
+        if n == 0:  # the same on every rank
+            return out
+        pp, yy = gather_cat(p), gather_cat(y)
+        two = 0 < pos < n
+        out.update(train_auc=float(binary_auroc(pp, yy.long(), validate_args=False)) if two else None,
+                   train_logloss=ce * math.log(2) / n,  # torchrec's cross entropy is in bits
+                   train_ne=float(compute_ne(torch.tensor([ce]), torch.tensor([n]), torch.tensor([pos]),
+                                             torch.tensor([neg]), self.ETA)) if two else None,
+                   train_calibration=psum / pos if pos else None, train_ctr=pos / n)
         return out

@@ -175,6 +175,13 @@ def test_window_metrics_score_each_window_alone():
         w.update(z[lo:lo + 64], y[lo:lo + 64])
     second = w.compute()
     for got, rows in ((first, slice(0, 256)), (second, slice(256, 512))):
-        want = _whole(z[rows], y[rows])
-        assert got == {f"train_{k}": v for k, v in want.items()}
+        want = _whole(z[rows], y[rows])  # the metric objects on the same rows
+        assert got.keys() == {f"train_{k}" for k in want}
+        for k, v in want.items():
+            assert got[f"train_{k}"] == pytest.approx(v, rel=1e-5), k
     assert set(first) == {"train_auc", "train_logloss", "train_ne", "train_calibration", "train_ctr"}
+    one_class = WindowMetrics()
+    one_class.update(z[:4], torch.zeros(4))
+    assert one_class.compute() | {"train_logloss": 0} == {"train_auc": None, "train_logloss": 0, "train_ne": None,
+                                                          "train_calibration": None, "train_ctr": 0.0}
+    assert all(v is None for v in WindowMetrics().compute().values())

@@ -232,6 +232,20 @@ def test_a_prepared_dataset_trains(prepared, tmp_path):
     assert m["steps"] == 6 and 0.0 <= m["target_test"]["auc"] <= 1.0
 
 
+def test_the_output_does_not_depend_on_the_read_batch_size(prepared, raw_tiny, tmp_path, monkeypatch):
+    """Read in batches of 100 rows (so the id counts and the per-domain id sets are merged and
+    compacted many times over), prepare writes the same dataset byte for byte."""
+    import cctl_rec.data.features.prepare as prep
+
+    feats, out = prepared
+    monkeypatch.setattr(prep, "BATCH_ROWS", 100)
+    out2 = str(tmp_path / "small-batches")
+    prep.prepare(feats, raw_tiny, out2, shard_rows=1500)
+    for rel in ("tgt/train/part-00000.parquet", "tgt/train/part-00002.parquet", "src/train/part-00010.parquet",
+                "tgt/test/part-00000.parquet", "features/vocab/item.parquet", "features/features.json"):
+        assert open(os.path.join(out, rel), "rb").read() == open(os.path.join(out2, rel), "rb").read(), rel
+
+
 def test_reusing_the_vocabulary_keeps_rows(prepared, raw_tiny, tmp_path):
     feats, out = prepared
     text = open(feats).read().replace("{name: user, vocab: {min_count: 1}}",

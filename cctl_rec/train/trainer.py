@@ -51,7 +51,7 @@ from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optim
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.schema import DomainSchema
 from cctl_rec.train.checkpoint import TrainState
-from cctl_rec.train.ifn import IFN, per_sample_influence
+from cctl_rec.train.ifn import IFN, MODES, per_sample_influence
 from cctl_rec.train.losses import ren_terms, scn_losses
 from cctl_rec.train.reward import rank_mean, step_reward
 from cctl_rec.train.sync import check_same_layout, sync_mixed_to_pure
@@ -243,13 +243,14 @@ class Trainer:
         cfg, module, ifn = self.cfg, self.module, self.ifn
         with self.span("forward"), self.amp():
             out = self.dmp(batch)
-        weights = logits = actions = p = None
+        sel = weights = p = None
         tgt_weight = 1.0
         with self.span("selector_score"):
             if ifn is not None and out.x_src is not None:
-                weights, logits, actions = ifn.weights(out.x_src.float(), batch.src_harmful,  # selector in fp32
-                                                       batch.src_label, out.logit_src)
-                p = weights.detach() if cfg.selector.mode == "evidence" else torch.sigmoid(logits.detach())
+                sel = ifn.select(out.x_src.float(), batch.src_harmful, batch.src_label,  # selector in fp32
+                                 out.logit_src)
+                weights = sel.weights
+                p = sel.weights.detach() if MODES[cfg.selector.mode].logs_weights else sel.p.detach()
                 if self.finetune:  # Finetune baseline: source, then target
                     pre = step <= self.finetune
                     weights, tgt_weight = torch.full_like(weights, 1.0 if pre else 0.0), 0.0 if pre else 1.0
@@ -270,13 +271,13 @@ class Trainer:
             stats = local_stats(losses, reward, p, batch.src_harmful)
         extra: dict[str, float] = {}
         with self.span("selector_update"):
-            if ifn is not None and logits is not None:
-                self.before_selector_update(logits)
+            if ifn is not None and sel is not None:
+                self.before_selector_update(sel.logits)
                 # REINFORCE needs one reward on every rank; the other modes do not read it
                 r = rank_mean(reward) if ifn.rl is not None else reward
                 gids = ifn.groups.ids(module, batch) if ifn.groups is not None else None
-                extra = ifn.step(step, logits, r, actions, batch.src_harmful, infl, batch.src_label, gids,
-                                 out.logit_src, batch.tgt_label, out.logit_tgt)
+                extra = ifn.step(step, sel.logits, r, sel.actions, batch.src_harmful, infl, batch.src_label, gids,
+                                 out.logit_src, batch.tgt_label, out.logit_tgt, sel.p)
                 if extra.get("selector_update"):
                     self.mark("update_ran")
         with self.span("sync"):

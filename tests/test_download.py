@@ -213,7 +213,7 @@ def test_a_different_file_in_out_is_refused_before_fetching(tmp_path, serve, cap
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--out", "s3://bucket/raw"], "download writes a local directory"),
+    (["--out", "s3://bucket/raw"], "--out s3://bucket/raw: this option takes a local path"),
     (["--out", "{tmp}/f"], "exists and is not a directory"),
     (["--out", "{tmp}/o", "--base-url", "ftp://host/x"], "expected an http://, https:// or file:// URL"),
     (["--out", "{tmp}/o", "--retries", "-1"], "--retries >= 0"),

@@ -55,6 +55,7 @@ class BenchOptions:
         stress_warmup: stress: steps before the RSS flatness window (0: a third of the run).
         sync_every, update_every: stress: k and the selector window (0: stress_steps / 25).
         rss_every: stress: steps between two RSS samples.
+        stress_world: stress: gloo ranks (1: this process; more: spawned, every rank checked).
         seed: run.seed of every model built.
     """
 
@@ -73,10 +74,11 @@ class BenchOptions:
     sync_every: int = 0
     update_every: int = 0
     rss_every: int = 10
+    stress_world: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "repeats", "rss_every", "stress_steps"):
+        for name in ("steps", "repeats", "rss_every", "stress_steps", "stress_world"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "threads", "sync_every", "update_every", "stress_warmup"):

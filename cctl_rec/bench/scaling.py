@@ -7,7 +7,8 @@ thread per rank). Every rank builds the harness (``train()``'s model, plan and s
 pooled-embedding all-to-alls, DDP's gradient buckets, the loop's metric all-reduce, the
 data_parallel tables' all-reduce — with its tensors, so the bytes are counted, not estimated.
 Each op is tagged with the step part it ran in. One sync and one selector update are counted the
-same way, and one sync is timed (``repeats`` times, after a barrier). All-to-all bytes are split into those kept on the rank and those sent to others (from
+same way, and one sync is timed (``repeats`` times, after a barrier). All-to-all bytes are split
+into those kept on the rank and those sent to others (from
 the op's split sizes); all-reduce and broadcast bytes are the payload (gloo's ring sends about
 2 (W-1)/W of it per rank).
 

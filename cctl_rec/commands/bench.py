@@ -102,6 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             g.add_argument("--update-every", type=int, default=0,
                            help="stress: selector window (0: stress steps / 25)")
             g.add_argument("--rss-every", type=int, default=10, help="stress: steps between RSS samples")
+            g.add_argument("--stress-world", type=int, default=1,
+                           help="stress: gloo ranks (spawned, file:// rendezvous; every rank checks its own "
+                                "shards and the REINFORCE update summed over ranks)")
         g.set_defaults(func=run)
 
 
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no dataset at {args.data} (manifest.json missing); generate one with "
                                 f"`cctl-rec datagen --preset small --out {args.data}`")
     extra = {k: getattr(args, k) for k in ("auc_steps", "table_rows", "world_sizes", "stress_steps", "stress_warmup",
-                                           "sync_every", "update_every", "rss_every") if hasattr(args, k)}
+                                           "sync_every", "update_every", "rss_every", "stress_world")
+             if hasattr(args, k)}
     opts = BenchOptions(data=args.data, config=args.config, overrides=tuple(args.overrides), steps=args.steps,
                         warmup=args.warmup, repeats=args.repeats, threads=args.threads, seed=args.seed, **extra)
     import torch

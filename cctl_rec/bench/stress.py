@@ -105,7 +105,7 @@ def _spawn(world: int, opts: BenchOptions) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory(prefix="cctl-stress-") as d:
         mp.spawn(_rank_main, args=(world, os.path.join(d, "pg"), opts, d), nprocs=world, join=True)
-        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 def _stress(opts: BenchOptions) -> dict[str, Any]:

@@ -9,6 +9,8 @@ session AUC with one session per user (:class:`UserAUC`).
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import math
 from typing import Optional
@@ -91,6 +93,25 @@ class BinaryMetrics:
         if pos == 0:
             got["calibration"] = None
         return got
+
+    def state(self) -> Optional[str]:
+        """This rank's open window (the rows since the last log line) as one base64 string, or None
+        when it is empty: a checkpoint carries it so that a resume logs the line a kill cut with the
+        same rows, i.e. the same history as an uninterrupted run."""
+        if not self.logits:
+            return None
+        buf = io.BytesIO()
+        torch.save((torch.cat(self.logits).cpu(), torch.cat(self.labels).cpu()), buf)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    @classmethod
+    def restore(cls, state: Optional[str]) -> "WindowMetrics":
+        """The window :meth:`state` saved (an empty one for None)."""
+        w = cls()
+        if state:
+            z, y = torch.load(io.BytesIO(base64.b64decode(state)), weights_only=True)
+            w.logits, w.labels = [z], [y]
+        return w
 
     def compute(self) -> dict[str, Optional[float]]:
         import torch.distributed as dist
@@ -255,6 +276,25 @@ class WindowMetrics:
         """``logits``, ``labels``: one step's B_t floats."""
         self.logits.append(logits.detach())
         self.labels.append(labels.detach())
+
+    def state(self) -> Optional[str]:
+        """This rank's open window (the rows since the last log line) as one base64 string, or None
+        when it is empty: a checkpoint carries it so that a resume logs the line a kill cut with the
+        same rows, i.e. the same history as an uninterrupted run."""
+        if not self.logits:
+            return None
+        buf = io.BytesIO()
+        torch.save((torch.cat(self.logits).cpu(), torch.cat(self.labels).cpu()), buf)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    @classmethod
+    def restore(cls, state: Optional[str]) -> "WindowMetrics":
+        """The window :meth:`state` saved (an empty one for None)."""
+        w = cls()
+        if state:
+            z, y = torch.load(io.BytesIO(base64.b64decode(state)), weights_only=True)
+            w.logits, w.labels = [z], [y]
+        return w
 
     def compute(self) -> dict[str, Optional[float]]:
         import torch.distributed as dist

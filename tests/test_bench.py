@@ -140,9 +140,9 @@ def test_bench_stress_checks_every_window(tiny_data, tmp_path):
 
 @pytest.mark.slow  # the bench command: a timed run, and git for the envelope (a process)
 def test_bench_stress_fails_on_a_broken_sync(tiny_data, tmp_path, monkeypatch, capsys):
-    import cctl_rec.bench.harness as harness
+    import cctl_rec.train.trainer as trainer  # the harness is a Trainer: its sync is the trainer's
 
-    monkeypatch.setattr(harness, "sync_mixed_to_pure", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "sync_mixed_to_pure", lambda *a, **k: None)
     rc, res = _bench(tiny_data, tmp_path, "stress", "--stress-steps", "4", "--sync-every", "2",
                      "--update-every", "2", "--rss-every", "1")
     assert rc == 1 and any("pure != mixed" in f for f in res["results"]["failures"])

@@ -312,6 +312,7 @@ class TrainerJSON(BaseModel):
     syncs: int = Field(default=0, ge=0)
     reward_sum: float = 0.0
     log_window: Optional[list[Any]] = None
+    metric_window: Optional[list[Optional[str]]] = None
     final: bool = False
     presync: Optional[str] = Field(default=None, pattern=f"^{PRESYNC}$")
 

@@ -95,10 +95,21 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         t.syncs = int(meta.get("syncs", 0))
         logger.info("resumed from %s at step %d", ckpts[-1][1], start)
     log = RunLog(meta, start)
+    # the pure tower's CTR metrics over each log window; the window a kill cut reopens with its rows
+    cut = meta.get("metric_window") if meta.get("step") == start and meta.get("world_size") == world else None
+    window = WindowMetrics.restore(cut[rank] if cut else None)
+
+    def window_meta() -> dict[str, Any]:
+        """Every rank's open metric window, for trainer.json (a collective: meta() runs on every rank)."""
+        states = [window.state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, window.state())
+        return {"metric_window": states if any(states) else None}
 
     def checkpoint(at: int, final_sync: Optional[Callable[[], None]] = None) -> str:
         return save_checkpoint(run_dir, at, t.state, lambda: {
-            "fingerprint": fingerprint, "syncs": t.syncs, **log.meta(), "final": at == t.total,
+            "fingerprint": fingerprint, "syncs": t.syncs, **log.meta(), **window_meta(), "final": at == t.total,
             "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints, final_sync)
 
     writer = None
@@ -113,7 +124,6 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     t0 = t_last = time.perf_counter()
     step = step_last = start
     bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
-    window = WindowMetrics()  # the pure tower's CTR metrics over each log window (a resume starts a new one)
     best_auc = best_so_far(run_dir) if cfg.run.keep_best else None
     for step, batch in t.batches(start):
         out = t.step(batch, step)

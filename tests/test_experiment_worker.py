@@ -45,7 +45,8 @@ def test_runs_in_a_worker_equal_runs_in_their_own_process(tmp_path, tiny_data):
     assert after["CCTL"] == before["tiny"]["models"]["CCTL"] and after["DNN"]["seeds"] == [0]
     # each run's wall time is kept beside its metrics, so the report still sums the whole benchmark's
     assert len(after["CCTL"]["wall_seconds"]) == 2 and all(w > 0 for w in after["CCTL"]["wall_seconds"])
-    assert "compute time: " in (out / "report.md").read_text()
+    walls = [w for m in after.values() for w in m["wall_seconds"]]
+    assert f"compute time: {sum(walls) / 60:.1f} worker-min over the {len(walls)} of " in (out / "report.md").read_text()
     assert not (out / "runs/tiny/dnn/seed1/metrics.json").exists()
 
 

@@ -17,7 +17,8 @@ def test_bench_stress_on_two_ranks_checks_every_rank(tiny_data, tmp_path):
     r = res["results"]
     assert rc == 0 and not r["failures"] and all(t["met"] for t in res["targets"]), res["targets"]
     assert r["world_size"] == 2 and [x["rank"] for x in r["ranks"]] == [0, 1]
-    assert r["checks"] == {"steps": 44, "updates_checked": 44, "syncs_checked": 44}  # 22 per rank
+    # 22 per rank; k = 1: each step after the first follows a sync, its reward checked for 0
+    assert r["checks"] == {"steps": 44, "updates_checked": 44, "syncs_checked": 44, "rewards_after_sync_checked": 42}
     assert all(x["syncs"] == x["selector_updates"] == 22 for x in r["ranks"])
     assert "of 2 gloo ranks, every rank checked" in (tmp_path / "stress.md").read_text()
 

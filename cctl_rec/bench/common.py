@@ -36,6 +36,10 @@ from cctl_rec.data.manifest import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 
+MIN_WINDOWS = 20
+"""Syncs and selector updates a stress run must reach (the design card's stress)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class BenchOptions:
     """Options shared by the benchmarks (``cctl-rec bench --help`` documents each).
@@ -56,6 +60,10 @@ class BenchOptions:
         sync_every, update_every: stress: k and the selector window (0: stress_steps / 25).
         rss_every: stress: steps between two RSS samples.
         stress_world: stress: gloo ranks (1: this process; more: spawned, every rank checked).
+        preset, scale_ids: stress: the datagen preset the data was generated from and the factor of its id
+            spaces and sample counts (``--preset meituan --scale-ids F``; recorded in the results). With a
+            preset, ``sync_every`` and ``update_every`` must be given (> 0) and ``stress_steps`` must hold
+            20 of each.
         seed: run.seed of every model built.
     """
 
@@ -75,6 +83,8 @@ class BenchOptions:
     update_every: int = 0
     rss_every: int = 10
     stress_world: int = 1
+    preset: Optional[str] = None
+    scale_ids: Optional[float] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +100,21 @@ class BenchOptions:
             raise ValueError(f"bench --table-rows must list sizes >= 1, got {list(self.table_rows)}")
         if not self.world_sizes or min(self.world_sizes) < 1:
             raise ValueError(f"bench --world-sizes must list sizes >= 1, got {list(self.world_sizes)}")
+        if (self.preset is None) != (self.scale_ids is None):
+            raise ValueError(f"bench stress --preset and --scale-ids go together (the preset and the factor of its "
+                             f"id spaces), got --preset {self.preset} --scale-ids {self.scale_ids}")
+        if self.preset is not None:
+            if not (isinstance(self.scale_ids, (int, float)) and math.isfinite(self.scale_ids)
+                    and self.scale_ids > 0):
+                raise ValueError(f"bench stress --scale-ids must be a finite number > 0, got {self.scale_ids}")
+            window = max(self.sync_every, self.update_every)
+            if min(self.sync_every, self.update_every) < 1 or self.stress_steps < MIN_WINDOWS * window:
+                raise ValueError(
+                    f"bench stress --preset: --stress-steps {self.stress_steps} holds "
+                    f"{self.stress_steps // max(1, self.sync_every)} syncs (k = {self.sync_every}) and "
+                    f"{self.stress_steps // max(1, self.update_every)} selector updates (window "
+                    f"{self.update_every}); expected at least {MIN_WINDOWS} of each: --stress-steps >= "
+                    f"{MIN_WINDOWS * max(1, window)}")
 
 
 def train_config(opts: BenchOptions, *extra: str) -> Any:

@@ -10,7 +10,9 @@
 - ``kernels``: fbgemm's fused TBE (rowwise Adagrad) vs nn.EmbeddingBag + a torch optimizer.
 - ``scaling``: 1 vs 2 gloo ranks: per-step accounting and bytes per collective, counted.
 - ``stress``: a long run through many syncs and selector updates: RSS flat, no NaN, the sync and
-  REINFORCE invariants after every window (exit code 1 when one fails).
+  REINFORCE invariants after every window, the reward 0 right after each sync (exit code 1 when one
+  fails); ``--preset meituan --scale-ids F --stress-world 4``: the design card's run, on the
+  Meituan preset's id spaces scaled by F, with the paper's k = 1000 and selector window 1000.
 - ``all``: every benchmark above except datagen; ``--out`` is then a directory.
 
 Timings on a shared machine are noisy: variants alternate within one process and results are
@@ -74,7 +76,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         g.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=256")
         g.add_argument("--out", default=None, help="write the JSON here and the markdown beside it (.md)"
                        + ("; a directory for `all`" if what == "all" else ""))
-        g.add_argument("--data", default="data/small", help="dataset root (cctl-rec datagen output)")
+        g.add_argument("--data", default=None,
+                       help="dataset root (cctl-rec datagen output; default data/small"
+                            + ("; with --preset: where the data is generated, default data/PRESET-idsF)"
+                               if what == "stress" else ")"))
         g.add_argument("--config", default="configs/cctl_small.yaml", help="training config to start from")
         g.add_argument("--steps", type=int, default=40, help="measured steps per variant and round")
         g.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
@@ -95,16 +100,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if what in ("scaling", "all"):
             g.add_argument("--world-sizes", type=_ints, default=(1, 2), help="scaling: gloo world sizes")
         if what in ("stress", "all"):
-            g.add_argument("--stress-steps", type=int, default=1000, help="stress: the run's length in steps")
+            g.add_argument("--stress-steps", type=int, default=None,
+                           help="stress: the run's length in steps (default 1000; with --preset, 20 windows)")
             g.add_argument("--stress-warmup", type=int, default=0,
                            help="stress: steps before RSS must stay flat (0: a third of the run)")
-            g.add_argument("--sync-every", type=int, default=0, help="stress: k (0: stress steps / 25)")
+            g.add_argument("--sync-every", type=int, default=0,
+                           help="stress: k (0: stress steps / 25; with --preset, the paper's 1000)")
             g.add_argument("--update-every", type=int, default=0,
-                           help="stress: selector window (0: stress steps / 25)")
+                           help="stress: selector window (0: stress steps / 25; with --preset, the paper's 1000)")
             g.add_argument("--rss-every", type=int, default=10, help="stress: steps between RSS samples")
             g.add_argument("--stress-world", type=int, default=1,
                            help="stress: gloo ranks (spawned, file:// rendezvous; every rank checks its own "
                                 "shards and the REINFORCE update summed over ranks)")
+        if what == "stress":
+            g.add_argument("--preset", default=None,
+                           help="stress: run on a datagen preset with its id spaces scaled by --scale-ids F "
+                                "(`cctl-rec datagen --preset NAME --scale F --scale-ids`), generated into --data "
+                                "or reused from there; k and the selector window default to the paper's 1000, "
+                                "--stress-steps to 20 windows, and fewer than 20 syncs or selector updates are "
+                                "refused (e.g. --preset meituan --scale-ids 0.01 --stress-world 4)")
+            g.add_argument("--scale-ids", type=float, default=None,
+                           help="stress: with --preset, F > 0: multiplies the preset's user / item id spaces and "
+                                "its sample counts")
         g.set_defaults(func=run)
 
 
@@ -134,14 +151,28 @@ def run(args: argparse.Namespace) -> int:
 
     if args.config and not os.path.exists(args.config):
         raise FileNotFoundError(f"config file {args.config} does not exist")
-    if not os.path.exists(os.path.join(args.data, "manifest.json")):
-        raise FileNotFoundError(f"no dataset at {args.data} (manifest.json missing); generate one with "
-                                f"`cctl-rec datagen --preset small --out {args.data}`")
+    preset = getattr(args, "preset", None)
+    if preset is not None or getattr(args, "scale_ids", None) is not None:
+        from cctl_rec.bench.stress import preset_args
+
+        preset_args(args)  # checked, and the defaults filled in, before anything is written
+    if args.data is None:
+        args.data = "data/small"
+    if getattr(args, "stress_steps", 0) is None:
+        args.stress_steps = 1000
     extra = {k: getattr(args, k) for k in ("auc_steps", "table_rows", "world_sizes", "stress_steps", "stress_warmup",
-                                           "sync_every", "update_every", "rss_every", "stress_world")
+                                           "sync_every", "update_every", "rss_every", "stress_world", "preset",
+                                           "scale_ids")
              if hasattr(args, k)}
     opts = BenchOptions(data=args.data, config=args.config, overrides=tuple(args.overrides), steps=args.steps,
                         warmup=args.warmup, repeats=args.repeats, threads=args.threads, seed=args.seed, **extra)
+    if preset is not None:  # every option is checked (above) before the data is made
+        from cctl_rec.bench.stress import preset_data
+
+        preset_data(args.preset, args.scale_ids, args.data)
+    if not os.path.exists(os.path.join(args.data, "manifest.json")):
+        raise FileNotFoundError(f"no dataset at {args.data} (manifest.json missing); generate one with "
+                                f"`cctl-rec datagen --preset small --out {args.data}`")
     import torch
 
     if opts.threads:

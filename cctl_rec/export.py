@@ -12,8 +12,10 @@ The artifact directory holds the weights once and nothing that names the trainin
 - ``model.aoti.pt2`` (``export --aoti``): that program compiled by AOTInductor
   (``aoti_compile_and_package``) for a C++ server (``docs/serving.md``), same inputs;
 - ``features/`` when the training data was written by ``cctl-rec prepare``: its raw-id -> row
-  mapping (``features.json`` and the vocabularies), so ``predict`` takes raw ids and an id never
-  seen in training lands on the reserved row 0;
+  mapping (``features.json`` and the vocabularies) and the dense features' train mean / std, so
+  ``predict`` takes raw ids and raw numbers, an id never seen in training lands on the reserved
+  row 0 and a float is standardised as in training (``serving.json`` ``dense`` repeats the mean /
+  std for a server of its own);
 - ``serving.json`` (written last): schema, inputs, weight order, files and sizes, the run's name
   and step.
 """
@@ -41,7 +43,7 @@ from cctl_rec.config import ModelConfig
 from cctl_rec.data.manifest import DomainSchemaJSON, atomic_write_bytes, check_schema_tables
 from cctl_rec.modules.heads import build_head
 from cctl_rec.safe_io import decode_json, read_bounded, regular_file, short, validate
-from cctl_rec.schema import HEAD_SEQUENCES, DomainSchema
+from cctl_rec.schema import HEAD_SEQUENCES, TOKENS, DomainSchema
 from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ class ServingJSON(BaseModel):
 
 class ServingModel(nn.Module):
     """The pure network: target tables + SCN tower. ``forward(ids, seq, seq_len) -> logits``
-    (MiNet: ``forward(ids, seq, seq_len, other_seq, other_len)``).
+    (MiNet: ``forward(ids, seq, seq_len, other_seq, other_len)``; a schema with dense features:
+    ``forward(ids, seq, seq_len, dense)``; :attr:`inputs` names them).
 
     Args:
         schema: the target domain's schema.
@@ -79,6 +82,7 @@ class ServingModel(nn.Module):
         seq_len: B int64, the number of valid items in each row (mean pooling; 0 -> zeros).
         other_seq, other_len: the same for ``other_seq`` (the user's recent source-domain items,
             looked up in the target item table), for heads that read it (:attr:`inputs`).
+        dense: B X F_dense float32, the standardised dense features in ``schema.dense`` order.
     """
 
     def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...], head: str = "mlp") -> None:
@@ -91,31 +95,45 @@ class ServingModel(nn.Module):
         self.order = schema.field_names()
         self.head, self.hidden = head, tuple(tower)
         self.sequences = HEAD_SEQUENCES.get(head, ())
-        self.tower = build_head(head, dim * len(self.order), dim, tower,
-                                fields={n: i for i, n in enumerate(self.order)})
+        self.tokens = [(t, [k[len(schema.prefix):] for k in schema.token_features(t)], schema.token_dense(t))
+                       for t in TOKENS]
+        width = sum(schema.token_width(t, dim) for t in TOKENS)
+        self.tower = build_head(head, width, dim, tower, fields={n: i for i, n in enumerate(self.order)})
 
     @property
     def inputs(self) -> list[str]:
         """The names of ``forward``'s inputs, in order."""
-        return ["ids", "seq", "seq_len"] + (["other_seq", "other_len"] if "other_seq" in self.sequences else [])
+        return (["ids", "seq", "seq_len"] + (["other_seq", "other_len"] if "other_seq" in self.sequences else [])
+                + (["dense"] if self.schema.dense else []))
 
-    def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor,
-                other_seq: Optional[torch.Tensor] = None, other_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor, *extra: torch.Tensor
+                ) -> torch.Tensor:
+        """``extra``: the inputs after ``seq_len`` in :attr:`inputs` order (``other_seq, other_len``
+        and / or ``dense``)."""
+        other_seq = other_len = dense = None
+        if "other_seq" in self.sequences:
+            other_seq, other_len = extra[0], extra[1]
+        if self.schema.dense:
+            dense = extra[-1]
         pooled = {}
         for j, name in enumerate(self.single_features):
             pooled[name] = self.tables[self.table_of[name]][ids[:, j]]                        # B X D
         emb, mask = self._positions(seq, seq_len)                                             # B X L X D, B X L
         pooled["seq"] = ((emb * mask.unsqueeze(-1).to(emb.dtype)).sum(1) /
                          seq_len.clamp_min(1).unsqueeze(1).to(emb.dtype))
-        x = torch.cat([pooled[n] for n in self.order], dim=1)
-        extra: list[torch.Tensor] = []
+        if dense is None:
+            x = torch.cat([pooled[n] for n in self.order], dim=1)
+        else:  # each token: its pooled embeddings, then its dense floats (CCTL's tower input)
+            x = torch.cat([p for _, names, idx in self.tokens
+                           for p in [pooled[n] for n in names] + ([dense[:, idx]] if idx else [])], dim=1)
+        heads: list[torch.Tensor] = []
         for column in self.sequences:  # the head's per-position inputs, as CCTL.target_inputs gives them
             if column == "seq":
-                extra += [emb, mask]
+                heads += [emb, mask]
             else:
                 assert other_seq is not None and other_len is not None, f"model.head={self.head} reads other_seq"
-                extra += list(self._positions(other_seq, other_len))
-        return self.tower(x, *extra)
+                heads += list(self._positions(other_seq, other_len))
+        return self.tower(x, *heads)
 
     def _positions(self, seq: torch.Tensor, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item-table embeddings B X L X D and the B X L bool mask of a padded sequence."""
@@ -207,6 +225,15 @@ class WeightsAsInputs(nn.Module):
         return torch.func.functional_call(self.model, dict(zip(self.names, weights)), inputs)
 
 
+class DenseWeightsAsInputs(WeightsAsInputs):
+    """:class:`WeightsAsInputs` of a model with dense features: ``forward(weights, ids, seq,
+    seq_len, dense)``."""
+
+    def forward(self, weights: tuple[torch.Tensor, ...], ids: torch.Tensor, seq: torch.Tensor,  # type: ignore[override]
+                seq_len: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.model, dict(zip(self.names, weights)), (ids, seq, seq_len, dense))
+
+
 def weight_tuple(model: ServingModel) -> tuple[torch.Tensor, ...]:
     """The program's first input: ``model``'s tensors in ``state_dict`` order (serving.json ``weights``)."""
     return tuple(v.detach() for v in model.state_dict().values())
@@ -218,12 +245,15 @@ def export_program(model: ServingModel, max_seq_len: int) -> torch.export.Export
     b = 4
     ex = (torch.zeros(b, len(model.single_features), dtype=torch.long),
           torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
-    if len(model.inputs) == 5:  # distinct tensors: export would tie inputs passed as one object
+    if "other_seq" in model.inputs:  # distinct tensors: export would tie inputs passed as one object
         ex = ex + tuple(t.clone() for t in ex[1:])
+    if "dense" in model.inputs:
+        ex = ex + (torch.zeros(b, len(model.schema.dense)),)
     batch = torch.export.Dim("batch", min=1)
     weights = weight_tuple(model)
-    names = model.inputs  # ids, seq, seq_len[, other_seq, other_len]
-    return torch.export.export(WeightsAsInputs(model), (weights, *ex),
+    names = model.inputs  # ids, seq, seq_len[, other_seq, other_len][, dense]
+    wrap = DenseWeightsAsInputs(model) if "dense" in names else WeightsAsInputs(model)
+    return torch.export.export(wrap, (weights, *ex),
                                dynamic_shapes={"weights": tuple(None for _ in weights),
                                                **{n: {0: batch} for n in names}})
 
@@ -331,16 +361,38 @@ def _write_artifact(model: ServingModel, out: str, info: dict[str, Any], max_seq
         compile_aoti(ep, os.path.join(out, "model.aoti.pt2"))
         aoti_file = "model.aoti.pt2"
     features = copy_feature_map(data_root, out) if data_root else None
+    dense = _dense_meta(model.schema, data_root) if model.schema.dense else None
     files = ("model.pt", "program.pt2", "model.aoti.pt2")
     meta = {"format": FORMAT, "schema": model.schema.to_json(), "embedding_dim": model.dim,
             "tower": list(model.hidden), "head": model.head, "max_seq_len": max_seq_len,
             "single_features": model.single_features, "inputs": model.inputs, "program": program,
             "program_inputs": ["weights"] + model.inputs, "weights": list(model.state_dict()),
-            "aoti": aoti_file, "features": features,
+            "aoti": aoti_file, "features": features, **({"dense": dense} if dense is not None else {}),
             "bytes": {f: os.path.getsize(os.path.join(out, f)) for f in files
                       if os.path.exists(os.path.join(out, f))}, **info}
     atomic_write_bytes(os.path.join(out, "serving.json"), (json.dumps(meta, indent=2) + "\n").encode())
     return meta
+
+
+def _dense_meta(schema: DomainSchema, data_root: Optional[str]) -> list[dict[str, Any]]:
+    """serving.json ``dense``: per dense input column (``dense``'s order) its raw column and the
+    train mean / std that standardise it (``x' = (x - mean) / std``, a null is the mean), from the
+    training data's feature map; a dataset without one gives the columns alone."""
+    stats: dict[str, Any] = {}
+    if data_root:
+        from cctl_rec.data.features.transform import FEATURES_JSON, FeatureMap
+        from cctl_rec.data.manifest import join
+        from iopath.common.file_io import g_pathmgr
+
+        if g_pathmgr.exists(join(data_root, FEATURES_JSON)):
+            stats = FeatureMap.load(data_root).dense["tgt"]
+    out = []
+    for f in schema.dense:
+        st = stats.get(f.name)
+        out.append({"name": f.name, "token": f.token} if st is None else
+                   {"name": f.name, "token": f.token, "column": st.column, "normalize": st.normalize,
+                    "mean": st.mean, "std": st.std})
+    return out
 
 
 def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
@@ -378,7 +430,7 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
                              f"{'absent' if got is None else ' x '.join(map(str, got.shape))} in model.pt, "
                              f"{rows} x {dim} in serving.json)")
     if meta.get("head", "mlp") == "mlp":
-        widths = [dim * len(schema.field_names())] + tower + [1]
+        widths = [dim * len(schema.field_names()) + len(schema.dense)] + tower + [1]
         need = sum(a * b for a, b in zip(widths, widths[1:]))
         if need > sum(v.numel() for v in state.values()):
             raise ValueError(f"{pt} does not match {sj} (model.tower {short(tower)} needs {need:,} weights, "
@@ -418,8 +470,16 @@ def serving_inputs(model: ServingModel, table, max_seq_len: int, path: str) -> t
     range-checked; MiNet's ``other_seq`` against the target item table it is looked up in."""
     from cctl_rec.data.reader import DomainRows, column_ids
 
+    from cctl_rec.data.reader import dense_values
+
     schema = model.schema
     out = padded_inputs(table, schema, model.single_features, max_seq_len, path)
+    if schema.dense:  # a dense model has no other_seq (CCTL refuses dense features with MiNet)
+        missing = [c for c in schema.dense_columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"data file {path} lacks the dense column(s) {missing} the model reads (float32, "
+                             f"standardised as `cctl-rec prepare` writes them)")
+        return out + (dense_values(DomainRows(table, path), schema),)
     if "other_seq" not in model.sequences:
         return out
     if "other_seq" not in table.column_names:

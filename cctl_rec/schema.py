@@ -17,6 +17,10 @@ features share their domain's item table (``t_seq`` -> table ``t_item_id``) and 
 Heads that attend over a sequence (DIN, MiNet) also get one key per position, ``t_seq@0`` ...
 ``t_seq@{L-1}`` (:class:`SeqPositions`), in the same item table: a bag of the j-th kept item
 (oldest first) or an empty bag past the row's length.
+
+Dense (float) features (``cctl-rec prepare``'s ``kind: dense, bins: 0``) are float32 columns, already
+standardised with the train split's mean / std; they belong to a token too and enter the towers as
+floats concatenated after that token's pooled embeddings (:meth:`DomainSchema.token_width`).
 """
 
 from __future__ import annotations
@@ -62,21 +66,40 @@ class Feature:
 
 
 @dataclass(frozen=True)
+class DenseFeature:
+    """One dense (float) feature: a float32 column read as is (standardised when written).
+
+    Args:
+        name: Parquet column name.
+        token: the semantic token it belongs to: user, item or context.
+    """
+
+    name: str
+    token: str
+
+    def __post_init__(self) -> None:
+        if self.token not in TOKENS:
+            raise ValueError(f"dense feature {self.name}: token must be one of {TOKENS}, got {self.token!r}")
+
+
+@dataclass(frozen=True)
 class DomainSchema:
     """The features of one domain, in token order.
 
     Args:
         domain: ``src`` or ``tgt``.
         features: every categorical feature, ``seq`` included.
+        dense: the dense float features (B X F_dense floats, this order), none for most data.
     """
 
     domain: str
     features: tuple[Feature, ...]
+    dense: tuple[DenseFeature, ...] = ()
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
-        names = [f.name for f in self.features]
+        names = [f.name for f in self.features] + [f.name for f in self.dense]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.domain} schema repeats a feature: {names}")
         for need in ("user_id", "item_id", SEQ_COLUMN):
@@ -132,8 +155,24 @@ class DomainSchema:
         """KJT keys of a token, in order; ``seq`` belongs to the user token."""
         return [self.prefix + f.name for f in self.features if f.token == token]
 
+    def token_dense(self, token: str) -> list[int]:
+        """Indices (into :attr:`dense`) of the token's dense features, in order."""
+        return [i for i, f in enumerate(self.dense) if f.token == token]
+
     def token_width(self, token: str, dim: int) -> int:
-        return dim * len(self.token_features(token))
+        """The token's width in the tower input: its pooled embeddings, then its dense floats."""
+        return dim * len(self.token_features(token)) + len(self.token_dense(token))
+
+    @property
+    def dense_columns(self) -> list[str]:
+        """Dense feature columns, in :attr:`dense` order (the batch's B X F_dense layout)."""
+        return [f.name for f in self.dense]
+
+    def token_names(self, token: str) -> list[str]:
+        """Feature names of a token as they enter the tower: its categorical features, then its
+        dense ones (SAN passes a token through when both domains have the same names)."""
+        return ([k[len(self.prefix):] for k in self.token_features(token)] +
+                [self.dense[i].name for i in self.token_dense(token)])
 
     def field_names(self) -> list[str]:
         """Feature names in the order their pooled embeddings are concatenated into the tower
@@ -141,16 +180,20 @@ class DomainSchema:
         return [k[len(self.prefix):] for t in TOKENS for k in self.token_features(t)]
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain,
-                "features": [{"name": f.name, "token": f.token, "cardinality": f.cardinality,
-                              "table": f.table} for f in self.features]}
+        out: dict[str, Any] = {"domain": self.domain,
+                               "features": [{"name": f.name, "token": f.token, "cardinality": f.cardinality,
+                                             "table": f.table} for f in self.features]}
+        if self.dense:  # absent without dense features: earlier manifests and fingerprints stay as they were
+            out["dense"] = [{"name": f.name, "token": f.token} for f in self.dense]
+        return out
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "DomainSchema":
         try:
             feats = tuple(Feature(str(x["name"]), str(x["token"]), int(x["cardinality"]), str(x["table"]))
                           for x in d["features"])
-            return DomainSchema(str(d["domain"]), feats)
+            dense = tuple(DenseFeature(str(x["name"]), str(x["token"])) for x in d.get("dense", ()))
+            return DomainSchema(str(d["domain"]), feats, dense)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed domain schema in manifest: missing {e}") from None
 
@@ -195,6 +238,20 @@ class SeqPositions:
     def keys(self, prefix: str) -> list[str]:
         """Every position key, column by column."""
         return [k for c in self.columns for k in self.column_keys(prefix, c)]
+
+
+FIELD_HEADS = ("deepfm", "afm", "din", "minet")
+"""Heads that read the tower input as F fields of width D: no room for dense floats."""
+
+
+def check_dense_head(head: str, schemas: dict[str, "DomainSchema"], with_source: bool = True) -> None:
+    """Raises ValueError when ``head`` reads the tower input as fields (:data:`FIELD_HEADS`) and the
+    schemas have dense float features (which are not D wide)."""
+    dense = schemas["tgt"].dense_columns + (schemas["src"].dense_columns if with_source else [])
+    if head in FIELD_HEADS and dense:
+        raise ValueError(f"model.head={head} reads the tower input as fields of width model.embedding_dim and "
+                         f"cannot take the dataset's dense features {dense}; expected model.head mlp, lr, star or "
+                         f"conet (or prepare them with bins > 0)")
 
 
 def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:

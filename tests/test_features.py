@@ -87,6 +87,12 @@ def prepared(raw_tiny, tmp_path_factory) -> tuple[str, str]:
      "feature 'context' must have token context"),
     (("bins: 0}", "bins: -1}"), "bins must be in [0, 65536], got -1"),
     (("price_f, column: price", "price, column: price"), "dense feature 'price' has bins 16 in domains.tgt but 0"),
+    (("{name: category, space: category, token: item}", "{name: category, space: category, token: item, dim: 16}"),
+     "feature 'category': dim 16: a per-feature embedding width is not supported"),
+    (("column: hist, kind: id_list, space: item}", "column: hist, kind: id_list, space: item, pooling: sum}"),
+     "feature 'seq': pooling sum: only mean pooling is supported"),
+    (("column: hist, kind: id_list, space: item}", "column: hist, kind: id_list, space: item, pooling: max}"),
+     "pooling must be one of ['mean', 'sum']"),
 ])
 def test_feature_config_is_validated_like_the_train_config(tmp_path, edit, msg):
     old, new = edit
@@ -166,7 +172,8 @@ def test_prepare_writes_the_layout_the_trainer_reads(prepared, raw_tiny):
     assert m["preset"] == "features/features" and m["format"] == "cctl-rec/v1"
     ts, ss = ds.schemas["tgt"], ds.schemas["src"]
     assert ts.field_names() == ["user_id", "city", "seq", "item_id", "category", "price", "context"]
-    assert "price_f" not in ss.field_names()  # bins 0: a float column the model does not read
+    assert "price_f" not in ss.field_names()  # bins 0: a float column, no table
+    assert ss.dense_columns == ["price_f"] and ss.token_width("item", 8) == 3 * 8 + 1  # read after the item token
     assert ss.feature("gender").cardinality == 4  # {0, 1, 2} + the OOV row
     assert ts.feature("category").cardinality == 17 and ts.feature("city").cardinality == 51
     assert ts.feature("user_id").cardinality == ss.feature("user_id").cardinality  # one space: REN
@@ -392,10 +399,11 @@ def test_amazon_raw_logs_match_the_converter(tmp_path):
 
 
 # ------------------------------------------------------------------------ dense features, binned
-@pytest.mark.slow  # two short trainings, ~10 s on one core
+@pytest.mark.slow  # three short trainings, ~15 s on one core
 def test_a_binned_dense_feature_reaches_the_towers(tmp_path):
-    """Labels that depend on a dense column only: learnt when the column is binned (it enters the
-    towers), not when it is written as a float column the model does not read (bins 0)."""
+    """Labels that depend on a dense column only: learnt when the column is binned (its bin's
+    embedding enters the towers) and when it is a standardised float (bins 0, concatenated to the
+    pooled embeddings), not without the column (None)."""
     rng = np.random.default_rng(0)
     for split, n in {"tgt/train": 6000, "tgt/valid": 1500, "tgt/test": 1500, "src/train": 6000}.items():
         x = rng.normal(0, 1, n)
@@ -405,12 +413,14 @@ def test_a_binned_dense_feature_reaches_the_towers(tmp_path):
                                                                  .astype(np.int8))}),
                        str(tmp_path / "raw" / split / "part-0.parquet"))
     aucs = {}
-    for bins in (16, 0):
+    for bins in (16, 0, None):
         dom = f"""
             label: {{column: y}}
             features:
               - {{name: user_id, column: u, space: user, token: user}}
-              - {{name: item_id, column: i, space: item, token: item}}
+              - {{name: item_id, column: i, space: item, token: item}}"""
+        if bins is not None:
+            dom += f"""
               - {{name: x, kind: dense, token: item, bins: {bins}}}"""
         text = ("spaces: [{name: user, vocab: {}}, {name: item, vocab: {}}]\ndomains:\n  tgt:" +
                 textwrap.indent(textwrap.dedent(dom), "    ") + "\n  src:" + textwrap.indent(textwrap.dedent(dom), "    "))
@@ -420,4 +430,4 @@ def test_a_binned_dense_feature_reaches_the_towers(tmp_path):
         assert main(["train", "--data", out, "--run-dir", run, "model.name=dnn", "data.batch_size=128",
                      "data.epochs=2", "model.tower=[32,16]", "run.log_every=50"]) == 0
         aucs[bins] = json.loads(open(os.path.join(run, "metrics.json")).read())["target_test"]["auc"]
-    assert aucs[16] > 0.8 and aucs[0] < 0.6, aucs
+    assert aucs[16] > 0.8 and aucs[0] > 0.8 and aucs[None] < 0.6, aucs

@@ -35,6 +35,8 @@ class CCTLBatch(Pipelineable):
         src_harmful: ``B_s`` bools (ground truth, analysis only; all False when unknown).
         tgt_group: ``B_t`` int64 user groups of the target rows (0 warm, 1 cold; the split's
             ``user_group`` column, evaluation only), or None when the split has none.
+        tgt_dense, src_dense: B_t X F_dense_t / B_s X F_dense_s float32 dense features of the
+            target / source rows (``DomainSchema.dense`` order), None when the schema has none.
     """
 
     tgt: KeyedJaggedTensor
@@ -47,6 +49,8 @@ class CCTLBatch(Pipelineable):
     src_label: Optional[torch.Tensor] = None
     src_harmful: Optional[torch.Tensor] = None
     tgt_group: Optional[torch.Tensor] = None
+    tgt_dense: Optional[torch.Tensor] = None
+    src_dense: Optional[torch.Tensor] = None
 
     @property
     def num_src(self) -> int:

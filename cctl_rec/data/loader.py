@@ -11,9 +11,9 @@ from cctl_rec.config import DataConfig, TrainConfig
 from cctl_rec.data.batch import CCTLBatch
 from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
 from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_list_bounds,
-                                  check_range, check_sequence_lengths, open_parquet, column_ids, features,
+                                  check_range, check_sequence_lengths, open_parquet, column_ids, dense_values, features,
                                   group_column, labels, make_kjt, position_features)
-from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions
+from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions, check_dense_head
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
     """Everything about the data that can fail a training run, checked before it writes anything:
     the splits it needs; shards against the manifest (``data.verify``); every file's columns and
     types, the same across a split's shards; ids, nulls and labels from the footer statistics;
+    dense float features only with a head that can read them;
     enough rows for ``world_size`` ranks; with ``data.long_seq=fail``, the sequence lengths; for
     MiNet, ``other_seq``'s ids against the target item table it is looked up in."""
     with_source = cfg.model.name == "cctl"
@@ -72,6 +73,7 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
             raise ValueError(f"dataset {data.root} has no {split} split (it has {sorted(data.manifest['splits'])}); "
                              f"model.name={cfg.model.name} needs {', '.join(need)}")
     data.verify(need, cfg.data.verify, rank, world_size)
+    check_dense_head(cfg.model.head, data.schemas, with_source)
     d = cfg.data
     streams = [ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], d.batch_size, 0, world_size)]
     for split in ("tgt/valid", "tgt/test"):
@@ -150,6 +152,7 @@ def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, D
         item_in_other=bool_column(tgt, "item_in_other"),
         seq_mask=user_in & torch.from_numpy((seq_len > 0) & (other_l > 0)),
         tgt_group=group_column(tgt),
+        tgt_dense=dense_values(tgt, ts),
     )
     if src is not None:
         ren = {ss.prefix + "user_id": tgt_feats[ts.prefix + "user_id"],
@@ -163,6 +166,7 @@ def build_batch(tgt: DomainRows, src: Optional[DomainRows], schemas: dict[str, D
             batch.mixed = make_kjt(ts.keys, [tgt_feats, as_tgt], [len(tgt), len(src)])
         batch.src_label = labels(src)
         batch.src_harmful = bool_column(src, "is_harmful")
+        batch.src_dense = dense_values(src, ss)
     return batch
 
 

@@ -57,9 +57,15 @@ class FeatureJSON(_Strict):
     table: str = Field(min_length=1, max_length=200)
 
 
+class DenseFeatureJSON(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    token: Literal["user", "item", "context"]
+
+
 class DomainSchemaJSON(_Strict):
     domain: Literal["src", "tgt"]
     features: list[FeatureJSON] = Field(min_length=1, max_length=10_000)
+    dense: list[DenseFeatureJSON] = Field(default_factory=list, max_length=10_000)
 
 
 class SchemasJSON(_Strict):

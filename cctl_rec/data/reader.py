@@ -99,8 +99,17 @@ def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_
     if missing:
         raise ValueError(f"data file {path} lacks column(s) {missing} of the {schema.domain} schema "
                          f"(has {sorted(have)}); is it a {'source' if schema.domain == 'tgt' else 'target'} file?")
+    for c in schema.dense_columns:
+        if c not in have:
+            raise ValueError(f"data file {path} lacks the dense column {c!r} of the {schema.domain} schema "
+                             f"(has {sorted(have)})")
+        if not pa.types.is_floating(arrow.field(c).type):
+            raise ValueError(f"data file {path}: dense column {c!r} has type {arrow.field(c).type}, expected float")
+    need += schema.dense_columns
     for c in need:
         t = arrow.field(c).type
+        if c in schema.dense_columns:
+            continue
         if c in LIST_COLUMNS:
             ok = pa.types.is_list(t) or pa.types.is_large_list(t)
             ok = ok and pa.types.is_integer(t.value_type)
@@ -267,6 +276,26 @@ def features(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq:
     card = lookup_rows(schema)
     return {key: column_ids(rows, f.name, card[f.name], max_seq_len, long_seq)
             for key, f in zip(schema.keys, schema.features)}
+
+
+def dense_values(rows: DomainRows, schema: DomainSchema) -> Optional[torch.Tensor]:
+    """B X F_dense float32 of the schema's dense columns (``schema.dense`` order), or None when it
+    has none. A null, NaN or infinite value fails naming the file and the column (``cctl-rec
+    prepare`` writes the train mean for a null)."""
+    if not schema.dense:
+        return None
+    cols = []
+    for name in schema.dense_columns:
+        col = rows.table.column(name)
+        if col.null_count:
+            raise ValueError(f"data file {rows.path}: dense column {name!r} has {col.null_count} null value(s); "
+                             f"expected finite floats")
+        x = col.to_numpy().astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError(f"data file {rows.path}: dense column {name!r} has the value {x[~np.isfinite(x)][0]}; "
+                             f"expected finite floats")
+        cols.append(x)
+    return torch.from_numpy(np.stack(cols, axis=1))
 
 
 def make_kjt(keys: list[str], parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], sizes: list[int]

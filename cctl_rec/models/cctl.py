@@ -19,7 +19,7 @@ from cctl_rec.modules.embedding import build_ebc
 from cctl_rec.modules.san import SemanticAlign
 from cctl_rec.modules.heads import DOMAIN_HEADS, DomainClassifier, build_head
 from cctl_rec.schema import (HEAD_SEQUENCES, ID_FEATURES, TOKENS, DomainSchema, SeqPositions,
-                             shared_attributes)
+                             check_dense_head, shared_attributes)
 
 
 @dataclass
@@ -49,9 +49,25 @@ class CCTLOutput:
     logit_domain: Optional[torch.Tensor] = None
 
 
-def _tokens(pooled: dict[str, torch.Tensor], schema: DomainSchema, rows: slice) -> dict[str, torch.Tensor]:
-    """token -> B X (n_token_features * D), features in schema order."""
-    return {t: torch.cat([pooled[k][rows] for k in schema.token_features(t)], dim=1) for t in TOKENS}
+def _tokens(pooled: dict[str, torch.Tensor], schema: DomainSchema, rows: slice,
+            dense: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """token -> B X (n_token_features * D + n_token_dense), features in schema order, then the
+    token's dense floats (columns of ``dense``, B X F_dense, already cut to ``rows``)."""
+    out = {}
+    for t in TOKENS:
+        parts = [pooled[k][rows] for k in schema.token_features(t)]
+        idx = schema.token_dense(t)
+        if idx:
+            parts.append(_dense_cols(dense, idx, schema))
+        out[t] = torch.cat(parts, dim=1)
+    return out
+
+
+def _dense_cols(dense: Optional[torch.Tensor], idx: list[int], schema: DomainSchema) -> torch.Tensor:
+    if dense is None:
+        raise ValueError(f"the {schema.domain} schema has dense features {schema.dense_columns} but the batch "
+                         f"carries none; expected batches built from this dataset")
+    return dense[:, idx[0]:idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else dense[:, idx]
 
 
 class CCTL(nn.Module):
@@ -88,6 +104,7 @@ class CCTL(nn.Module):
         super().__init__()
         self.schemas, self.cfg, self.with_source = schemas, cfg, with_source
         ts, ss, d = schemas["tgt"], schemas["src"], cfg.embedding_dim
+        check_dense_head(cfg.head, schemas, with_source)
         self.tgt_dims = {t: ts.token_width(t, d) for t in TOKENS}
         width = sum(self.tgt_dims.values())
         self.positions: Optional[SeqPositions] = (SeqPositions(HEAD_SEQUENCES[cfg.head], seq_len)
@@ -107,8 +124,7 @@ class CCTL(nn.Module):
             # and is never called (an EBC without tables cannot pool)
             self.src_has_tables = bool(ss.keys_without(self.shared))
             src_dims = {t: ss.token_width(t, d) for t in TOKENS}
-            same = frozenset(t for t in TOKENS if [k[2:] for k in ss.token_features(t)] ==
-                             [k[2:] for k in ts.token_features(t)])
+            same = frozenset(t for t in TOKENS if ss.token_names(t) == ts.token_names(t))
             self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
             self.mixed_tower = build_head(cfg.head, width, d, cfg.tower, ("tgt", "src"), fields=fields)
             if cfg.dann_weight > 0:
@@ -118,18 +134,20 @@ class CCTL(nn.Module):
     def width(self) -> int:
         return sum(self.tgt_dims.values())
 
-    def target_repr(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
+    def target_repr(self, kjt: KeyedJaggedTensor, network: str = "pure",
+                    dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         """v^t of Eq. 2 through the ``network``'s target tables: B_t X W_t."""
-        return self.target_inputs(kjt, network)[0]
+        return self.target_inputs(kjt, network, dense)[0]
 
-    def target_inputs(self, kjt: KeyedJaggedTensor, network: str = "pure"
+    def target_inputs(self, kjt: KeyedJaggedTensor, network: str = "pure", dense: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(v^t: B_t X W_t, the head's sequence inputs): per column of ``positions``, its
         B_t X L X D position embeddings and B_t X L bool mask (a position holds an item); () for
-        heads without sequences."""
+        heads without sequences. ``dense``: B_t X F_dense target dense features (when the schema
+        has any)."""
         ebc = self.pure_tgt if network == "pure" else self.mixed_tgt
         pooled = ebc(kjt).to_dict()
-        tok = _tokens(pooled, self.schemas["tgt"], slice(None))
+        tok = _tokens(pooled, self.schemas["tgt"], slice(None), dense)
         return torch.cat([tok[t] for t in TOKENS], dim=1), self._sequences(pooled, kjt)
 
     def _sequences(self, pooled: dict[str, torch.Tensor], kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
@@ -145,18 +163,22 @@ class CCTL(nn.Module):
             out.append(lengths[[row[k] for k in keys]].t() > 0)                             # B X L
         return tuple(out)
 
-    def predict(self, kjt: KeyedJaggedTensor, network: str = "pure") -> torch.Tensor:
-        """Logits of the ``network`` ("pure" or "mixed") on target rows: B_t."""
+    def predict(self, kjt: KeyedJaggedTensor, network: str = "pure", dense: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Logits of the ``network`` ("pure" or "mixed") on target rows: B_t (``dense``: their
+        B_t X F_dense dense features, ``CCTLBatch.tgt_dense``)."""
         tower = self.pure_tower if network == "pure" else self.mixed_tower
-        x, seqs = self.target_inputs(kjt, network)
+        x, seqs = self.target_inputs(kjt, network, dense)
         return tower(x, *seqs)
 
     def source_repr(self, src_pooled: dict[str, torch.Tensor], n_src: int,
-                    shared_pooled: Optional[dict[str, torch.Tensor]] = None, shared_rows: slice = slice(None)
-                    ) -> torch.Tensor:
+                    shared_pooled: Optional[dict[str, torch.Tensor]] = None, shared_rows: slice = slice(None),
+                    dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SAN-aligned source representation: B_s X W_t. Own-table features come from the first
         ``n_src`` rows of ``src_pooled``; shared attributes from ``shared_pooled[shared_rows]``
-        (the mixed target tables' output, keys ``t_*``)."""
+        (the mixed target tables' output, keys ``t_*``); the source's dense floats (``dense``,
+        B_s X F_dense_s) join their token's input to SAN, which maps each token (embeddings and
+        floats) to the target token's width (its embeddings and floats)."""
         ss, tp = self.schemas["src"], self.schemas["tgt"].prefix
         tokens = {}
         for t in TOKENS:
@@ -168,16 +190,20 @@ class CCTL(nn.Module):
                     parts.append(shared_pooled[tp + name][shared_rows])
                 else:
                     parts.append(src_pooled[key][:n_src])
+            idx = ss.token_dense(t)
+            if idx:
+                parts.append(_dense_cols(dense, idx, ss))
             tokens[t] = torch.cat(parts, dim=1)
         aligned = self.san(tokens)
         return torch.cat([aligned[t] for t in TOKENS], dim=1)
 
-    def score_source(self, src_kjt: KeyedJaggedTensor, shared_kjt: Optional[KeyedJaggedTensor], n_src: int
-                     ) -> torch.Tensor:
+    def score_source(self, src_kjt: KeyedJaggedTensor, shared_kjt: Optional[KeyedJaggedTensor], n_src: int,
+                     dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SAN-aligned representation of source-only KJTs (own tables; shared attributes in the
-        target layout), for scoring source rows outside training: B_s X W_t."""
+        target layout; ``dense``: the rows' B_s X F_dense_s floats), for scoring source rows
+        outside training: B_s X W_t."""
         shared = self.mixed_tgt(shared_kjt).to_dict() if shared_kjt is not None else None
-        return self.source_repr(self._src_pooled(src_kjt), n_src, shared)
+        return self.source_repr(self._src_pooled(src_kjt), n_src, shared, dense=dense)
 
     def source_logits(self, x_src: torch.Tensor) -> torch.Tensor:
         """The mixed network's B_s logits on SAN-aligned source rows (B_s X W_t)."""
@@ -188,19 +214,19 @@ class CCTL(nn.Module):
 
     def forward(self, batch: CCTLBatch) -> CCTLOutput:
         ts, ss = self.schemas["tgt"], self.schemas["src"]
-        x_pure, seqs = self.target_inputs(batch.tgt, "pure")
+        x_pure, seqs = self.target_inputs(batch.tgt, "pure", batch.tgt_dense)
         logit_pure = self.pure_tower(x_pure, *seqs)
         if not self.with_source:
             return CCTLOutput(logit_tgt=None, logit_pure=logit_pure)
         n_t = batch.tgt_label.shape[0]
         mixed = self.mixed_tgt(batch.mixed if batch.mixed is not None else batch.tgt).to_dict()  # B_t (+ B_s) rows
-        tok = _tokens(mixed, ts, slice(0, n_t))
+        tok = _tokens(mixed, ts, slice(0, n_t), batch.tgt_dense)
         x_tgt = torch.cat([tok[t] for t in TOKENS], dim=1)                  # B_t X W_t
         if batch.src is None:  # no source rows this step (data.src_ratio=0)
             return CCTLOutput(logit_tgt=self.mixed_tower(x_tgt), logit_pure=logit_pure, x_tgt=x_tgt)
         n_s = batch.num_src
         src = self._src_pooled(batch.src)                                     # (B_s + B_t) rows
-        x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s))      # B_s X W_t
+        x_src = self.source_repr(src, n_s, mixed, slice(n_t, n_t + n_s), batch.src_dense)  # B_s X W_t
         x_all = torch.cat([x_tgt, x_src], dim=0)
         if self.cfg.head in DOMAIN_HEADS:  # STAR / CoNet: each domain through its own factors / column
             logits = torch.cat([self.mixed_tower(x_tgt, "tgt"), self.mixed_tower(x_src, "src")])

@@ -37,7 +37,7 @@ def evaluate(module: CCTL, data: Dataset, split: str, cfg: TrainConfig, rank: in
     kept = []
     for b in eval_batches(data, split, cfg.data, rank, world, cfg.run.max_eval_rows, positions=module.positions):
         for n in networks:
-            z = module.predict(b.tgt, n)
+            z = module.predict(b.tgt, n, b.tgt_dense)
             meters[n].update(z, b.tgt_label)
             if n == networks[0]:
                 gauc.update(z, b.tgt_label, user_ids(module, b.tgt))

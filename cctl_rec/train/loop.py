@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml
 from cctl_rec.data.loader import Dataset, split_source
-from cctl_rec.data.reader import ParquetStream, features, make_kjt
+from cctl_rec.data.reader import ParquetStream, dense_values, features, make_kjt
 from cctl_rec.distributed.env import gather_cat
 from cctl_rec.metrics import WindowMetrics, fmt, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
@@ -52,7 +52,7 @@ def score_source(module: CCTL, ifn: IFN, data: Dataset, cfg: TrainConfig, rank: 
         own, as_tgt = split_source(features(r, ss, cfg.data.max_seq_len, cfg.data.long_seq), data.schemas,
                                    module.shared)
         shared_kjt = make_kjt(data.schemas["tgt"].keys, [as_tgt], [len(r)]) if module.shared else None
-        x = module.score_source(make_kjt(list(own), [own], [len(r)]), shared_kjt, len(r))
+        x = module.score_source(make_kjt(list(own), [own], [len(r)]), shared_kjt, len(r), dense_values(r, ss))
         y = torch.from_numpy(r.table.column("label").to_numpy(zero_copy_only=False).astype("float32"))
         h = r.table.column("is_harmful").to_numpy(zero_copy_only=False) if "is_harmful" in r.table.column_names \
             else None

@@ -35,8 +35,8 @@ def heldout_reward(module: Any, batch: Any) -> torch.Tensor:
         batch: a target-only batch (``tgt``, ``tgt_label``: B labels).
     """
     y = batch.tgt_label
-    return eq5(F.binary_cross_entropy_with_logits(module.predict(batch.tgt, "pure"), y),
-               F.binary_cross_entropy_with_logits(module.predict(batch.tgt, "mixed"), y))
+    return eq5(F.binary_cross_entropy_with_logits(module.predict(batch.tgt, "pure", batch.tgt_dense), y),
+               F.binary_cross_entropy_with_logits(module.predict(batch.tgt, "mixed", batch.tgt_dense), y))
 
 
 def step_reward(step_losses: Any, module: Any, heldout: Optional[Any]) -> float:

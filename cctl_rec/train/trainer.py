@@ -95,7 +95,7 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: CCTLBatch, h
     if cfg.selector.influence_target == "heldout_batch":
         assert hb is not None
         with torch.no_grad():
-            x_eval, y_eval = module.target_repr(hb.tgt, "mixed"), hb.tgt_label
+            x_eval, y_eval = module.target_repr(hb.tgt, "mixed", hb.tgt_dense), hb.tgt_label
     else:
         x_eval, y_eval = out.x_tgt, batch.tgt_label
     x, y = out.x_src.float(), batch.src_label

@@ -29,8 +29,9 @@ Rules the model imposes (checked here, one line each):
 - a feature of the same name, token and space in both domains is an attribute the mixed network
   shares (``model.share_attributes``);
 - a domain without a context feature gets the constant ``context`` (one row), as converted data has;
-- a dense feature enters the towers as the embedding of its quantile bin (``bins``, default 16;
-  ``bins: 0`` writes a standardised float column the model does not read).
+- a dense feature enters the towers as the embedding of its quantile bin (``bins``, default 16),
+  or with ``bins: 0`` as a float standardised with the train split's mean / std (recorded),
+  concatenated after its token's pooled embeddings (docs/features.md, "Dense features").
 
 Row 0 of every space is the out-of-vocabulary / null row: a vocabulary of V ids has V + 1 rows
 (ids ordered by train count, descending, then by value), N hash buckets have N + 1 rows.
@@ -137,9 +138,23 @@ class FeatureSpec:
     """dense: the feature enters the towers as the embedding of its quantile bin (EasyRec's
     ``boundaries``): bins - 1 boundaries at the train split's quantiles j / bins (both domains'
     values pooled when both have the feature; ties merged; recorded), row 0 for null. 0: written as a
-    standardised float32 column that the model does not read."""
+    standardised float32 column (a null: the train mean, so 0) that the towers read as a float after
+    the pooled embeddings of its token."""
+
+    dim: int = 0
+    """The embedding width: 0 = ``model.embedding_dim`` (the only width supported; a per-feature
+    width is refused, docs/features.md says why)."""
+    pooling: Literal["mean", "sum"] = "mean"
+    """How ``seq`` is pooled: mean (the only pooling supported; sum is refused, docs/features.md)."""
 
     def __post_init__(self) -> None:
+        _check(self.dim == 0, f"feature {self.name!r}: dim {self.dim}: a per-feature embedding width is not supported; "
+                              f"every table has model.embedding_dim (REN, the field heads and the export assume one "
+                              f"width, docs/features.md); expected dim 0 or no dim, and model.embedding_dim={self.dim} "
+                              f"in the training config")
+        _check(self.pooling == "mean", f"feature {self.name!r}: pooling {self.pooling}: only mean pooling is supported "
+                                       f"(the sequence is mean-pooled in training and in the export, docs/features.md); "
+                                       f"expected pooling mean or no pooling")
         _check(bool(self.name) and self.name.isidentifier(),
                f"feature name must be an identifier (letters, digits, _), got {self.name!r}")
         _check(self.name not in RESERVED, f"feature name {self.name!r} is a reserved column name; "

@@ -204,7 +204,8 @@ class FeatureMap:
 
     def schema_json(self, d: str) -> dict[str, Any]:
         """The domain's ``DomainSchema.to_json()``: id features in their space's table, binned
-        dense features in a table of their own (unbinned dense columns are not in the schema)."""
+        dense features in a table of their own, unbinned dense features (``bins: 0``) under
+        ``dense`` (float columns the towers read after their token's embeddings)."""
         tables = self.tables(d)
         feats = [{"name": f.name, "token": f.resolved_token, "cardinality": self.spaces[f.space].rows,
                   "table": tables[f.space]} if f.kind != "dense" else
@@ -217,7 +218,12 @@ class FeatureMap:
                           "table": tables[item.space]})
         if not any(f.token == CONTEXT for f in self.spec.domain(d).features):
             feats.append({"name": CONTEXT, "token": CONTEXT, "cardinality": 1, "table": CONTEXT})
-        return {"domain": d, "features": feats}
+        out: dict[str, Any] = {"domain": d, "features": feats}
+        floats = [{"name": f.name, "token": f.resolved_token} for f in self.spec.domain(d).features
+                  if f.kind == "dense" and self.dense[d][f.name].boundaries is None]
+        if floats:
+            out["dense"] = floats
+        return out
 
     # --------------------------------------------------------------------------------- files
     def to_json(self, vocab_files: dict[str, dict[str, Any]]) -> dict[str, Any]:

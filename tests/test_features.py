@@ -173,7 +173,7 @@ def test_prepare_writes_the_layout_the_trainer_reads(prepared, raw_tiny):
     ts, ss = ds.schemas["tgt"], ds.schemas["src"]
     assert ts.field_names() == ["user_id", "city", "seq", "item_id", "category", "price", "context"]
     assert "price_f" not in ss.field_names()  # bins 0: a float column, no table
-    assert ss.dense_columns == ["price_f"] and ss.token_width("item", 8) == 3 * 8 + 1  # read after the item token
+    assert ss.dense_columns == ["price_f"] and ss.token_width("item", 8) == 2 * 8 + 1  # item_id, category, then the float
     assert ss.feature("gender").cardinality == 4  # {0, 1, 2} + the OOV row
     assert ts.feature("category").cardinality == 17 and ts.feature("city").cardinality == 51
     assert ts.feature("user_id").cardinality == ss.feature("user_id").cardinality  # one space: REN

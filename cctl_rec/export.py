@@ -44,6 +44,7 @@ from cctl_rec.data.manifest import DomainSchemaJSON, atomic_write_bytes, check_s
 from cctl_rec.modules.heads import build_head
 from cctl_rec.safe_io import decode_json, read_bounded, regular_file, short, validate
 from cctl_rec.schema import HEAD_SEQUENCES, TOKENS, DomainSchema
+from cctl_rec.storage import dcp_reader
 from cctl_rec.train.checkpoint import check_metadata, dcp_cause, first_line
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def load_network_from_checkpoint(ckpt: str, schema: DomainSchema, dim: int, towe
         flat[f"model/{network}_tower.{k}"] = v
     check_metadata(ckpt)
     try:
-        dcp.load(flat, checkpoint_id=ckpt, no_dist=True)
+        dcp.load(flat, checkpoint_id=ckpt, no_dist=True, storage_reader=dcp_reader(ckpt))
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's error
         raise ValueError(f"checkpoint {ckpt} does not hold the {network} network of this model "
                          f"({first_line(dcp_cause(e))})") from None

@@ -9,13 +9,14 @@ the scored dataset's target schema must equal it.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import torch
+from iopath.common.file_io import g_pathmgr
 
 from cctl_rec.config import TrainConfig, load_config
 from cctl_rec.data.loader import Dataset
+from cctl_rec.data.manifest import join
 from cctl_rec.data.reader import GROUP_COLUMN, ParquetStream
 from cctl_rec.metrics import BinaryMetrics, GroupMetrics, UserAUC
 from cctl_rec.schema import DomainSchema
@@ -24,10 +25,10 @@ from cctl_rec.train.checkpoint import list_checkpoints, read_trainer_meta
 
 def run_config(run_dir: str) -> TrainConfig:
     """The resolved config.yaml of a run directory (one line naming it when it is not one)."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isdir(run_dir):
+    path = join(run_dir, "config.yaml")
+    if not g_pathmgr.isdir(run_dir):
         raise FileNotFoundError(f"--run-dir {run_dir} does not exist; expected a cctl-rec run directory")
-    if not os.path.exists(path):
+    if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a cctl-rec run directory?")
     return load_config(path)
 
@@ -66,8 +67,9 @@ def served_network(cfg: TrainConfig, ckpt: str) -> str:
 
     if cfg.model.name != "cctl":
         return "pure"
-    if os.path.exists(os.path.join(ckpt, BEST_JSON)):
-        return json.loads(open(os.path.join(ckpt, BEST_JSON), encoding="utf-8").read())["network"]
+    if g_pathmgr.exists(join(ckpt, BEST_JSON)):
+        with g_pathmgr.open(join(ckpt, BEST_JSON), "r", encoding="utf-8") as f:
+            return json.loads(f.read())["network"]
     return "pure" if read_trainer_meta(ckpt).get("final") else "mixed"
 
 

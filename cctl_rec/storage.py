@@ -61,6 +61,106 @@ def filesystem(scheme: str):
     return fsspec.filesystem(scheme, **_storage_options(scheme))
 
 
+def is_remote(path: str) -> bool:
+    """True for a URL that fsspec serves (``s3://b/k``); False for local paths and ``file://``."""
+    scheme = scheme_of(path)
+    return scheme is not None and scheme not in LOCAL_SCHEMES
+
+
+def cache_root() -> str:
+    """Where remote files are cached and remote run directories stage local files:
+    ``CCTL_REC_CACHE``, default ``$TMPDIR/cctl-rec-cache``."""
+    return os.environ.get("CCTL_REC_CACHE") or os.path.join(tempfile.gettempdir(), "cctl-rec-cache")
+
+
+def _fs(url: str):
+    scheme = scheme_of(url)
+    assert scheme is not None, f"not a URL: {url}"
+    return filesystem(scheme)
+
+
+def _fresh(fs: Any, url: str) -> None:
+    """Drops fsspec's listing cache at and below ``url``: another process (another rank, an
+    earlier attempt of the job) may have written there since this one listed it."""
+    path = fs._strip_protocol(url).rstrip("/")
+    fs.invalidate_cache(path)  # the path and its parents
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        for key in [k for k in list(cache) if k.startswith(path + "/")]:
+            cache.pop(key, None)
+
+
+def list_names(url: str) -> list[str]:
+    """Names of the objects and prefixes directly below ``url``, sorted; [] when there are none."""
+    fs = _fs(url)
+    _fresh(fs, url)
+    try:
+        return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(url, detail=False)})
+    except FileNotFoundError:
+        return []
+
+
+def find_names(url: str, pattern: str) -> list[str]:
+    """Paths below ``url`` (relative to it, sorted) that match the glob ``pattern`` (one listing)."""
+    fs = _fs(url)
+    _fresh(fs, url)
+    base = fs._strip_protocol(url).rstrip("/") + "/"
+    return sorted(p[len(base):] for p in fs.glob(base + pattern) if p.startswith(base))
+
+
+def write_object(url: str, data: bytes) -> None:
+    """One object, in one request: on S3, GCS and Azure it is visible only once complete."""
+    _fs(url).pipe_file(url, data)
+
+
+def remove_tree(url: str, first: Optional[str] = None) -> None:
+    """Removes every object below ``url`` (and ``url`` itself); ``first`` (a name below it, the
+    marker that makes it count as complete) goes before the rest, so a removal cut short leaves
+    an incomplete prefix, never a complete-looking one."""
+    fs = _fs(url)
+    _fresh(fs, url)
+    if first is not None:
+        marker = url.rstrip("/") + "/" + first
+        if fs.exists(marker):
+            fs.rm(marker)
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+    _fresh(fs, url)
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copies every object below ``src`` to the same relative key below ``dst`` (server side)."""
+    fs = _fs(src)
+    _fresh(fs, src)
+    base = fs._strip_protocol(src).rstrip("/") + "/"
+    for p in fs.find(base):
+        fs.copy(p, dst.rstrip("/") + "/" + p[len(base):])
+
+
+def put_file(local: str, url: str) -> None:
+    """Uploads one local file to ``url``."""
+    _fs(url).put_file(local, url)
+
+
+def dcp_writer(path: str) -> Any:
+    """DCP's storage writer for ``path``: None for a local path (DCP's own file writer, as
+    before), an ``FsspecWriter`` for a URL (no fsync: an object is durable once written)."""
+    if not is_remote(path):
+        return None
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(path, sync_files=False, **_storage_options(scheme_of(path)))
+
+
+def dcp_reader(path: str) -> Any:
+    """DCP's storage reader for ``path``: None for a local path, an ``FsspecReader`` for a URL."""
+    if not is_remote(path):
+        return None
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(path, **_storage_options(scheme_of(path)))
+
+
 class FsspecPathHandler(PathHandler):
     """iopath handler for one URL scheme, delegating to fsspec.
 
@@ -82,8 +182,7 @@ class FsspecPathHandler(PathHandler):
     def _get_local_path(self, path: str, force: bool = False, **kwargs: Any) -> str:
         info = self.fs.info(path)
         tag = f"{path}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
-        root = os.environ.get("CCTL_REC_CACHE") or os.path.join(tempfile.gettempdir(), "cctl-rec-cache")
-        local = os.path.join(root, hashlib.sha256(tag.encode()).hexdigest()[:32], os.path.basename(path))
+        local = os.path.join(cache_root(), hashlib.sha256(tag.encode()).hexdigest()[:32], os.path.basename(path))
         if force or not os.path.exists(local):
             os.makedirs(os.path.dirname(local), exist_ok=True)
             tmp = f"{local}.tmp-{os.getpid()}"

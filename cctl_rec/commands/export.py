@@ -35,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.scoring import pick_checkpoint, served_network
     from cctl_rec.train.checkpoint import check_fingerprint, list_checkpoints, run_fingerprint
 
-    cfg_path = os.path.join(args.run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
+    from iopath.common.file_io import g_pathmgr
+
+    from cctl_rec.data.manifest import join
+
+    cfg_path = join(args.run_dir, "config.yaml")
+    if not g_pathmgr.exists(cfg_path):
         raise FileNotFoundError(f"{args.run_dir} has no config.yaml; is it a cctl-rec run directory?")
     cfg = load_config(cfg_path)
     ckpts = list_checkpoints(args.run_dir)

@@ -52,9 +52,11 @@ def preflight(cfg, run_dir: str) -> None:
     from cctl_rec.distributed.env import resolve_device
     from cctl_rec.distributed.sharding import sharding_types
 
+    from iopath.common.file_io import g_pathmgr
+
     if not run_dir:
         raise ValueError("--run-dir must name a directory, got ''")
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    if g_pathmgr.exists(run_dir) and not g_pathmgr.isdir(run_dir):
         raise NotADirectoryError(f"--run-dir {run_dir} exists and is not a directory")
     device, _ = resolve_device(cfg.dist.device, cfg.dist.backend)
     sharding_types(cfg.dist.sharding, device.type)
@@ -124,10 +126,16 @@ def _writer_lock(run_dir: str, cfg) -> Iterator[bool]:
     have written its checkpoint since ``preflight``. Yields whether this command created the
     directory. Other ranks write only inside rank 0's run."""
     from cctl_rec.data.loader import Dataset
+    from cctl_rec.storage import is_remote, list_names
     from cctl_rec.train.rundir import prepare_run_dir, run_dir_lock
 
     if env_world()[0] != 0:
         yield False
+        return
+    if is_remote(run_dir):  # an object store has no lock (docs/storage.md): one writer is the launcher's to ensure
+        created = not list_names(run_dir)
+        prepare_run_dir(run_dir)
+        yield created
         return
     created = False
     try:
@@ -150,8 +158,12 @@ def _remove_new_run_dir(run_dir: str, created: bool) -> None:
     """A user mistake found after the run directory was made: leave no half-made run behind
     (only a directory this command created and that holds no checkpoint yet; rank 0)."""
     from cctl_rec.logging_utils import rank
+    from cctl_rec.storage import is_remote, remove_tree
     from cctl_rec.train.checkpoint import list_checkpoints
 
-    if created and rank() == 0 and os.path.isdir(run_dir) and not list_checkpoints(run_dir):
+    if created and rank() == 0 and is_remote(run_dir) and not list_checkpoints(run_dir):
+        remove_tree(run_dir)
+        logger.info("removed %s, which this failed run had created", run_dir)
+    elif created and rank() == 0 and os.path.isdir(run_dir) and not list_checkpoints(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
         logger.info("removed %s, which this failed run had created", run_dir)

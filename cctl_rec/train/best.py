@@ -7,6 +7,10 @@ trainer write a checkpoint of that step; :func:`keep_best` then copies it to ``R
 ``run.keep_checkpoints`` never prunes it. ``cctl-rec export --checkpoint best`` and
 ``cctl-rec evaluate --checkpoint best`` read it; the network they take is the one measured: the
 pure network of that step.
+
+In a run directory on a URL (no rename) the copy is made in place: ``best.json`` (the marker,
+:func:`read_best` takes nothing without it) is removed first and written last, so a kill while a
+new best is copied leaves no best until the next one, never a half-copied one.
 """
 
 from __future__ import annotations
@@ -17,20 +21,23 @@ import shutil
 import uuid
 from typing import Any, Optional
 
-from cctl_rec.data.manifest import atomic_write_bytes
+from iopath.common.file_io import g_pathmgr
+
+from cctl_rec import storage
+from cctl_rec.data.manifest import atomic_write_bytes, join
 
 BEST_DIR = "best"
 BEST_JSON = "best.json"
 
 
 def best_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, BEST_DIR)
+    return join(run_dir, BEST_DIR)
 
 
 def read_best(run_dir: str) -> Optional[dict[str, Any]]:
     """``{"step", "valid_auc", "network", "path"}`` of the run's best checkpoint, or None."""
-    path = os.path.join(best_dir(run_dir), BEST_JSON)
-    if not os.path.exists(path):
+    path = join(best_dir(run_dir), BEST_JSON)
+    if not g_pathmgr.exists(path):
         return None
     from cctl_rec.safe_io import decode_json, read_bounded
 
@@ -70,11 +77,17 @@ def improves(run_dir: str, auc: Optional[float]) -> bool:
 def keep_best(run_dir: str, step: int, auc: float, ckpt: str, network: str = "pure") -> str:
     """Copies checkpoint ``ckpt`` (of ``step``, valid AUC ``auc``) to ``RUN/best/``; rank 0 only."""
     dst = best_dir(run_dir)
+    name = ckpt.rstrip("/").rsplit("/", 1)[-1]
+    record = (json.dumps({"step": step, "valid_auc": auc, "network": network, "from": name}) + "\n").encode()
+    if storage.is_remote(run_dir):
+        storage.remove_tree(dst, first=BEST_JSON)
+        storage.copy_tree(ckpt, dst)
+        storage.write_object(join(dst, BEST_JSON), record)
+        return dst
     tmp = os.path.join(run_dir, f".{BEST_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copytree(ckpt, tmp)
-        atomic_write_bytes(os.path.join(tmp, BEST_JSON), (json.dumps(
-            {"step": step, "valid_auc": auc, "network": network, "from": os.path.basename(ckpt)}) + "\n").encode())
+        atomic_write_bytes(os.path.join(tmp, BEST_JSON), record)
         if os.path.exists(dst):
             old = tmp + ".old"
             os.replace(dst, old)

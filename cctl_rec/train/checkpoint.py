@@ -16,6 +16,13 @@ interrupted write leaves the previous checkpoint intact; the newest K are kept. 
 (full disk) removes its temp directory and raises ``OSError`` naming the checkpoint; temp
 directories of killed writes are removed by the next save.
 
+In a run directory on a URL (``s3://bucket/run``; an object store has no rename) the ranks write
+through DCP's ``FsspecWriter`` straight into ``step-<step>/``, and rank 0 writes ``trainer.json``
+last, once DCP's ``.metadata`` is there: ``trainer.json`` is the marker that makes a checkpoint
+count (:func:`list_checkpoints` lists only prefixes holding one; on S3, GCS and Azure an object
+is visible only once completely written). A prefix without it (a killed write) is removed by the
+next save; pruning removes the marker first.
+
 DCP keeps its index (``.metadata``) as a pickle; before a load it is unpickled with an allow-list
 of DCP's metadata classes (no byte-serialised objects, which DCP would ``torch.load`` without
 ``weights_only``), so a crafted checkpoint cannot run code. Tensors load with ``weights_only``.
@@ -42,8 +49,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from iopath.common.file_io import g_pathmgr
+
+from cctl_rec import storage
 from cctl_rec.config import TrainConfig, to_dict
-from cctl_rec.data.manifest import atomic_write_bytes
+from cctl_rec.data.manifest import atomic_write_bytes, join
 from cctl_rec.safe_io import decode_json, disk_error, first_line, read_bounded, short, validate
 
 if TYPE_CHECKING:
@@ -182,6 +192,11 @@ def _rng_b64() -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints of ``run_dir`` (those holding trainer.json), oldest first."""
+    if storage.is_remote(run_dir):
+        d = join(run_dir, "checkpoints")
+        return sorted((int(m.group(1)), join(d, m.group(0))) for name in storage.find_names(d, "step-*/trainer.json")
+                      if (m := STEP_DIR.match(name.split("/")[0])) and name.count("/") == 1)
     d = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(d):
         return []
@@ -215,6 +230,8 @@ def _write_failure(cause: BaseException, root: str) -> Optional[int]:
             return code
     if not (isinstance(cause, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES)):
         return None
+    if storage.is_remote(root):  # no disk to ask
+        return errno.EIO
     try:
         st = os.statvfs(root)
     except OSError:
@@ -250,13 +267,19 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: Callable[[
             are untouched.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    root = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(root, f"step-{step:08d}")
+    remote = storage.is_remote(run_dir)
+    root = join(run_dir, "checkpoints")
+    final = join(root, f"step-{step:08d}")
     pid = [os.getpid()]
     if world > 1:  # every rank writes into rank 0's temp directory
         dist.broadcast_object_list(pid, src=0)
-    tmp = os.path.join(root, f".step-{step:08d}.tmp-{pid[0]}")
-    if rank == 0:
+    tmp = final if remote else os.path.join(root, f".step-{step:08d}.tmp-{pid[0]}")
+    if rank == 0 and remote:  # no rename: written in place, trainer.json (the marker) last
+        complete = {p for _, p in list_checkpoints(run_dir)}
+        for name in storage.list_names(root):  # killed writes, and an earlier checkpoint of this step
+            if STEP_DIR.match(name) and (join(root, name) not in complete or name == f"step-{step:08d}"):
+                storage.remove_tree(join(root, name), first="trainer.json")
+    elif rank == 0:
         if os.path.isdir(root):  # temp directories of writes that were killed
             for name in os.listdir(root):
                 if TEMP_DIR.match(name):
@@ -267,34 +290,50 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: Callable[[
         presync: dict[str, Any] = {}
         if final_sync is not None:
             flat = state.tensors()
-            dcp.save({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=os.path.join(tmp, PRESYNC))
+            pre = join(tmp, PRESYNC)
+            dcp.save({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=pre,
+                     storage_writer=storage.dcp_writer(pre))
             final_sync()
             presync = {"presync": PRESYNC}
-        dcp.save(state.tensors(), checkpoint_id=tmp)
+        dcp.save(state.tensors(), checkpoint_id=tmp, storage_writer=storage.dcp_writer(tmp))
         info = meta()
         rngs = [None] * world
         dist.all_gather_object(rngs, _rng_b64())
         if rank == 0:
-            atomic_write_bytes(os.path.join(tmp, "trainer.json"), json.dumps(
-                {**info, **presync, "step": step, "world_size": world, "rng": rngs}).encode())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            body = json.dumps({**info, **presync, "step": step, "world_size": world, "rng": rngs}).encode()
+            if remote:
+                storage.write_object(join(final, "trainer.json"), body)
+            else:
+                atomic_write_bytes(os.path.join(tmp, "trainer.json"), body)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
     except BaseException as e:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if remote:
+                try:
+                    storage.remove_tree(tmp, first="trainer.json")
+                except Exception as cleanup:  # the next save removes it (no trainer.json: not listed)
+                    logger.warning("could not remove the incomplete checkpoint %s: %s", tmp, first_line(cleanup))
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
         cause = dcp_cause(e)
         disk = disk_error(e)
         code = disk.errno if disk is not None else cause.errno if isinstance(cause, OSError) else \
             _write_failure(cause, root)
+        if code is None and remote and isinstance(cause, OSError):  # the store refused or failed a request
+            code = errno.EACCES if isinstance(cause, PermissionError) else errno.EIO
         if code is not None:
-            why = disk.strerror if disk is not None else os.strerror(code)
+            why = disk.strerror if disk is not None else first_line(cause) if remote else os.strerror(code)
             raise OSError(code or errno.EIO, f"{why} while writing checkpoint {final}; it was not written, the "
                           f"previous checkpoints are intact", final) from None
         raise
     if rank == 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if remote:
+                storage.remove_tree(old, first="trainer.json")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", final)
     dist.barrier()
     return final
@@ -323,8 +362,8 @@ MAX_TRAINER_JSON_BYTES = 256 << 20
 def read_trainer_meta(path: str) -> dict[str, Any]:
     """A checkpoint's ``trainer.json`` (bounded read, validated). Raises FileNotFoundError /
     ValueError naming it and the key."""
-    meta_path = os.path.join(path, "trainer.json")
-    if not os.path.exists(meta_path):
+    meta_path = join(path, "trainer.json")
+    if not g_pathmgr.exists(meta_path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
     meta = decode_json(read_bounded(meta_path, MAX_TRAINER_JSON_BYTES, "checkpoint file"), meta_path)
     if not isinstance(meta, dict):
@@ -390,10 +429,10 @@ class _MetadataUnpickler(pickle.Unpickler):
 def check_metadata(path: str) -> None:
     """Unpickles ``path/.metadata`` with the allow-list (raises ValueError on anything else), so
     that DCP's own ``pickle.load`` of it afterwards cannot run code."""
-    md = os.path.join(path, ".metadata")
-    if not os.path.exists(md):
+    md = join(path, ".metadata")
+    if not g_pathmgr.exists(md):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
-    with open(md, "rb") as f:
+    with g_pathmgr.open(md, "rb") as f:
         try:
             _MetadataUnpickler(f, path).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as e:
@@ -409,14 +448,16 @@ def load_checkpoint(path: str, state: TrainState, fingerprint: dict[str, Any]) -
     the pure network from ``PRESYNC/``, and ``syncs`` without that last sync."""
     meta = check_fingerprint(path, fingerprint)
     check_metadata(path)
+    pre = join(path, PRESYNC)
     if meta.get("presync"):
-        check_metadata(os.path.join(path, PRESYNC))
+        check_metadata(pre)
     state.prepare()
     flat = state.tensors()
     try:
-        dcp.load(flat, checkpoint_id=path)
+        dcp.load(flat, checkpoint_id=path, storage_reader=storage.dcp_reader(path))
         if meta.get("presync"):
-            dcp.load({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=os.path.join(path, PRESYNC))
+            dcp.load({k: flat[k] for k in state.pure_keys(flat)}, checkpoint_id=pre,
+                     storage_reader=storage.dcp_reader(pre))
             meta["syncs"] = meta.get("syncs", 0) - 1
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's error
         raise ValueError(f"checkpoint {path} does not fit this model ({first_line(dcp_cause(e))})") from None

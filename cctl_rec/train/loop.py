@@ -32,7 +32,8 @@ from cctl_rec.train.evaluation import evaluate  # noqa: F401  (also imported fro
 from cctl_rec.train.best import better, best_so_far, keep_best, read_best
 from cctl_rec.train.checkpoint import list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint
 from cctl_rec.distributed.plan_report import plan_to_json
-from cctl_rec.train.rundir import atomic_write_json, atomic_write_text, prepare_run_dir
+from cctl_rec.train.rundir import (atomic_write_json, atomic_write_text, prepare_run_dir, tensorboard_writer,
+                                   upload_tensorboard)
 from cctl_rec.train.runlog import RunLog
 from cctl_rec.train.trainer import Trainer
 
@@ -108,14 +109,13 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         return {"metric_window": states if any(states) else None}
 
     def checkpoint(at: int, final_sync: Optional[Callable[[], None]] = None) -> str:
-        return save_checkpoint(run_dir, at, t.state, lambda: {
+        path = save_checkpoint(run_dir, at, t.state, lambda: {
             "fingerprint": fingerprint, "syncs": t.syncs, **log.meta(), **window_meta(), "final": at == t.total,
             "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints, final_sync)
+        upload_tensorboard(writer, force=True)  # a run directory on a URL: staged events go up with it
+        return path
 
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer = tensorboard_writer(run_dir, fresh=not ckpts) if rank == 0 else None
 
     # --- the steps
     total = t.total
@@ -148,6 +148,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                         keep_best(run_dir, step, best_auc, path)
                     dist.barrier()
             _log_row(row, writer, out.p)
+            upload_tensorboard(writer)
             t_last, step_last = now, step
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total and not saved:
             checkpoint(step)

@@ -50,10 +50,10 @@ def _run(capsys, *argv):
      "cannot reach s3://cctl (NoCredentialsError"),
     ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, ["datagen", "--preset", "tiny", "--out", "s3://cctl/x"],
      "cannot reach s3://cctl (EndpointConnectionError"),
-    ({}, ["train", "--data", "s3://cctl/data", "--run-dir", "s3://cctl/run"],
-     "--run-dir s3://cctl/run: this option takes a local path"),
+    ({}, ["train", "--config", "s3://cctl/c.yaml", "--run-dir", "s3://cctl/run"],
+     "--config s3://cctl/c.yaml: this option takes a local path"),
     ({}, ["experiment", "--config", "c.yaml", "--out", "s3://cctl/exp"], "--out s3://cctl/exp: this option takes a"),
-    ({}, ["export", "--run-dir", "s3://cctl/run", "--out", "m"], "--run-dir s3://cctl/run: this option takes a"),
+    ({}, ["export", "--run-dir", "s3://nope/run", "--out", "m"], "--run-dir s3://nope/run: bucket 'nope' does not"),
 ])
 def test_unusable_urls_are_one_line_exit_2_and_nothing_is_written(s3, tmp_path, capsys, env, argv, msg):
     s3.chdir(tmp_path)  # the old bug wrote a local directory s3:/bucket/x here

@@ -130,6 +130,14 @@ def _recorded_wall(run_dir: str) -> Optional[float]:
         return None
 
 
+def _record_done(out: str, key: str, result: tuple[int, Optional[str], float]) -> None:
+    """A run's wall time beside its metrics.json as soon as it finishes (an invocation stopped later
+    still leaves the time of every run it finished)."""
+    run_dir = os.path.join(out, "runs", key)
+    if result[0] == 0 and os.path.exists(os.path.join(run_dir, "metrics.json")):
+        _record_wall(run_dir, result[2])
+
+
 def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
     """The records of the runs that finished (``--report-only``): nothing is trained or prepared."""
     records = []
@@ -186,12 +194,14 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
                     done[i] = f.result()
                 except Exception as e:  # a worker died (killed, out of memory): the run failed
                     done[i] = (1, f"worker died: {type(e).__name__}: {e}"[:300], 0.0)
+                _record_done(out, runs[i].key, done[i])
                 logger.info("[%d/%d] %s%s", k, len(todo), runs[i].key,
                             f" failed: {done[i][1]}" if done[i][0] else f" ({done[i][2]:.1f}s)")
     else:
         for k, i in enumerate(todo, 1):
             logger.info("[%d/%d] %s", k, len(todo), runs[i].key)
             done[i] = _subprocess(*todo[i])
+            _record_done(out, runs[i].key, done[i])
     records = []
     for i, run in enumerate(runs):
         run_dir = os.path.join(out, "runs", run.key)
@@ -201,8 +211,6 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
         if i in done:
             rc, err, secs = done[i]
             rec["wall_seconds"] = secs
-            if rc == 0 and os.path.exists(metrics_path):
-                _record_wall(run_dir, secs)
             if rc != 0 or not os.path.exists(metrics_path):
                 rec.update(status="failed", error=err or "(no metrics.json written)", command=" ".join(todo[i][0]))
                 logger.error("%s failed: %s", run.key, rec["error"])

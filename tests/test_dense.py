@@ -71,6 +71,7 @@ def dense_data(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- standardised
+@pytest.mark.slow  # prepare, then the loader's batch: 8-15 s on the loaded 2-core machine
 def test_a_dense_float_is_standardised_with_the_train_mean_and_std(tmp_path):
     """Hand-computed: train x = 1, 2, 3, 4 -> mean 2.5, std sqrt(1.25); a null is the mean (0);
     a constant source column gets std 1."""

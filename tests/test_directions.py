@@ -144,6 +144,55 @@ def test_sync_copies_the_dense_adam_moments():
         torch.testing.assert_close(qp, qm, rtol=0, atol=0)
 
 
+def _cctl_with_drifted_adam(seed: int = 0, n_users: int = 30):
+    from cctl_rec.config import ModelConfig
+    from cctl_rec.models.cctl import CCTL
+    from cctl_rec.schema import synthetic_schemas
+
+    torch.manual_seed(seed)
+    m = CCTL(synthetic_schemas(n_users, 20, 3, 5, n_cities=4), ModelConfig(tower=(8, 4), san_hidden=(4,)),
+             device=torch.device("cpu"))
+    mixed, pure = list(m.mixed_tower.parameters()), list(m.pure_tower.parameters())
+    opt = torch.optim.Adam(mixed + pure, lr=0.1)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for q in mixed + pure:
+            q.grad = torch.randn(q.shape, generator=g)
+        opt.step()
+    return m, opt, mixed, pure
+
+
+def test_sync_default_copies_the_optimizer_state_and_the_tables_and_checks_their_layout():
+    """sync_mixed_to_pure(module, opt) copies the tables, the towers and (by default) the dense Adam
+    moments; optimizer_state=False copies the weights only; a pure table set shaped unlike the mixed
+    one is refused at the first sync, before anything is copied."""
+    from cctl_rec.train.sync import sync_mixed_to_pure
+
+    m, opt, mixed, pure = _cctl_with_drifted_adam()
+    with torch.no_grad():
+        for t in m.mixed_tgt.parameters():
+            t.add_(1.0)
+    kept = {id(qp): opt.state[qp]["exp_avg"].clone() for qp in pure}
+    sync_mixed_to_pure(m, opt, optimizer_state=False)
+    for qm, qp in zip(mixed, pure):
+        assert torch.equal(qm, qp) and torch.equal(opt.state[qp]["exp_avg"], kept[id(qp)])
+    for k, v in m.mixed_tgt.state_dict().items():
+        assert torch.equal(m.pure_tgt.state_dict()[k], v), k
+    sync_mixed_to_pure(m, opt)
+    for qm, qp in zip(mixed, pure):
+        assert torch.equal(opt.state[qp]["exp_avg"], opt.state[qm]["exp_avg"])
+        assert opt.state[qp]["exp_avg"] is not opt.state[qm]["exp_avg"]   # a copy: each tower steps its own
+
+    m2, opt2, _, _ = _cctl_with_drifted_adam(seed=1)
+    other, _, _, _ = _cctl_with_drifted_adam(seed=2, n_users=31)   # one more user row in each table
+    m2.pure_tgt = other.pure_tgt
+    before = {k: v.clone() for k, v in m2.pure_tgt.state_dict().items()}
+    with pytest.raises(RuntimeError, match="sharded differently"):
+        sync_mixed_to_pure(m2, opt2)
+    for k, v in m2.pure_tgt.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.slow  # a 6-step training run: ~6 s on one core
 def test_train_hands_the_selector_loss_pure_minus_loss_tgt(tiny_data, tmp_path, monkeypatch):
     """The reward the training loop gives the selector at each step is Eq. 5 of that step,

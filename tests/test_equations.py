@@ -103,11 +103,13 @@ def test_eq9_discounted_return_matches_brute_force(causal):
 
 def test_selector_logits_are_clamped_and_p_in_bounds():
     sel = Selector(2, (4,), logit_clamp=3.0)
-    with torch.no_grad():
-        for q in sel.parameters():
-            q.fill_(100.0)
-    p = sel(torch.ones(5, 2))
-    assert torch.all(p <= torch.sigmoid(torch.tensor(3.0)) + 1e-7)
+    for bias in (100.0, -100.0):                     # logit = the output bias: clamped to +-3
+        with torch.no_grad():
+            for q in sel.parameters():
+                q.zero_()
+            sel.net[-1].bias.fill_(bias)
+        p = sel(torch.randn(5, 2))
+        torch.testing.assert_close(p, torch.sigmoid(torch.full((5,), 3.0 if bias > 0 else -3.0)))
 
 
 def test_reward_shaper_baseline_and_norm():
@@ -242,3 +244,297 @@ def test_influence_keep_rate_follows_the_label_balance():
         assert abs(out["influence_keep"] - keep) < 1e-9, (tgt_pos, out["influence_keep"])
         p = float(torch.sigmoid(ifn.selector.logits(x)).mean())
         assert lo < p < hi, (tgt_pos, p)
+
+
+def _equations_on_rank(rank, world):
+    """Each rank feeds different numbers to the parts that talk across ranks (see below)."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+    from cctl_rec.train.reward import rank_mean
+
+    out = {}
+    # Reinforce.update: G and N summed over ranks, theta += alpha * G / N on every rank (two tensors)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    q = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    rl = Reinforce([p, q], alpha=0.5, gamma=0.0, update_every=1)
+    g = [[1.0, 2.0], [3.0]] if rank == 0 else [[-4.0, 0.5], [1.0]]
+    rl.observe([torch.tensor(x, dtype=torch.float64) for x in g], reward=2.0 if rank == 0 else -1.0,
+               n_samples=3 if rank == 0 else 5)
+    assert rl.maybe_update(1)
+    out["theta"] = (p.detach().clone(), q.detach().clone())
+    # REN's masked means over the global batch (global_counts): 3 id pairs (2 on rank 0) and 2
+    # sequence pairs (one per rank)
+    ids = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]])
+    other = torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 4.0]]) if rank == 0 else ids.clone()
+    id_mask = torch.tensor([True, True, False]) if rank == 0 else torch.tensor([False, False, True])
+    seq = torch.tensor([[1.0, 2.0], [2.0, 0.0]])
+    seq_other = torch.tensor([[2.0, 4.0], [0.0, 1.0]])
+    seq_mask = torch.tensor([True, False]) if rank == 0 else torch.tensor([False, True])
+    out["ren"] = [float(t) for t in ren_loss(ids, other, id_mask, seq, seq_other, seq_mask)]
+    none3, none2 = torch.zeros(3, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    out["ren_empty"] = [float(t) for t in ren_loss(ids, other, none3, seq, seq_other, none2)]
+    # the reward: one mean over ranks
+    out["reward"] = rank_mean(0.2 if rank == 0 else -0.6)
+    # the selector: built from different seeds, rank 0's on every rank; an influence step with
+    # each rank's own influence moves both by the mean gradient, with one influence scale
+    torch.manual_seed(rank)
+    ifn = IFN(SelectorConfig(mode="influence", hidden=(4,), influence_group="", influence_keep=0.0, lr=0.1,
+                             influence_norm="scale"), 3)
+    out["theta0"] = [t.detach().clone() for t in ifn.selector.parameters()]
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank + 10))
+    infl = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0]) * (1.0 if rank == 0 else -3.0)
+    ifn.step(1, ifn.selector.logits(x), 0.0, None, None, influence=infl, labels=torch.zeros(6))
+    out["theta1"] = [t.detach().clone() for t in ifn.selector.parameters()]
+    out["infl_scale"] = ifn.infl_scale
+    return out
+
+
+@pytest.mark.dist
+def test_equations_on_two_ranks():
+    """What crosses ranks, by hand: the REINFORCE window's G and N are summed over ranks before
+    theta += alpha * G / N; REN's masked means are over the global batch (0 where the global mask
+    is empty); the reward is one mean; the selector starts as rank 0's and moves by the ranks' mean
+    gradient with one influence scale."""
+    from tests.dist_harness import run_distributed
+
+    r0, r1 = run_distributed(_equations_on_rank, 2)
+    # gamma = 0: G = r g on each rank; (2 * [1, 2] + -1 * [-4, 0.5]) / (3 + 5) = [6, 3.5] / 8, (2 * 3 - 1) / 8
+    want_p = torch.tensor([1.0 + 0.5 * 6 / 8, -2.0 + 0.5 * 3.5 / 8], dtype=torch.float64)
+    want_q = torch.tensor([0.5 + 0.5 * 5 / 8], dtype=torch.float64)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["theta"][0], want_p, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r["theta"][1], want_q, rtol=0, atol=1e-12)
+    # each rank's mean is its masked sum over (global count / world): ids 3 / 2, sequences 2 / 2.
+    # id cosines: rank 0 holds 0 and 1/sqrt(2), rank 1 holds 1; sequences: rank 0 1, rank 1 0
+    assert r0["ren"][1] == pytest.approx((1 / math.sqrt(2)) / 1.5, abs=1e-6)
+    assert r1["ren"][1] == pytest.approx(1 / 1.5, abs=1e-6)
+    assert r0["ren"][2] == pytest.approx(1.0, abs=1e-6) and r1["ren"][2] == pytest.approx(0.0, abs=1e-6)
+    assert r0["ren"][0] == pytest.approx(r0["ren"][1] - r0["ren"][2], abs=1e-6)
+    assert r0["ren_empty"] == [0.0, 0.0, 0.0] and r1["ren_empty"] == [0.0, 0.0, 0.0]
+    assert r0["reward"] == pytest.approx(-0.2) and r1["reward"] == pytest.approx(-0.2)
+    for a, b in zip(r0["theta0"], r1["theta0"]):
+        assert torch.equal(a, b)                      # rank 0's selector broadcast
+    for a, b in zip(r0["theta1"], r1["theta1"]):
+        assert torch.equal(a, b)                      # the same (mean) step on both ranks
+    assert any(not torch.equal(a, b) for a, b in zip(r0["theta0"], r0["theta1"]))
+    # one scale: the mean over ranks of mean |influence| (9.5 / 6 and 3 x that): 19 / 6
+    assert r0["infl_scale"] == pytest.approx(19 / 6) and r1["infl_scale"] == pytest.approx(19 / 6)
+
+
+# ----------------------------------------------------------------------------- the edges of each equation
+# (each found by scripts/mutate.py: a one-line change of the code no other test saw, docs/testing.md)
+
+
+def _with_ren_and_domain():
+    out, b, w = _toy()
+    out.ren_id_s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0], [0.5, -1.0]], requires_grad=True)
+    out.ren_id_t = torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 4.0], [1.0, 2.0]])
+    out.ren_seq_s = torch.tensor([[1.0, 2.0], [2.0, 0.0]])
+    out.ren_seq_t = torch.tensor([[2.0, 4.0], [1.0, 1.0]])
+    b.seq_mask = torch.tensor([True, True])
+    b.item_in_other = torch.tensor([True, False])
+    out.logit_domain = torch.tensor([0.3, -0.2, 1.5, -1.0, 0.4])        # B_t = 2 target rows, then 3 source
+    return out, b, w
+
+
+def test_scn_losses_defaults_and_the_dann_term_by_hand():
+    """By default Loss_mixed = Loss_src + Loss_tgt (REN and DANN off even when the forward has their
+    inputs); with dann_weight the domain BCE (target rows 0, source rows 1) is added; the logged
+    REN cosines and the reward carry no graph."""
+    out, b, w = _with_ren_and_domain()
+    d = scn_losses(out, b, w)
+    assert float(d.mixed) == pytest.approx(float(d.src + d.tgt), abs=1e-7)
+    dom = sum(_bce(z, y) for z, y in zip([0.3, -0.2, 1.5, -1.0, 0.4], [0, 0, 1, 1, 1])) / 5
+    with_dann = scn_losses(out, b, w, dann_weight=0.5)
+    assert float(with_dann.mixed) == pytest.approx(float(d.src + d.tgt) + 0.5 * dom, rel=1e-6)
+    assert not (d.cos_id.requires_grad or d.cos_seq.requires_grad or d.reward.requires_grad)
+
+
+def test_scn_losses_with_no_source_rows():
+    """A step without source rows (B_s = 0): Loss_src is 0, not the NaN of an empty mean."""
+    out, b, _ = _toy()
+    out.logit_src, b.src_label = torch.zeros(0), torch.zeros(0)
+    L = scn_losses(out, b, torch.zeros(0), "mean")
+    assert float(L.src) == 0.0 and float(L.mixed) == pytest.approx(float(L.tgt))
+
+
+def test_eq5_reward_is_detached():
+    from cctl_rec.train.reward import eq5
+
+    a, c = torch.tensor(0.9, requires_grad=True), torch.tensor(0.4, requires_grad=True)
+    r = eq5(a, c)
+    assert float(r) == pytest.approx(0.5) and not r.requires_grad
+
+
+def test_heldout_reward_is_pure_minus_mixed_on_the_heldout_rows(tiny_data):
+    """scn.reward_source=heldout_batch: r = BCE(pure network) - BCE(mixed network) on the held-out
+    target rows; step_reward takes it when a held-out batch is given, else the step's own Eq. 5; on
+    one process the rank mean of r is r."""
+    from cctl_rec.config import ModelConfig
+    from cctl_rec.models.cctl import CCTL
+    from cctl_rec.train.losses import SCNLosses
+    from cctl_rec.train.reward import heldout_reward, rank_mean, step_reward
+    from tests.test_sharding import _tiny_batch
+
+    schemas, batch = _tiny_batch(tiny_data, 0, 1, with_src=False)
+    torch.manual_seed(0)
+    m = CCTL(schemas, ModelConfig(tower=(8, 4), san_hidden=(4,)), device=torch.device("cpu"))
+    with torch.no_grad():
+        m.mixed_tower.net[-1].bias.add_(2.0)      # the mixed network now predicts more positives
+        pure = F.binary_cross_entropy_with_logits(m.predict(batch.tgt, "pure"), batch.tgt_label)
+        mixed = F.binary_cross_entropy_with_logits(m.predict(batch.tgt, "mixed"), batch.tgt_label)
+    assert abs(float(pure - mixed)) > 0.1
+    r = heldout_reward(m, batch)
+    assert float(r) == pytest.approx(float(pure - mixed), abs=1e-6)
+    own = SCNLosses(*([torch.zeros(())] * 5), reward=torch.tensor(-0.25), cos_id=torch.zeros(()),
+                    cos_seq=torch.zeros(()))
+    assert step_reward(own, m, None) == -0.25
+    assert step_reward(own, m, batch) == pytest.approx(float(pure - mixed), abs=1e-6)
+    assert rank_mean(0.3) == pytest.approx(0.3) and rank_mean(-1.5) == pytest.approx(-1.5)
+
+
+def test_reward_shaper_by_hand():
+    """EMA baseline (decay 0.8) on 2, 5, 1: the first reward is its own baseline (0), then
+    5 - 2 = 3 (baseline 0.8 * 2 + 0.2 * 5 = 2.6), then 1 - 2.6. RMS normalisation: a first reward
+    of 0 stays 0, 0.5 becomes 1, and a tiny reward keeps its sign (the 1e-12 guard is added)."""
+    s = RewardShaper(ema_baseline=0.8)
+    assert [s(2.0), s(5.0), s(1.0)] == pytest.approx([0.0, 3.0, -1.6])
+    assert RewardShaper(normalize=True)(0.0) == 0.0
+    assert RewardShaper(normalize=True)(0.5) == pytest.approx(1.0)
+    tiny = RewardShaper(normalize=True)
+    assert tiny(1e-13) == pytest.approx(1e-13 / (1e-13 + 1e-12))
+    assert tiny(-1e-13) < 0
+
+
+def test_eq9_one_step_window_and_an_empty_window():
+    """Defaults (causal=False): a one-step, one-sample window moves theta by alpha * r * g; the
+    window's counters restart; an update with no sample observed leaves theta alone."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    rl = Reinforce([p], alpha=0.5, gamma=0.9, update_every=1)
+    rl.observe([torch.tensor([2.0, 4.0], dtype=torch.float64)], reward=-1.5, n_samples=1)
+    assert rl.maybe_update(1)
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0 - 1.5, -1.0 - 3.0], dtype=torch.float64))
+    assert rl.n == 0.0 and rl.updates == 1
+    rl.update()                                           # nothing observed: no step, no division by 0
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.5, -4.0], dtype=torch.float64))
+    assert rl.updates == 2
+
+
+def test_eq12_ren_masks_zero_rows_and_empty_masks():
+    """Masked-out rows may be zero vectors (an empty sequence pools to 0): the loss stays the hand
+    value, not NaN; with every row masked out each mean is 0."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    s1 = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    s2 = torch.tensor([[0.0, 0.0], [-1.0, 0.0]])
+    loss, cid, cseq = ren_loss(a, b, torch.tensor([True, False]), s1, s2, torch.tensor([False, True]))
+    assert float(cid) == pytest.approx(1 / math.sqrt(2), abs=1e-6) and float(cseq) == pytest.approx(-1.0, abs=1e-6)
+    assert float(loss) == pytest.approx(1 / math.sqrt(2) + 1.0, abs=1e-6)
+    none = torch.tensor([False, False])
+    assert [float(t) for t in ren_loss(a, b, none, s1, s2, none)] == [0.0, 0.0, 0.0]
+
+
+def test_centre_per_label_by_hand():
+    from cctl_rec.train.ifn import _centre_per_label
+
+    infl, y = torch.tensor([1.0, 3.0, 10.0, 20.0, 2.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+    torch.testing.assert_close(_centre_per_label(infl, y), torch.tensor([-1.0, 1.0, -5.0, 5.0, 0.0]))
+    torch.testing.assert_close(infl, torch.tensor([1.0, 3.0, 10.0, 20.0, 2.0]))   # the input is left alone
+
+
+def test_pairwise_loss_over_every_pair():
+    """2 positives x 3 negatives: the mean over the 6 (pos, neg) pairs; one negative: its pairs."""
+    from cctl_rec.train.ifn import pairwise_loss
+
+    f, y = torch.tensor([2.0, 0.5, -1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+    want = sum(math.log1p(math.exp(n - p)) for p in (2.0, 0.5) for n in (-1.0, 1.0, 0.0)) / 6
+    assert float(pairwise_loss(f, y)) == pytest.approx(want, rel=1e-6)
+    assert float(pairwise_loss(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))) == pytest.approx(
+        math.log1p(math.exp(-2.0)), rel=1e-6)
+
+
+def _influence_ifn(**kw):
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+
+    torch.manual_seed(0)
+    cfg = dict(mode="influence", hidden=(4,), influence_group="", influence_keep=0.3, lr=1e-2)
+    return IFN(SelectorConfig(**{**cfg, **kw}), 3)
+
+
+def test_influence_normalisation_by_hand():
+    """z = influence / s clipped to [-5, 5], s the running mean |influence| (0.99 s + 0.01 * this
+    batch's, the first batch's to start), + 1e-12 so a tiny influence keeps its sign."""
+    ifn = _influence_ifn()
+    z = ifn._normalise(torch.tensor([0.0] * 9 + [100.0]))                 # s = 10: 100 / 10 = 10 -> 5
+    torch.testing.assert_close(z, torch.tensor([0.0] * 9 + [5.0]))
+    z = ifn._normalise(torch.tensor([2.0, -2.0]))                          # s = 0.99 * 10 + 0.01 * 2
+    assert ifn.infl_scale == pytest.approx(9.92)
+    torch.testing.assert_close(z, torch.tensor([2.0, -2.0]) / 9.92)
+    tiny = _influence_ifn()._normalise(torch.tensor([1e-13, -1e-13]))
+    torch.testing.assert_close(tiny, torch.tensor([1e-13, -1e-13]) / (1e-13 + 1e-12))
+
+
+def test_influence_step_follows_its_objective_by_hand():
+    """One influence-mode step: the selector's gradient is that of
+    -mean_i(z_i p_i) + 10 (mean p - keep)^2 with z the per-label centred influence over its mean
+    magnitude, and the step logs the share of rows whose centred influence is positive."""
+    from cctl_rec.train.ifn import KEEP_PENALTY
+
+    ifn = _influence_ifn()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    infl = torch.tensor([0.0, 1.5, 3.0, -1.0, 3.0, 4.0])
+    c = torch.tensor([-1.5, 0.0, 1.5, -3.0, 1.0, 2.0])                    # minus each label's mean (1.5, 2)
+    z = c / 1.5                                                            # over mean |c|
+    p = torch.sigmoid(ifn.selector.logits(x))
+    want = torch.autograd.grad(-(z * p).mean() + KEEP_PENALTY * (p.mean() - 0.3) ** 2, ifn.params)
+    out = ifn.step(1, ifn.selector.logits(x), 0.0, None, None, influence=infl, labels=y)
+    for q, g in zip(ifn.params, want):
+        torch.testing.assert_close(q.grad, g, rtol=1e-5, atol=1e-8)
+    assert out == {"influence_pos_frac": pytest.approx(3 / 6), "influence_keep": 0.3}   # of the centred values
+
+
+def test_bernoulli_reinforce_step_by_hand():
+    """One bernoulli-mode step (update_every=1) moves the selector by Eq. 9 on the actions'
+    log-likelihood: theta += alpha * r * grad sum_i [a_i log p_i + (1 - a_i) log(1 - p_i)] / B_s."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
+    a = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    for r in (0.4, -0.9):
+        torch.manual_seed(0)
+        ifn = IFN(SelectorConfig(mode="bernoulli", hidden=(4,), alpha=0.5, update_every=1, ema_baseline=0.0,
+                                 reward_norm=False), 3)
+        theta0 = [q.detach().clone() for q in ifn.params]
+        p = torch.sigmoid(ifn.selector.logits(x))
+        want = torch.autograd.grad((a * torch.log(p) + (1 - a) * torch.log(1 - p)).sum(), ifn.params)
+        ifn.step(1, ifn.selector.logits(x), r, a, None)
+        for q, q0, g in zip(ifn.params, theta0, want):
+            torch.testing.assert_close(q.detach() - q0, 0.5 * r * g / 8, rtol=1e-4, atol=1e-7)
+
+
+def test_select_gives_detached_weights_and_no_gradient_to_its_input():
+    """IFN.select: paper mode weighs row i by p_i (alpha > 0) or 1 (alpha = 0); bernoulli mode by
+    its 0/1 actions (alpha > 0) or 1. The weights carry no graph, and the logits none back into
+    the SAN representation they read."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.train.ifn import IFN
+
+    x = torch.randn(5, 3, requires_grad=True)
+    for mode, alpha in [("paper", 1.0), ("paper", 0.0), ("bernoulli", 1.0), ("bernoulli", 0.0)]:
+        torch.manual_seed(0)
+        ifn = IFN(SelectorConfig(mode=mode, hidden=(4,), alpha=alpha, init_p=0.7), 3)
+        sel = ifn.select(x, None)
+        assert not sel.weights.requires_grad and sel.logits.requires_grad
+        (gx,) = torch.autograd.grad(sel.logits.sum(), x, allow_unused=True)
+        assert gx is None
+        torch.testing.assert_close(sel.p, torch.sigmoid(sel.logits))
+        if alpha == 0:
+            assert torch.equal(sel.weights, torch.ones(5)) and sel.actions is None
+        elif mode == "paper":
+            torch.testing.assert_close(sel.weights, sel.p.detach())
+        else:
+            assert sel.actions is not None and torch.equal(sel.weights, sel.actions)
+            assert set(sel.weights.tolist()) <= {0.0, 1.0}

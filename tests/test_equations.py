@@ -538,3 +538,10 @@ def test_select_gives_detached_weights_and_no_gradient_to_its_input():
         else:
             assert sel.actions is not None and torch.equal(sel.weights, sel.actions)
             assert set(sel.weights.tolist()) <= {0.0, 1.0}
+
+
+def test_selector_refuses_init_p_at_either_end():
+    """init_p = 0 or 1 would put the output bias at -inf / +inf: refused with the value named."""
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"selector init_p must be in \\(0, 1\\), got {bad}"):
+            Selector(4, (2,), init_p=bad)

@@ -600,10 +600,10 @@ def write_item(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 
-def save(state, checkpoint_id):
+def save(state, checkpoint_id, **kw):  # kw: storage_writer (None on a local path)
     if os.path.basename(checkpoint_id).startswith(kill_at):  # .step-N.tmp-<pid>
         fs._write_item = write_item
-    return real_save(state, checkpoint_id=checkpoint_id)
+    return real_save(state, checkpoint_id=checkpoint_id, **kw)
 
 ck.dcp.save = save
 from cctl_rec.cli import main

@@ -99,8 +99,8 @@ def test_temp_names_are_unique_per_process(tiny_data, tmp_path, monkeypatch):
 
     ids, temps = [], []
     real_save, real_temp = ck.dcp.save, manifest.temp_name
-    monkeypatch.setattr(ck.dcp, "save", lambda state, checkpoint_id: (ids.append(checkpoint_id),
-                                                                     real_save(state, checkpoint_id=checkpoint_id)))
+    monkeypatch.setattr(ck.dcp, "save", lambda state, checkpoint_id, **kw: (
+        ids.append(checkpoint_id), real_save(state, checkpoint_id=checkpoint_id, **kw)))
     monkeypatch.setattr(manifest, "temp_name", lambda p: temps.append(real_temp(p)) or temps[-1])
     assert main(train_argv(tiny_data, tmp_path / "run", "run.steps=2")) == 0
     # every DCP write lands in this process's temp directory (the last sync's presync/ inside it)

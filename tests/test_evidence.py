@@ -115,3 +115,43 @@ def test_label_shift_by_margin_drops_the_same_share_from_the_rows_the_network_di
     half = LabelShift("label", power=0.5)
     half.update(src, tgt)
     assert half.label_weights().tolist() == pytest.approx([1.0, 1 / 3])
+
+
+def test_label_shift_waits_for_a_significant_difference():
+    ls = LabelShift(power=1.0, min_z=3.0)
+    src, tgt = t(1, 1, 1, 0), t(1, 0, 0, 0)
+    ls.update(src, tgt)
+    # P_s(1) = 3/4, P_t(1) = 1/4 on 4 rows each: pooled 1/2, z = 0.5 / sqrt(1/4 * (1/4 + 1/4)) = sqrt(2)
+    assert ls.z() == pytest.approx(math.sqrt(2))
+    assert ls.label_weights().tolist() == [1.0, 1.0]
+    for _ in range(4):
+        ls.update(src, tgt)
+    # 20 rows each: z = 0.5 / sqrt(1/4 * (1/20 + 1/20)) = sqrt(10) > 3: the shift applies
+    assert ls.z() == pytest.approx(math.sqrt(10))
+    assert ls.label_weights().tolist() == pytest.approx([1.0, 1 / 9])
+    assert LabelShift().z() == 0.0
+    with pytest.raises(ValueError, match="min_z"):
+        LabelShift(min_z=-1.0)
+    with pytest.raises(ValueError, match="evidence_shift_z"):
+        SelectorConfig(evidence_shift_z=-0.5)
+
+
+def test_evidence_without_a_significant_label_shift_trains_as_mix_bitwise(tiny_data, tmp_path):
+    """The tiny domains click at the same rate up to sampling: the evidence selector keeps every
+    weight at exactly 1 and trains Mix's network bit for bit; with the gate off (z = 0) the chance
+    difference of the shares lowers a label and the run departs from Mix."""
+    import json
+
+    from cctl_rec.cli import main
+
+    base = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.max_eval_rows=512",
+            "scn.sync_every=3", "run.steps=6", "run.threads=1"]
+    out = {}
+    for name, extra in [("mix", ["selector.mode=fixed"]), ("evidence", ["selector.mode=evidence"]),
+                        ("ungated", ["selector.mode=evidence", "selector.evidence_shift_z=0"])]:
+        run = tmp_path / name
+        assert main(["train", "--data", tiny_data, "--run-dir", str(run), *base, *extra]) == 0
+        m = json.loads((run / "metrics.json").read_text())
+        out[name] = (m["target_test"], m["target_valid"])
+    assert out["evidence"] == out["mix"]
+    assert out["ungated"] != out["mix"]

@@ -158,7 +158,9 @@ class LabelShift:
     source over-represents a label — a source with another exposure policy, or mislabelled rows:
     flipping 30% of the labels of a 20%-CTR source makes 64% of its positives wrong (measured,
     docs/selector.md) — that label's rows are lowered until the mixed batch has the target's label
-    balance; the other label keeps weight 1. Before both domains have rows of both labels: 1.
+    balance; the other label keeps weight 1. Before both domains have rows of both labels, and while
+    the two click shares do not differ significantly (|z| < ``min_z``, a two-proportion z test on the
+    rows seen so far), every weight is 1: a shift that sampling alone explains is no evidence of harm.
 
     Example::
 
@@ -170,10 +172,12 @@ class LabelShift:
     HIST = (-10.0, 10.0, 400)
     """Margin histogram per source label (range and bins) for ``target="margin"``."""
 
-    def __init__(self, target: str = "label", power: float = 1.0) -> None:
+    def __init__(self, target: str = "label", power: float = 1.0, min_z: float = 0.0) -> None:
         if target not in ("label", "margin"):
             raise ValueError(f"label shift target must be label or margin, got {target!r}")
-        self.target, self.power = target, power
+        if min_z < 0:
+            raise ValueError(f"label shift min_z must be >= 0, got {min_z}")
+        self.target, self.power, self.min_z = target, power, min_z
         self.counts = torch.zeros(2, 2, dtype=torch.float64)   # [domain src/tgt, label 0/1]
         self.hist = torch.zeros(2, self.HIST[2], dtype=torch.float64)  # source margins per label
 
@@ -190,10 +194,24 @@ class LabelShift:
                                          .detach().double().clamp(lo, hi), n, lo, hi) for y in (0, 1)])
             self.hist += _allreduce_sum(h)
 
-    def label_weights(self) -> torch.Tensor:
-        """(w_0, w_1)."""
+    def z(self) -> float:
+        """Two-proportion z statistic of the source's click share against the target's, from the
+        rows seen so far (0 before both domains have rows): (P_s(1) - P_t(1)) / sqrt(P(1-P)(1/n_s + 1/n_t)),
+        P the pooled share. Rows seen again in a later epoch count again, so over E epochs |z| is
+        about sqrt(E) times that of the split itself."""
         c = self.counts
-        if bool((c == 0).any()):
+        n_s, n_t = float(c[0].sum()), float(c[1].sum())
+        if n_s == 0 or n_t == 0:
+            return 0.0
+        pooled = float(c[:, 1].sum()) / (n_s + n_t)
+        var = pooled * (1.0 - pooled) * (1.0 / n_s + 1.0 / n_t)
+        diff = float(c[0, 1]) / n_s - float(c[1, 1]) / n_t
+        return diff / var ** 0.5 if var > 0 else 0.0
+
+    def label_weights(self) -> torch.Tensor:
+        """(w_0, w_1); both 1 until the shift is significant (|z| >= ``min_z``)."""
+        c = self.counts
+        if bool((c == 0).any()) or abs(self.z()) < self.min_z:
             return torch.ones(2, dtype=torch.float64)
         ratio = (c[1] / c[1].sum()) / (c[0] / c[0].sum())
         return (ratio / ratio.max()) ** self.power

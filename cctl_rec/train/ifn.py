@@ -209,9 +209,9 @@ class IFN:
         self.evidence: Optional[EvidenceTable] = None
         self.label_shift: Optional[LabelShift] = None
         if cfg.mode == "evidence" and cfg.evidence_shift != "none":
-            self.label_shift = LabelShift(cfg.evidence_shift, cfg.evidence_shift_power)
+            self.label_shift = LabelShift(cfg.evidence_shift, cfg.evidence_shift_power, cfg.evidence_shift_z)
         elif cfg.mode == "influence" and cfg.influence_keep is None:  # the keep rate follows the data
-            self.label_shift = LabelShift("label", cfg.evidence_shift_power)
+            self.label_shift = LabelShift("label", cfg.evidence_shift_power, cfg.evidence_shift_z)
         if cfg.mode == "evidence" and cfg.evidence_groups:
             self.evidence = EvidenceTable(cfg.evidence_bins, cfg.evidence_decay, cfg.evidence_t, cfg.evidence_strength,
                                           reference=cfg.evidence_reference == "target")

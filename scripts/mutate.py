@@ -153,7 +153,13 @@ EQUIVALENT: dict[tuple[str, str], str] = {
 _REMOVED_ZERO_GRAD = ("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=False)")
 
 
+_WEAKER_ASSERT = ("an internal invariant's assert made weaker (and -> or): every call the code makes passes "
+                  "both; a broken caller still fails, on the next line that reads the None")
+
+
 def _equivalent(m: "Mutant") -> str:
+    if m.old.startswith("assert ") and m.what == "and -> or":
+        return _WEAKER_ASSERT
     if m.new == "pass":
         return EQUIVALENT[("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=True)")] \
             if (m.file, m.old) == _REMOVED_ZERO_GRAD else ""
@@ -552,14 +558,38 @@ def _forget(*packages: str) -> None:
         del sys.modules[name]
 
 
-def coverage_pass(tree: str, test_files: list[str], targets: list[str], work: str, reuse: bool) -> dict:
+def fingerprint(tree: str, test_files: list[str]) -> tuple[str, str]:
+    """(code, tests): sha256 of every ``cctl_rec`` source in ``tree``, and of every file under
+    ``tests/`` with the candidate test list: what a coverage pass and a mutant's outcome depend on."""
+    import hashlib
+
+    out = []
+    for top in ("cctl_rec", "tests"):
+        h = hashlib.sha256("\n".join(test_files).encode() if top == "tests" else b"")
+        for root, dirs, names in sorted(os.walk(os.path.join(tree, top))):
+            dirs.sort()
+            for n in sorted(names):
+                if n.endswith(".py"):
+                    path = os.path.join(root, n)
+                    h.update(os.path.relpath(path, tree).encode())
+                    with open(path, "rb") as fh:
+                        h.update(fh.read())
+        out.append(h.hexdigest()[:16])
+    return out[0], out[1]
+
+
+def coverage_pass(tree: str, test_files: list[str], targets: list[str], work: str, reuse: bool,
+                  fp: str = "") -> dict:
     """Runs the candidate tests once in a forked child with a line tracer; returns
     {"lines": {test: [[file, line], ...]}, "seconds": {test: s}, "failed": [...]} (``reuse``: the
-    last pass's, when the tests and the code have not changed)."""
+    last pass's whatever changed; ``fp``: the last pass's when it was made of the same code and tests)."""
     out = os.path.join(work, "coverage.json")
-    if reuse and os.path.exists(out):
+    if os.path.exists(out):
         with open(out) as fh:
-            return json.load(fh)
+            data = json.load(fh)
+        if reuse or (fp and data.get("fingerprint") == fp and set(targets) <= set(data.get("targets", ()))):
+            print(f"coverage pass: reused {out} ({len(data['seconds'])} tests)", flush=True)
+            return data
     if os.path.exists(out):
         os.remove(out)
     pid = os.fork()
@@ -582,7 +612,8 @@ def coverage_pass(tree: str, test_files: list[str], targets: list[str], work: st
             with open(out, "w") as fh:
                 json.dump({"lines": {k: sorted((os.path.relpath(f, tree), ln) for f, ln in v)
                                      for k, v in rec.lines.items()}, "seconds": rec.seconds,
-                           "failed": rec.failed, "code": int(code)}, fh)
+                           "failed": rec.failed, "code": int(code), "fingerprint": fp,
+                           "targets": sorted(targets)}, fh)
         except BaseException as e:  # noqa: BLE001  (report it; the parent reads the log)
             print(f"coverage pass failed: {e!r}", file=sys.stderr)
         finally:
@@ -654,8 +685,32 @@ def _patch(m: Mutant, mutated: str) -> bool:
     return False
 
 
-def run_all(trees: list[str], todo: list, sources: dict[str, str], work: str, total: int) -> None:
-    """Runs the mutants, one per scratch tree at a time; restores each tree's file after its child."""
+def journal_key(m: "Mutant", sources: dict[str, str]) -> str:
+    """A mutant's identity in the journal: its file, the file's content hash and the edit."""
+    import hashlib
+
+    src = hashlib.sha256(sources[m.file].encode()).hexdigest()[:16]
+    return json.dumps([m.file, src, m.start, m.end, m.text])
+
+
+def read_journal(path: str) -> dict[str, dict]:
+    """The last record of each mutant in the journal (one JSON object a line; a torn last line skipped)."""
+    done: dict[str, dict] = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            for ln in fh:
+                try:
+                    rec = json.loads(ln)
+                except ValueError:
+                    continue
+                done[rec["key"]] = rec
+    return done
+
+
+def run_all(trees: list[str], todo: list, sources: dict[str, str], work: str, total: int,
+            journal: Optional[str] = None, tests_fp: str = "") -> None:
+    """Runs the mutants, one per scratch tree at a time; restores each tree's file after its child.
+    Appends each outcome to ``journal`` as it comes (a stopped pass resumes from there)."""
     free = list(trees)
     running: dict[int, tuple] = {}     # pid -> (tree, index, mutant, budget, t0, log)
     queue = list(todo)
@@ -690,6 +745,12 @@ def run_all(trees: list[str], todo: list, sources: dict[str, str], work: str, to
             m.status = "equivalent" if outcome == "survived" and m.reason else outcome
             if outcome == "killed":
                 os.remove(log)
+            if journal:
+                with open(journal, "a") as fh:
+                    fh.write(json.dumps({"key": journal_key(m, sources), "tests_fp": tests_fp,
+                                         "status": m.status, "failed": m.failed, "seconds": round(m.seconds, 1),
+                                         "line": m.line, "new": m.new, "tests": m.tests,
+                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
             print(f"[{i + 1}/{total}] {m.status:10s} {m.file}:{m.line} {m.what}: {m.new[:100]}"
                   f"  ({m.seconds:.1f} s, {len(m.tests)} tests{'; ' + m.failed if m.failed else ''})", flush=True)
 
@@ -720,6 +781,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at once (one scratch tree each)")
     ap.add_argument("--reuse-coverage", action="store_true", help="the last coverage pass's tests per line "
                     "(same --out folder; only when neither the tests nor the code changed since)")
+    ap.add_argument("--fresh", action="store_true", help="ignore the journal (journal.jsonl beside --out): run "
+                    "every mutant again. Without it a mutant the journal holds for the same file content is not "
+                    "run again when it was killed or timed out, nor when it survived against the same tests")
+    ap.add_argument("--retry-timeouts", action="store_true", help="run the journal's timed-out mutants again")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     ap.add_argument("--sample", type=int, default=1, help="keep every n-th mutant of each file (a lighter pass)")
     ap.add_argument("--only", default="", help="run only mutants whose 'file:line' contains this")
@@ -769,7 +834,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.makedirs(TINY, exist_ok=True)
         warm_imports(tree, test_files, TINY)
 
-        cov = coverage_pass(tree, test_files, files, work, args.reuse_coverage)
+        code_fp, tests_fp = fingerprint(tree, test_files)
+        cov = coverage_pass(tree, test_files, files, work, args.reuse_coverage, f"{code_fp}-{tests_fp}")
+        journal = os.path.join(work, "journal.jsonl")
+        seen = {} if args.fresh else read_journal(journal)
+        resumed = 0
         base_failed = set(cov["failed"])
         if base_failed:
             print(f"failing without a mutant (left out): {sorted(base_failed)}", flush=True)
@@ -789,6 +858,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         for i, m in enumerate(mutants):
             if m.status == "invalid":
                 continue
+            rec = seen.get(journal_key(m, sources))
+            if rec is not None and (rec["status"] == "killed" or (rec["status"] == "timeout" and not args.retry_timeouts)
+                                    or rec["tests_fp"] == tests_fp):
+                m.status, m.failed, m.seconds, m.tests = rec["status"], rec["failed"], rec["seconds"], rec["tests"]
+                m.reason = _equivalent(m)
+                if m.status in ("survived", "equivalent"):   # EQUIVALENT may have gained (or lost) its line
+                    m.status = "equivalent" if m.reason else "survived"
+                resumed += 1
+                continue
             eq = _equivalent(m)
             m.reason = eq or ""
             lines = range(m.body[0], m.body[1] + 1) if m.body else [m.line]
@@ -804,9 +882,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 m.status = "equivalent" if eq else "uncovered"
             else:
                 todo.append((i, m, 60.0 + 10 * sum(secs.get(t, 0.0) for t in tests) + 300.0 * len(dist)))
+        if resumed:
+            print(f"from the journal {journal}: {resumed} mutants (not run again); {len(todo)} to run", flush=True)
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # interrupted: still write what ran
         try:
-            run_all(trees, todo, sources, work, len(mutants))
+            run_all(trees, todo, sources, work, len(mutants), journal, tests_fp)
         except (KeyboardInterrupt, SystemExit):
             print("interrupted: the results below are partial", flush=True)
     finally:

@@ -1,10 +1,12 @@
-"""Reshard across world sizes: a checkpoint written by 4 gloo ranks resumes on 2, whose checkpoint
-resumes on 4 again. At each resume the live state right after the load (tables, TBE and Adam
-state, selector and its trace) equals the saved one exactly (DCP reshards it), and the run ends
-at the step, and after the rows, of an uninterrupted 4-rank run.
+"""Reshard across world sizes: a checkpoint written by 4 (or 8) gloo ranks resumes on 2, whose
+checkpoint resumes on 4 (or 8) again. At each resume the live state right after the load (tables,
+TBE and Adam state, selector and its trace) equals the saved one exactly (DCP reshards it), and the
+run ends at the step, and after the rows, of an uninterrupted 4- (or 8-) rank run.
 
 The per-rank batch is the same throughout (it is part of the checkpoint's fingerprint), so 2 ranks
-consume half the rows per step: step s of 4 ranks is step 2s of 2 ranks.
+consume half (a quarter) of the rows per step: step s of 4 ranks is step 2s of 2 ranks, step s of
+8 ranks step 4s. Both cases consume as many target rows: 512 before the first reshard, 768 before
+the second, 1,536 at the end.
 """
 
 import json
@@ -39,24 +41,26 @@ def _stage(tmp_path, name, world, data, run, steps, saved_step):
     return res
 
 
-def test_four_to_two_to_four_ranks_resumes_the_saved_state_and_ends_where_an_uninterrupted_run_does(
-        tiny_data, tmp_path):
+@pytest.mark.parametrize("big", [4, 8])  # 8: oversubscribed processes, the slowest case of the file
+def test_n_to_two_to_n_ranks_resumes_the_saved_state_and_ends_where_an_uninterrupted_run_does(
+        tiny_data, tmp_path, big):
     from tests.test_checkpoint import _dist_train
 
     run, data = tmp_path / "run", tiny_data
-    cut = run_distributed(_dist_train, 4, data, str(run), 4, EXTRA)                 # 4 ranks, steps 1-4
-    assert [c["steps"] for c in cut] == [4] * 4
-    two = _stage(tmp_path, "4to2", 2, data, run, 12, 4)                                  # 2 ranks, steps 9-12
+    cut, end = 16 // big, 48 // big  # steps at `big` ranks: 512 rows, 1,536 rows
+    res = run_distributed(_dist_train, big, data, str(run), cut, EXTRA)                  # big ranks, steps 1-cut
+    assert [c["steps"] for c in res] == [cut] * big
+    two = _stage(tmp_path, f"{big}to2", 2, data, run, 12, cut)                          # 2 ranks, steps 9-12
     assert [t["resumed_from_step"] for t in two] == [8, 8] and two[0]["steps"] == 12
-    back = _stage(tmp_path, "2to4", 4, data, run, 12, 12)                                # 4 ranks, steps 7-12
-    assert [b["resumed_from_step"] for b in back] == [6] * 4 and back[0]["steps"] == 12
+    back = _stage(tmp_path, f"2to{big}", big, data, run, end, 12)                       # big ranks, 24/big+1 .. end
+    assert [b["resumed_from_step"] for b in back] == [24 // big] * big and back[0]["steps"] == end
     assert all(b == back[0] for b in back[1:]), "ranks disagree on the metrics"
-    full = run_distributed(_dist_train, 4, data, str(tmp_path / "full"), 12, EXTRA)          # uninterrupted
-    assert back[0]["steps"] == full[0]["steps"] == 12
-    # the same end: step 12 of 4 ranks, 12 x 4 x BATCH target rows consumed, metrics defined
+    full = run_distributed(_dist_train, big, data, str(tmp_path / "full"), end, EXTRA)      # uninterrupted
+    assert back[0]["steps"] == full[0]["steps"] == end
+    # the same end: step `end` of `big` ranks, end x big x BATCH target rows consumed, metrics defined
     m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     m_back = json.loads((run / "metrics.json").read_text())
-    assert m_full["steps"] == m_back["steps"] == 12 and m_full["world_size"] == m_back["world_size"] == 4
-    assert m_back["resumed_from_step"] == 6
+    assert m_full["steps"] == m_back["steps"] == end and m_full["world_size"] == m_back["world_size"] == big
+    assert m_back["resumed_from_step"] == 24 // big
     for m in (m_full, m_back):
         assert 0 < m["target_test"]["auc"] < 1 and m["target_test"]["logloss"] > 0

@@ -82,18 +82,35 @@ def _paired(a: dict, b: dict, key: str = "auc") -> Optional[tuple[float, float, 
     return m, s, sum(x > 0 for x in d), len(d)
 
 
+def fractional_ranks(score: dict[str, float]) -> dict[str, float]:
+    """Rank 1 = highest score; tied scores share the mean of the places they span
+    ({a: 0.7, b: 0.7, c: 0.6} -> a 1.5, b 1.5, c 3)."""
+    order = sorted(score, key=lambda n: -score[n])
+    out: dict[str, float] = {}
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and score[order[j + 1]] == score[order[i]]:
+            j += 1
+        for n in order[i:j + 1]:
+            out[n] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
 def cross_dataset(spec: ExperimentSpec, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per model over the datasets it ran on: mean of its per-dataset paired Δ AUC against the
     first reference, datasets where that mean is > 0, seed wins, and its average rank by mean test
-    AUC (1 = best, among the models each dataset has)."""
+    AUC (1 = best, among the models each dataset has; models with equal means share the mean of
+    their places, so a model identical to the reference ranks with it, not behind it)."""
     ref = spec.references[0]
     out: dict[str, dict[str, Any]] = {}
     for ds, res in summary.items():
         rows = {n: r for n, r in res["models"].items() if r["auc"]}
-        order = sorted(rows, key=lambda n: -statistics.mean(rows[n]["auc"]))
+        ranks = fractional_ranks({n: statistics.mean(r["auc"]) for n, r in rows.items()})
         for n in rows:
             o = out.setdefault(n, {"deltas": [], "ranks": [], "wins": 0, "pairs": 0, "datasets": []})
-            o["ranks"].append(order.index(n) + 1)
+            o["ranks"].append(ranks[n])
             o["datasets"].append(ds)
             d = _paired(rows[n], rows[ref]) if ref in rows and n != ref else None
             if d:
@@ -103,6 +120,7 @@ def cross_dataset(spec: ExperimentSpec, summary: dict[str, Any]) -> dict[str, di
     for o in out.values():
         o["mean_delta"] = statistics.mean(o["deltas"]) if o["deltas"] else None
         o["datasets_ahead"] = sum(d > 0 for d in o["deltas"])
+        o["datasets_behind"] = sum(d < 0 for d in o["deltas"])
         o["avg_rank"] = statistics.mean(o["ranks"])
     return out
 
@@ -127,16 +145,17 @@ def markdown(spec: ExperimentSpec, summary: dict[str, Any], command: str, versio
     lines += ["Every model gets the same budget: the epochs, batch size, learning rates, embedding and "
               "tower sizes of its config (below), no per-model tuning. Target test AUC / logloss of the "
               "served network (mean ± std over seeds); Δ is paired by seed (mean ± std of the "
-              "differences, and in how many seeds the model is ahead).", ""]
+              "differences, and in how many seeds the model is ahead). Average rank by mean test AUC, "
+              "models with equal means sharing their places.", ""]
     refs = spec.references
     xd = cross_dataset(spec, summary)
     if len(summary) > 1:
         lines += [f"## Summary across datasets (reference: {refs[0]})", "",
-                  f"| model | datasets | mean Δ AUC vs {refs[0]} | datasets ahead | seed wins | average rank |",
+                  f"| model | datasets | mean Δ AUC vs {refs[0]} | datasets ahead / behind | seed wins | average rank |",
                   "|---|---|---|---|---|---|"]
         for name, o in sorted(xd.items(), key=lambda kv: kv[1]["avg_rank"]):
             md = f"{o['mean_delta']:+.4f}" if o["mean_delta"] is not None else "-"
-            ahead = f"{o['datasets_ahead']}/{len(o['deltas'])}" if o["deltas"] else "-"
+            ahead = f"{o['datasets_ahead']} / {o['datasets_behind']} of {len(o['deltas'])}" if o["deltas"] else "-"
             wins = f"{o['wins']}/{o['pairs']}" if o["pairs"] else "-"
             lines.append(f"| {name} | {len(o['datasets'])} | {md} | {ahead} | {wins} | {o['avg_rank']:.2f} |")
         lines.append("")

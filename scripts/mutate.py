@@ -90,7 +90,8 @@ DIST_TESTS: dict[tuple[str, str], list[str]] = {
     ("cctl_rec/train/reinforce.py", "Reinforce.update"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/modules/ren.py", "global_counts"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/train/sync.py", "sync_mixed_to_pure"):   # the fused (TBE) optimizer state of sharded tables
-        ["tests/test_sharding.py::test_cctl_sharded_forward_equals_unsharded_and_sync_equalises[table_wise]"],
+        ["tests/test_sharding.py::test_cctl_sharded_forward_equals_unsharded_and_sync_equalises[table_wise]",
+         "tests/test_sharding.py::test_sync_copies_the_data_parallel_tables_optimizer_state"],
     ("cctl_rec/train/ifn.py", "IFN._normalise"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/train/ifn.py", "IFN._apply"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/train/reward.py", "rank_mean"): ["tests/test_equations.py::test_equations_on_two_ranks"],
@@ -149,6 +150,21 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=True)"):
         "every parameter's .grad is replaced by a fresh tensor on the next line, whatever zero_grad left",
     ("cctl_rec/train/ifn.py", "p.grad = g"): "g is a fresh tensor from autograd.grad that nothing else holds",
+    ("cctl_rec/train/ifn.py",
+     'loss = F.binary_cross_entropy_with_logits(a.squeeze(1), y, reduction="sum") # sum: delta_i per row'):
+        "the MLP's output is B X 1: squeeze(1) is squeeze(-1)",
+    ("cctl_rec/train/ifn.py", "if float(c_src.mean()) == 0:"):
+        "the label counts are >= 0: their mean is 0 exactly when their sum is",
+    ("cctl_rec/train/ifn.py",
+     "g_src = torch.autograd.grad((eps * l_src).sum(), params, create_graph=True, allow_unused=False)"):
+        "g_eval, taken through the same tower forward without allow_unused, already fails on a parameter "
+        "outside the graph: every parameter here is in it",
+    ("cctl_rec/train/reinforce.py",
+     "flat = torch.cat([a.flatten() for a in self.acc] + [torch.tensor([self.n], dtype=self.acc[1].dtype)])"):
+        "the selector's parameters (weight and bias of each layer: always >= 2) share one dtype",
+    ("cctl_rec/train/sync.py", "if fm is not None or fp is not None:"):
+        "mixed_tgt and pure_tgt get their optimizer and their sharding from one code path (apply_sparse_optimizer, "
+        "one mirrored plan): both have a fused optimizer or neither",
 }
 _REMOVED_ZERO_GRAD = ("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=False)")
 

@@ -281,6 +281,9 @@ def _equations_on_rank(rank, world):
     ifn = IFN(SelectorConfig(mode="influence", hidden=(4,), influence_group="", influence_keep=0.0, lr=0.1,
                              influence_norm="scale"), 3)
     out["theta0"] = [t.detach().clone() for t in ifn.selector.parameters()]
+    torch.manual_seed(0)                                  # rank 0's selector, built here without the broadcast
+    out["rank0_init"] = [t.detach().clone() for t in Selector(3, ifn.cfg.hidden, ifn.cfg.logit_clamp,
+                                                              ifn.cfg.init_p).parameters()]
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank + 10))
     infl = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0]) * (1.0 if rank == 0 else -3.0)
     ifn.step(1, ifn.selector.logits(x), 0.0, None, None, influence=infl, labels=torch.zeros(6))
@@ -312,8 +315,8 @@ def test_equations_on_two_ranks():
     assert r0["ren"][0] == pytest.approx(r0["ren"][1] - r0["ren"][2], abs=1e-6)
     assert r0["ren_empty"] == [0.0, 0.0, 0.0] and r1["ren_empty"] == [0.0, 0.0, 0.0]
     assert r0["reward"] == pytest.approx(-0.2) and r1["reward"] == pytest.approx(-0.2)
-    for a, b in zip(r0["theta0"], r1["theta0"]):
-        assert torch.equal(a, b)                      # rank 0's selector broadcast
+    for a, b, c in zip(r0["theta0"], r1["theta0"], r0["rank0_init"]):
+        assert torch.equal(a, b) and torch.equal(a, c)   # rank 0's selector broadcast (not rank 1's)
     for a, b in zip(r0["theta1"], r1["theta1"]):
         assert torch.equal(a, b)                      # the same (mean) step on both ranks
     assert any(not torch.equal(a, b) for a, b in zip(r0["theta0"], r0["theta1"]))
@@ -545,3 +548,77 @@ def test_selector_refuses_init_p_at_either_end():
     for bad in (0.0, 1.0):
         with pytest.raises(ValueError, match=f"selector init_p must be in \\(0, 1\\), got {bad}"):
             Selector(4, (2,), init_p=bad)
+
+
+# ----------------------------------------------------------------------------- the full mutation pass
+# (scripts/mutate.py over the critical files, 2026-12-03: each test below kills mutants that passed
+# every test before it; docs/testing.md names them)
+
+
+def test_scn_losses_default_reduction_is_each_domains_mean():
+    """Without ``reduction``, each domain's loss is its sum over its own row count (2 target rows,
+    3 source rows): the explicit "mean", not the sum."""
+    out, b, w = _toy()
+    d = scn_losses(out, b, w)
+    assert float(d.tgt) == pytest.approx((_bce(0.5, 1) + _bce(-1.0, 0)) / 2, rel=1e-6)
+    assert float(d.src) == pytest.approx((0.9 * _bce(2.0, 1) + 0.2 * _bce(-0.5, 1) + 0.5 * _bce(0.1, 0)) / 3,
+                                         rel=1e-6)
+    assert float(d.pure) == pytest.approx((_bce(0.2, 1) + _bce(-0.3, 0)) / 2, rel=1e-6)
+
+
+def test_scn_losses_target_weight_scales_loss_tgt_in_loss_mixed():
+    """Loss_mixed = Loss_src + tgt_weight * Loss_tgt: 0 is finetune's source-only phase, and any
+    other weight scales the target term; the logged Loss_tgt and the reward stay unweighted."""
+    out, b, w = _toy()
+    base = scn_losses(out, b, w)
+    for tw in (0.0, 0.5, 2.0):
+        d = scn_losses(out, b, w, tgt_weight=tw)
+        assert float(d.mixed) == pytest.approx(float(base.src) + tw * float(base.tgt), rel=1e-6), tw
+        assert float(d.tgt) == float(base.tgt) and float(d.reward) == float(base.reward)
+
+
+def test_logged_ren_cosines_carry_no_graph_while_loss_ren_does():
+    """Both REN lookups with graph: Loss_ren keeps it (it trains the tables), the logged id and
+    sequence cosines are detached."""
+    out, b, w = _with_ren_and_domain()
+    out.ren_seq_s = out.ren_seq_s.clone().requires_grad_(True)
+    d = scn_losses(out, b, w, ren_weight=0.5)
+    assert d.ren.requires_grad
+    assert not d.cos_id.requires_grad and not d.cos_seq.requires_grad
+
+
+def test_selector_init_p_scales_the_default_output_weights_by_a_hundredth():
+    """init_p != 0.5: the hidden layers keep their default initialisation, the output unit's
+    weights are exactly 0.01 x theirs and its bias is logit(init_p)."""
+    from cctl_rec.modules.tower import mlp
+
+    torch.manual_seed(0)
+    sel = Selector(5, (4,), init_p=0.9)
+    torch.manual_seed(0)
+    ref = mlp(5, (4,), 1)
+    torch.testing.assert_close(sel.net[0].weight, ref[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(sel.net[-1].weight, 0.01 * ref[-1].weight, rtol=0, atol=0)
+    assert float(sel.net[-1].bias.detach()) == pytest.approx(math.log(0.9 / 0.1), rel=1e-6)
+
+
+def test_influence_mode_with_groups_trains_on_each_items_mean():
+    """selector.influence_group=item_id: one influence step follows -mean(zbar p) + 10 (mean p - keep)^2
+    with zbar_i the mean normalised influence of the rows sharing row i's item (a fresh table: this
+    step's rows only)."""
+    from cctl_rec.config import SelectorConfig
+    from cctl_rec.schema import synthetic_schemas
+    from cctl_rec.train.ifn import IFN, KEEP_PENALTY
+
+    src = synthetic_schemas(100, 50, 5, 7)["src"]
+    torch.manual_seed(0)
+    ifn = IFN(SelectorConfig(mode="influence", hidden=(4,), influence_group="item_id", influence_keep=0.3, lr=1e-2,
+                             influence_norm="scale"), 3, source=src)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(7))
+    infl = torch.tensor([1.0, 3.0, -2.0, 0.0])            # mean |influence| 1.5: z = 2/3, 2, -4/3, 0
+    zbar = torch.tensor([4 / 3, 4 / 3, -2 / 3, -2 / 3])   # items 3, 3, 7, 7
+    p = torch.sigmoid(ifn.selector.logits(x))
+    want = torch.autograd.grad(-(zbar * p).mean() + KEEP_PENALTY * (p.mean() - 0.3) ** 2, ifn.params)
+    ifn.step(1, ifn.selector.logits(x), 0.0, None, None, influence=infl, labels=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+             group_ids=torch.tensor([3, 3, 7, 7]))
+    for q, g in zip(ifn.params, want):
+        torch.testing.assert_close(q.grad, g, rtol=1e-5, atol=1e-8)

@@ -146,3 +146,47 @@ def test_cctl_sharded_forward_equals_unsharded_and_sync_equalises(tiny_data, sha
         for a, b in r["states"]:
             for x, y in zip(a, b):
                 torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _dp_sync_rank(rank, world, root):
+    from cctl_rec.config import ModelConfig
+    from cctl_rec.distributed.sharding import DataParallelTables, apply_sparse_optimizer, make_plan, shard
+    from cctl_rec.models.cctl import CCTL
+    from cctl_rec.train.sync import sync_mixed_to_pure
+
+    schemas, batch = _tiny_batch(root, rank, world)
+    torch.manual_seed(0)
+    model = CCTL(schemas, ModelConfig(tower=(16, 8), san_hidden=(8,)))
+    apply_sparse_optimizer(model, "exact_rowwise_adagrad", 0.1, "cpu")
+    plan = make_plan(model, world, "cpu", "data_parallel", 32, pg=dist.GroupMember.WORLD)
+    dmp = shard(model, plan, torch.device("cpu"))
+    m = dmp.module
+    dp = DataParallelTables(m, "exact_rowwise_adagrad", 0.1)
+    out = dmp(batch)
+    (out.logit_tgt.sum() + out.logit_src.sum() + 0.5 * out.logit_pure.sum()).backward()
+    dp.step()
+
+    pairs = [(p, dp.params["pure_tgt" + n[len("mixed_tgt"):]]) for n, p in dp.params.items()
+             if n.startswith("mixed_tgt.")]
+
+    def states():  # (mixed, pure) optimizer state of each target table
+        return [tuple({k: torch.as_tensor(v).clone() for k, v in dp.opt.state[q].items()} for q in pq) for pq in pairs]
+
+    before = states()
+    sync_mixed_to_pure(m, None, optimizer_state=True, dp_tables=dp)
+    shared = [dp.opt.state[a][k].data_ptr() == dp.opt.state[b][k].data_ptr()
+              for a, b in pairs for k in dp.opt.state[a] if torch.is_tensor(dp.opt.state[a][k])]
+    return {"before": before, "after": states(), "shared": shared}
+
+
+def test_sync_copies_the_data_parallel_tables_optimizer_state(tiny_data):
+    """data_parallel tables train outside the fused TBE optimizer (DataParallelTables): the sync
+    gives the pure target tables the mixed ones' row-wise Adagrad state, as copies (before it the
+    two differ: the tables saw different gradients)."""
+    for r in run_distributed(_dp_sync_rank, 2, tiny_data):
+        assert r["before"] and any(not torch.equal(a[k], b[k]) for a, b in r["before"] for k in a)
+        for a, b in r["after"]:
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        assert r["shared"] and not any(r["shared"])

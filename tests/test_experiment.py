@@ -64,6 +64,10 @@ def test_a_failing_run_is_reported_and_the_rest_still_run(tmp_path, tiny_data, c
      "unknown key(s) ['seedz']"),
     ("name: x\nmodels: [{name: A, config: configs/cctl_tiny.yaml}]\ndatasets: {a: {path: p}}\n"
      "alpha_sweep: {model: B, values: [0]}\n", "alpha_sweep.model 'B'"),
+    ("name: x\nmodels: [{name: A, config: configs/cctl_tiny.yaml, seeds: 3}]\ndatasets: {a: {path: p}}\n",
+     "models[0].seeds must be a non-empty list"),
+    ("name: x\nseeds: [0, 1]\nmodels: [{name: A, config: configs/cctl_tiny.yaml, seeds: [7]}]\n"
+     "datasets: {a: {path: p}}\n", "seeds [7] are none of its datasets' seeds"),
 ])
 def test_bad_experiment_configs_are_one_line(tmp_path, capsys, body, msg):
     p = tmp_path / "e.yaml"
@@ -78,3 +82,15 @@ def test_the_provided_experiments_load():
     for path in glob.glob("configs/experiments/*.yaml"):
         spec = load_spec(path)
         assert spec.models and spec.datasets, path
+
+
+def test_a_model_runs_only_its_seeds_of_each_dataset(tmp_path):
+    from cctl_rec.experiment.runner import plan_runs
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("name: x\nseeds: [0, 1, 2, 3]\ndatasets:\n  a: {path: p}\n  dense: {path: q, seeds: [0]}\n"
+                   "models:\n  - {name: A, config: configs/cctl_tiny.yaml}\n"
+                   "  - {name: B, config: configs/cctl_tiny.yaml, seeds: [0, 1]}\n")
+    runs = [(r.dataset.name, r.model.name, r.seed) for r in plan_runs(load_spec(str(cfg)))]
+    assert runs == [("a", "A", 0), ("a", "A", 1), ("a", "A", 2), ("a", "A", 3), ("a", "B", 0), ("a", "B", 1),
+                    ("dense", "A", 0), ("dense", "B", 0)]

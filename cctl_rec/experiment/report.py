@@ -133,6 +133,9 @@ def markdown(spec: ExperimentSpec, summary: dict[str, Any], command: str, versio
     seeds = {ds.name: list(spec.seeds_of(ds)) for ds in spec.datasets}
     seed_txt = (str(list(spec.seeds)) if all(v == list(spec.seeds) for v in seeds.values()) else
                 "; ".join(f"{k} {v}" for k, v in seeds.items()))
+    limited = [m for m in spec.models if m.seeds]
+    if limited:
+        seed_txt += "; of those, " + "; ".join(f"{m.name} only {list(m.seeds)}" for m in limited)
     walls = [w for d in summary.values() for m in d["models"].values() for w in m.get("wall_seconds", [])]
     n_runs = sum(len(m["auc"]) + len(m["failed"]) for d in summary.values() for m in d["models"].values())
     compute = (f"compute time: {sum(walls) / 60:.1f} worker-min over the {len(walls)} of {n_runs} runs whose "

@@ -40,13 +40,13 @@ class Run:
 def plan_runs(spec: ExperimentSpec) -> list[Run]:
     """Every run, seeds innermost; the alpha sweep after the models."""
     runs = [Run(ds, m, s) for ds in spec.datasets for m in spec.models if m.runs_on(ds.name)
-            for s in spec.seeds_of(ds)]
+            for s in spec.seeds_of(ds, m)]
     if spec.alpha_sweep:
         name, values = spec.alpha_sweep
         model = next(m for m in spec.models if m.name == name)
         own = model_alpha(spec, model)  # the model's own runs already give this point
         runs += [Run(ds, model, s, a) for ds in spec.datasets if model.runs_on(ds.name) for a in values if a != own
-                 for s in spec.seeds_of(ds)]
+                 for s in spec.seeds_of(ds, model)]
     return runs
 
 

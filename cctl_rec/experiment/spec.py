@@ -17,7 +17,8 @@ Example::
 ``prepare`` holds ``cctl-rec`` arguments that create the dataset when its manifest is missing.
 A dataset may set its own ``seeds`` (fewer on a large dense variant) and ``overrides`` (epochs,
 source ratio: applied after the experiment's, before the model's); a model may be limited to some
-datasets with ``datasets: [name or fnmatch pattern, ...]`` (the oracle where harm is known).
+datasets with ``datasets: [name or fnmatch pattern, ...]`` (the oracle where harm is known) and to
+some seeds with ``seeds: [...]`` (of each dataset's seeds, those listed: fewer for a costly baseline).
 ``compare`` lists the models every other model is paired against by seed (default: the
 baseline); the first is the reference of the cross-dataset summary (mean paired Δ, wins, rank).
 Unknown keys are refused with their path.
@@ -39,6 +40,8 @@ class ModelSpec:
     overrides: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
     """fnmatch patterns of the datasets this model runs on (empty: all)."""
+    seeds: tuple[int, ...] = ()
+    """the seeds this model runs, among each dataset's (empty: all of them)."""
 
     def runs_on(self, dataset: str) -> bool:
         import fnmatch
@@ -72,8 +75,11 @@ class ExperimentSpec:
     compare: tuple[str, ...] = ()
     """models every model is paired against (empty: the baseline); the first is the summary's reference."""
 
-    def seeds_of(self, ds: DataSpec) -> tuple[int, ...]:
-        return ds.seeds or self.seeds
+    def seeds_of(self, ds: DataSpec, model: Optional[ModelSpec] = None) -> tuple[int, ...]:
+        """The seeds ``ds`` runs (its own, else the experiment's); with ``model``, those of them the
+        model runs."""
+        seeds = ds.seeds or self.seeds
+        return tuple(s for s in seeds if s in model.seeds) if model is not None and model.seeds else seeds
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -113,13 +119,14 @@ def load_spec(path: str) -> ExperimentSpec:
             raise ValueError(f"{path}: missing key {k!r}")
     models = []
     for i, m in enumerate(d["models"] or []):
-        m = _keys(m, {"name", "config", "overrides", "datasets"}, f"{path}: models[{i}]")
+        m = _keys(m, {"name", "config", "overrides", "datasets", "seeds"}, f"{path}: models[{i}]")
         if "name" not in m or "config" not in m:
             raise ValueError(f"{path}: models[{i}] needs name and config, got {sorted(m)}")
         if not os.path.exists(m["config"]):
             raise FileNotFoundError(f"{path}: models[{i}] ({m['name']}): config {m['config']} does not exist")
         models.append(ModelSpec(str(m["name"]), str(m["config"]), _strs(m.get("overrides"), f"models[{i}].overrides"),
-                                _strs(m.get("datasets"), f"models[{i}].datasets")))
+                                _strs(m.get("datasets"), f"models[{i}].datasets"),
+                                _seeds(m["seeds"], f"{path}: models[{i}].seeds") if "seeds" in m else ()))
     if not models:
         raise ValueError(f"{path}: models must list at least one model")
     names = [m.name for m in models]
@@ -155,6 +162,8 @@ def load_spec(path: str) -> ExperimentSpec:
         if m.datasets and not any(m.runs_on(ds.name) for ds in datasets):
             raise ValueError(f"{path}: model {m.name!r}: datasets {list(m.datasets)} match none of "
                              f"{[ds.name for ds in datasets]}")
+        if m.seeds and not any(set(m.seeds) & set(ds.seeds or seeds) for ds in datasets if m.runs_on(ds.name)):
+            raise ValueError(f"{path}: model {m.name!r}: seeds {list(m.seeds)} are none of its datasets' seeds")
     compare = _strs(d.get("compare"), "compare")
     for c in compare:
         if c not in names:

@@ -99,6 +99,8 @@ DIST_TESTS: dict[tuple[str, str], list[str]] = {
     ("cctl_rec/train/ifn.py", "IFN.__init__"): ["tests/test_equations.py::test_equations_on_two_ranks"],
 }
 
+DIST_SET = {t for ts in DIST_TESTS.values() for t in ts}
+
 _ONE_RANK = "with one initialised rank the all-reduce is the identity: the same numbers either way"
 _DETACHED = ("autograd.grad is taken w.r.t. the tower's parameters (or layer outputs) only and the "
              "result carries no graph: the values and every .grad are the same")
@@ -651,7 +653,8 @@ def start_mutant(tree: str, home: str, m: Mutant, src: str, log: str) -> int:
         code = 3
         try:
             mutated = src[:m.start] + m.text + src[m.end:]
-            if m.at_import or not _patch(m, mutated):
+            spawns = any(t in DIST_SET for t in m.tests)   # spawned ranks import the package from the tree
+            if m.at_import or spawns or not _patch(m, mutated):
                 with open(path, "w") as fh:
                     fh.write(mutated)
                 _forget("cctl_rec", "tests")      # import the package and the tests anew, from this tree
@@ -727,10 +730,24 @@ def run_all(trees: list[str], todo: list, sources: dict[str, str], work: str, to
             journal: Optional[str] = None, tests_fp: str = "") -> None:
     """Runs the mutants, one per scratch tree at a time; restores each tree's file after its child.
     Appends each outcome to ``journal`` as it comes (a stopped pass resumes from there)."""
-    free = list(trees)
     running: dict[int, tuple] = {}     # pid -> (tree, index, mutant, budget, t0, log)
     queue = list(todo)
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+    try:
+        _run_queue(trees, queue, running, sources, work, total, journal, tests_fp)
+    except BaseException:   # stopped: end the children still running (each leads its own group)
+        for pid in running:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        raise
+
+
+def _run_queue(trees: list[str], queue: list, running: dict, sources: dict[str, str], work: str, total: int,
+               journal: Optional[str], tests_fp: str) -> None:
+    free = list(trees)
     while queue or running:
         while queue and free:
             i, m, budget = queue.pop(0)

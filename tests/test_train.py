@@ -49,6 +49,16 @@ def test_dnn_baseline_has_no_source_parts(tiny_data, tmp_path):
     m = json.loads((tmp_path / "dnn" / "metrics.json").read_text())
     assert m["model"] == "dnn" and m["selector"] is None
     assert set(json.loads((tmp_path / "dnn" / "plan.json").read_text())) == {"pure_tgt"}
+    # TensorBoard: the target network's tags only, none of CCTL's (reward, selector, mixed/source losses, REN)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "dnn" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"]) | set(acc.Tags()["histograms"])
+    assert {"train/loss_pure", "train/train_logloss", "train/ex_per_s"} <= tags, tags
+    assert not [t for t in tags if t.startswith(("scn/", "selector/")) or t.split("/")[-1] in (
+        "loss_mixed", "loss_tgt", "loss_src", "loss_ren", "reward", "cos_id", "cos_seq", "p_mean", "p_clean",
+        "p_harmful")], tags
 
 
 @pytest.mark.parametrize("args,msg", [

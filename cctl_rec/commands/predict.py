@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from tqdm import tqdm
 
     from cctl_rec.data.manifest import atomic_write_bytes
     from cctl_rec.data.reader import ParquetStream
     from cctl_rec.export import load_artifact, local_export, serving_inputs
+    from cctl_rec.logging_utils import progress
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         batches = ((r.table, r.table, "label", r.path) for r in stream)
     logits, labels, kept = [], [], {c: [] for c in keep}
     with torch.no_grad():
-        for raw, rows, label, path in tqdm(batches, mininterval=5, desc="predict", unit="batch"):
+        for raw, rows, label, path in progress(batches, mininterval=5, desc="predict", unit="batch"):
             logits.append(model(*serving_inputs(model, rows, L, path)).numpy())
             if label in raw.column_names:
                 labels.append(raw.column(label).to_numpy())

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from torchrec.distributed.planner.types import PlannerError
 
     from cctl_rec.config import load_config
-    from cctl_rec.logging_utils import rank
+    from cctl_rec.logging_utils import detach_run_log, rank
     from cctl_rec.train.loop import train
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -108,11 +108,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             m = train(cfg, args.run_dir)
         except PlannerError as e:
+            detach_run_log(upload=False)
             _remove_new_run_dir(args.run_dir, created)
             raise _planner_error(e, cfg, env_world()[1]) from None
         except (ValueError, TypeError, FileNotFoundError):
+            detach_run_log(upload=False)
             _remove_new_run_dir(args.run_dir, created)  # under the lock: no other run is writing there
             raise
+        finally:  # the run's log (RUN/logs/rank<r>.log) closed; on a URL uploaded, failure or not
+            detach_run_log()
     if rank() == 0:
         print(json.dumps({k: m[k] for k in ("model", "steps", "world_size", "target_test", "target_valid",
                                             "selector", "train_samples_per_s")}))

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from iopath.common.file_io import g_pathmgr
-from tqdm import tqdm
 
 from cctl_rec.data.manifest import FORMAT, atomic_write_bytes, join, write_manifest
 from cctl_rec.datagen.generator import Generator, calibrate, schemas_of
@@ -183,8 +182,10 @@ def generate(out: str, preset: str = "tiny", scale: float = 1.0, scale_ids: bool
 def _run(out: str, params: GenParams, tasks: list[ShardTask], workers: int,
          progress: bool) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
-    bar = tqdm(total=sum(t.rows for t in tasks), unit="rows", unit_scale=True, mininterval=5,
-               disable=not progress, desc="datagen")
+    from cctl_rec.logging_utils import progress as bar_on_stderr
+
+    bar = bar_on_stderr(total=sum(t.rows for t in tasks), unit="rows", unit_scale=True, mininterval=5,
+                        disable=not progress, desc="datagen")
     skipped = 0
     try:
         if workers == 1 or len(tasks) <= 1:

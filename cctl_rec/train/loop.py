@@ -17,13 +17,13 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from cctl_rec import __version__
 from cctl_rec.config import TrainConfig, dump_yaml
 from cctl_rec.data.loader import Dataset, split_source
 from cctl_rec.data.reader import ParquetStream, dense_values, features, make_kjt
 from cctl_rec.distributed.env import gather_cat
+from cctl_rec.logging_utils import attach_run_log, detach_run_log, progress, upload_run_log
 from cctl_rec.metrics import WindowMetrics, fmt, harmful_auc, selector_stats
 from cctl_rec.models.cctl import CCTL
 from cctl_rec.train.ifn import IFN
@@ -82,6 +82,10 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
         atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
         atomic_write_json(os.path.join(run_dir, "plan.json"), plan_to_json(t.plan))
         atomic_write_text(os.path.join(run_dir, "plan.txt"), str(t.plan) + "\n\n" + "\n".join(t.planner_stats) + "\n")
+    if world > 1:  # rank 0 made the run directory; then every rank logs into it
+        dist.barrier()
+    attach_run_log(run_dir)
+    logger.info("cctl-rec %s, rank %d of %d, run directory %s", __version__, rank, world, run_dir)
 
     # --- resume from the newest complete checkpoint of this run directory
     fingerprint = run_fingerprint(cfg, data)
@@ -113,6 +117,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
             "fingerprint": fingerprint, "syncs": t.syncs, **log.meta(), **window_meta(), "final": at == t.total,
             "ifn": ifn.meta() if ifn is not None else None}, cfg.run.keep_checkpoints, final_sync)
         upload_tensorboard(writer, force=True)  # a run directory on a URL: staged events go up with it
+        upload_run_log()  # and each rank's log
         return path
 
     writer = tensorboard_writer(run_dir, fresh=not ckpts) if rank == 0 else None
@@ -123,7 +128,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                 cfg.model.name, total, cfg.data.batch_size, t.stream.src_batch if t.with_source else 0, world)
     t0 = t_last = time.perf_counter()
     step = step_last = start
-    bar = tqdm(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
+    bar = progress(total=total, initial=min(start, total), disable=rank != 0, mininterval=5, desc="train", unit="step")
     best_auc = best_so_far(run_dir) if cfg.run.keep_best else None
     for step, batch in t.batches(start):
         out = t.step(batch, step)
@@ -147,7 +152,7 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                     if rank == 0:
                         keep_best(run_dir, step, best_auc, path)
                     dist.barrier()
-            _log_row(row, writer, out.p)
+            _log_row(row, writer, out.p, t.with_source)
             upload_tensorboard(writer)
             t_last, step_last = now, step
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total and not saved:
@@ -207,11 +212,18 @@ def train(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                     "" if sel is None else f"; selector p_mean={sel['p_mean']:.3f} harmful_auc="
                     f"{sel['harmful_auc'] if sel['harmful_auc'] is None else round(sel['harmful_auc'], 4)}")
     dist.barrier()
+    detach_run_log()  # closed (on a URL uploaded) with the run's last line
     return metrics
 
 
-def _log_row(row: dict[str, Any], writer: Any, p: Optional[torch.Tensor]) -> None:
-    """One grep-friendly log line, and the row (and the selector's p histogram) into TensorBoard."""
+CCTL_ONLY = ("loss_mixed", "loss_tgt", "loss_src", "loss_ren", "reward", "cos_id", "cos_seq", "p_mean", "p_clean",
+             "p_harmful")
+"""Log-row keys that only a model with a source domain has (the target-only DNN logs them as 0)."""
+
+
+def _log_row(row: dict[str, Any], writer: Any, p: Optional[torch.Tensor], with_source: bool = True) -> None:
+    """One grep-friendly log line, and the row (and the selector's p histogram) into TensorBoard;
+    a target-only model writes none of the :data:`CCTL_ONLY` tags."""
     logger.info("step=%d loss=%.4f loss_pure=%.4f reward=%.5f p_mean=%.3f p_clean=%.3f p_harm=%.3f "
                 "ren=%.4f ex/s=%.1fk%s", row["step"], row["loss_mixed"], row["loss_pure"], row["reward"],
                 row["p_mean"], row["p_clean"], row["p_harmful"], row["loss_ren"], row["ex_per_s"] / 1e3,
@@ -219,7 +231,7 @@ def _log_row(row: dict[str, Any], writer: Any, p: Optional[torch.Tensor]) -> Non
     if writer:
         step = row["step"]
         for k, v in row.items():
-            if k != "step" and v is not None:
+            if k != "step" and v is not None and (with_source or k not in CCTL_ONLY):
                 writer.add_scalar(f"train/{k}", v, step)
         if p is not None:
             writer.add_histogram("selector/p", p, step)

@@ -73,26 +73,33 @@ class ServingModel(nn.Module):
 
     Args:
         schema: the target domain's schema.
-        dim: embedding width.
+        dim: embedding width (``model.embedding_dim``; a feature with a ``dim`` of its own has that).
         tower: the tower's hidden widths.
         head: the tower's architecture (``model.head``).
 
     Inputs:
         ids: B X F_single int64, the single-id features in ``single_features`` order.
         seq: B X L int64, the behaviour sequence, left-aligned, padded with any valid id.
-        seq_len: B int64, the number of valid items in each row (mean pooling; 0 -> zeros).
+        seq_len: B int64, the number of valid items in each row (mean pooling, or sum when the item
+            table's ``pooling`` is sum; 0 -> zeros).
         other_seq, other_len: the same for ``other_seq`` (the user's recent source-domain items,
             looked up in the target item table), for heads that read it (:attr:`inputs`).
+        bags, bag_len: B X M X L int64 and B X M int64, the schema's M multi-valued features
+            (``schema.multi_features`` order), each padded like ``seq`` (left-aligned, any valid id
+            as padding) and pooled as its table says; only when M > 0.
         dense: B X F_dense float32, the standardised dense features in ``schema.dense`` order.
     """
 
     def __init__(self, schema: DomainSchema, dim: int, tower: tuple[int, ...], head: str = "mlp") -> None:
         super().__init__()
         self.schema, self.dim = schema, dim
-        self.tables = nn.ParameterDict({name[2:]: nn.Parameter(torch.zeros(rows, dim))
+        widths = schema.table_dims(dim)  # dim, unless a feature says otherwise
+        self.tables = nn.ParameterDict({name[2:]: nn.Parameter(torch.zeros(rows, widths[name]))
                                         for name, rows, _ in schema.tables()})
-        self.single_features = [f.name for f in schema.features if not f.is_seq]
+        self.single_features = [f.name for f in schema.features if not f.is_list]
+        self.bags = schema.multi_features
         self.table_of = {f.name: f.table for f in schema.features}
+        self.pooling = {f.name: f.pooling for f in schema.features}
         self.order = schema.field_names()
         self.head, self.hidden = head, tuple(tower)
         self.sequences = HEAD_SEQUENCES.get(head, ())
@@ -105,12 +112,12 @@ class ServingModel(nn.Module):
     def inputs(self) -> list[str]:
         """The names of ``forward``'s inputs, in order."""
         return (["ids", "seq", "seq_len"] + (["other_seq", "other_len"] if "other_seq" in self.sequences else [])
-                + (["dense"] if self.schema.dense else []))
+                + (["bags", "bag_len"] if self.bags else []) + (["dense"] if self.schema.dense else []))
 
     def forward(self, ids: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor, *extra: torch.Tensor
                 ) -> torch.Tensor:
-        """``extra``: the inputs after ``seq_len`` in :attr:`inputs` order (``other_seq, other_len``
-        and / or ``dense``)."""
+        """``extra``: the inputs after ``seq_len`` in :attr:`inputs` order (``other_seq, other_len``,
+        ``bags, bag_len`` and / or ``dense``)."""
         other_seq = other_len = dense = None
         if "other_seq" in self.sequences:
             other_seq, other_len = extra[0], extra[1]
@@ -120,8 +127,14 @@ class ServingModel(nn.Module):
         for j, name in enumerate(self.single_features):
             pooled[name] = self.tables[self.table_of[name]][ids[:, j]]                        # B X D
         emb, mask = self._positions(seq, seq_len)                                             # B X L X D, B X L
-        pooled["seq"] = ((emb * mask.unsqueeze(-1).to(emb.dtype)).sum(1) /
-                         seq_len.clamp_min(1).unsqueeze(1).to(emb.dtype))
+        pooled["seq"] = self._pool(emb, mask, seq_len, self.pooling["seq"])
+        if self.bags:  # after other_seq / other_len when the head reads them
+            at = 2 if "other_seq" in self.sequences else 0
+            bags, bag_len = extra[at], extra[at + 1]                                          # B X M X L, B X M
+            for m, name in enumerate(self.bags):
+                e = self.tables[self.table_of[name]][bags[:, m]]                              # B X L X D
+                keep = torch.arange(bags.shape[2]).unsqueeze(0) < bag_len[:, m].unsqueeze(1)  # B X L
+                pooled[name] = self._pool(e, keep, bag_len[:, m], self.pooling[name])
         if dense is None:
             x = torch.cat([pooled[n] for n in self.order], dim=1)
         else:  # each token: its pooled embeddings, then its dense floats (CCTL's tower input)
@@ -135,6 +148,13 @@ class ServingModel(nn.Module):
                 assert other_seq is not None and other_len is not None, f"model.head={self.head} reads other_seq"
                 heads += list(self._positions(other_seq, other_len))
         return self.tower(x, *heads)
+
+    @staticmethod
+    def _pool(emb: torch.Tensor, mask: torch.Tensor, length: torch.Tensor, pooling: str) -> torch.Tensor:
+        """B X D: the masked sum of ``emb`` (B X L X D) over L, divided by ``length`` (B; 0 -> zeros)
+        unless ``pooling`` is sum (TorchRec's SUM / MEAN bag)."""
+        total = (emb * mask.unsqueeze(-1).to(emb.dtype)).sum(1)
+        return total if pooling == "sum" else total / length.clamp_min(1).unsqueeze(1).to(emb.dtype)
 
     def _positions(self, seq: torch.Tensor, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item-table embeddings B X L X D and the B X L bool mask of a padded sequence."""
@@ -226,6 +246,16 @@ class WeightsAsInputs(nn.Module):
         return torch.func.functional_call(self.model, dict(zip(self.names, weights)), inputs)
 
 
+class BagWeightsAsInputs(WeightsAsInputs):
+    """:class:`WeightsAsInputs` of a model with multi-valued features: ``forward(weights, ids, seq,
+    seq_len, *rest)``, ``rest`` the inputs after ``seq_len`` in :attr:`ServingModel.inputs` order
+    (``[other_seq, other_len,] bags, bag_len[, dense]``)."""
+
+    def forward(self, weights: tuple[torch.Tensor, ...], ids: torch.Tensor, seq: torch.Tensor,  # type: ignore[override]
+                seq_len: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.model, dict(zip(self.names, weights)), (ids, seq, seq_len, *rest))
+
+
 class DenseWeightsAsInputs(WeightsAsInputs):
     """:class:`WeightsAsInputs` of a model with dense features: ``forward(weights, ids, seq,
     seq_len, dense)``."""
@@ -248,11 +278,19 @@ def export_program(model: ServingModel, max_seq_len: int) -> torch.export.Export
           torch.zeros(b, max_seq_len, dtype=torch.long), torch.ones(b, dtype=torch.long))
     if "other_seq" in model.inputs:  # distinct tensors: export would tie inputs passed as one object
         ex = ex + tuple(t.clone() for t in ex[1:])
+    if model.bags:
+        ex = ex + (torch.zeros(b, len(model.bags), max_seq_len, dtype=torch.long),
+                   torch.ones(b, len(model.bags), dtype=torch.long))
     if "dense" in model.inputs:
         ex = ex + (torch.zeros(b, len(model.schema.dense)),)
     batch = torch.export.Dim("batch", min=1)
     weights = weight_tuple(model)
-    names = model.inputs  # ids, seq, seq_len[, other_seq, other_len][, dense]
+    names = model.inputs  # ids, seq, seq_len[, other_seq, other_len][, bags, bag_len][, dense]
+    if model.bags:  # the inputs after seq_len are one varargs tuple
+        return torch.export.export(BagWeightsAsInputs(model), (weights, *ex),
+                                   dynamic_shapes={"weights": tuple(None for _ in weights),
+                                                   **{n: {0: batch} for n in names[:3]},
+                                                   "rest": tuple({0: batch} for _ in names[3:])})
     wrap = DenseWeightsAsInputs(model) if "dense" in names else WeightsAsInputs(model)
     return torch.export.export(wrap, (weights, *ex),
                                dynamic_shapes={"weights": tuple(None for _ in weights),
@@ -424,14 +462,15 @@ def load_artifact(path: str) -> tuple[ServingModel, dict[str, Any]]:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{pt} is not a state dict of tensors; expected the model.pt of `cctl-rec export`")
     dim, tower = meta["embedding_dim"], list(meta["tower"])
+    table_dims = schema.table_dims(dim)
     for name, rows, _ in schema.tables():  # before the model is built: its size comes from serving.json
         got = state.get(f"tables.{name[2:]}")
-        if got is None or tuple(got.shape) != (rows, dim):
+        if got is None or tuple(got.shape) != (rows, table_dims[name]):
             raise ValueError(f"{pt} does not match {sj} (table {name[2:]} is "
                              f"{'absent' if got is None else ' x '.join(map(str, got.shape))} in model.pt, "
-                             f"{rows} x {dim} in serving.json)")
+                             f"{rows} x {table_dims[name]} in serving.json)")
     if meta.get("head", "mlp") == "mlp":
-        widths = [dim * len(schema.field_names()) + len(schema.dense)] + tower + [1]
+        widths = [sum(schema.token_width(t, dim) for t in TOKENS)] + tower + [1]
         need = sum(a * b for a, b in zip(widths, widths[1:]))
         if need > sum(v.numel() for v in state.values()):
             raise ValueError(f"{pt} does not match {sj} (model.tower {short(tower)} needs {need:,} weights, "
@@ -475,16 +514,30 @@ def serving_inputs(model: ServingModel, table, max_seq_len: int, path: str) -> t
 
     schema = model.schema
     out = padded_inputs(table, schema, model.single_features, max_seq_len, path)
+    bags = bag_inputs(table, schema, model.bags, max_seq_len, path)
     if schema.dense:  # a dense model has no other_seq (CCTL refuses dense features with MiNet)
         missing = [c for c in schema.dense_columns if c not in table.column_names]
         if missing:
             raise ValueError(f"data file {path} lacks the dense column(s) {missing} the model reads (float32, "
                              f"standardised as `cctl-rec prepare` writes them)")
-        return out + (dense_values(DomainRows(table, path), schema),)
+        return out + bags + (dense_values(DomainRows(table, path), schema),)
     if "other_seq" not in model.sequences:
-        return out
+        return out + bags
     if "other_seq" not in table.column_names:
         raise ValueError(f"data file {path} lacks the other_seq column that model.head={model.head} reads (the "
                          f"user's recent source-domain items, list<int>, empty lists allowed)")
     other = column_ids(DomainRows(table, path), "other_seq", schema.seq_table_rows(), max_seq_len)
-    return out + _padded(*other, max_seq_len)
+    return out + _padded(*other, max_seq_len) + bags
+
+
+def bag_inputs(table, schema: DomainSchema, names: list[str], max_seq_len: int, path: str
+               ) -> tuple[torch.Tensor, ...]:
+    """``(bags B X M X L, bag_len B X M)`` of the multi-valued features ``names`` (each truncated to
+    its last ``max_seq_len`` ids and range-checked as in training), or ``()`` when M = 0."""
+    if not names:
+        return ()
+    from cctl_rec.data.reader import DomainRows, column_ids, lookup_rows
+
+    rows, card = DomainRows(table, path), lookup_rows(schema)
+    cols = [_padded(*column_ids(rows, n, card[n], max_seq_len, is_list=True), max_seq_len) for n in names]
+    return torch.stack([c[0] for c in cols], dim=1), torch.stack([c[1] for c in cols], dim=1)

@@ -7,13 +7,17 @@ Parquet columns of a domain's rows:
 
 - one integer column per categorical feature (``user_id``, ``item_id``, ``gender`` ...);
 - ``seq``: list<int64>, the user's recent items **in this domain** (newest last);
+- a multi-valued feature (``Feature.multi``, e.g. a user's tags): list<int64>, pooled in its table's
+  bag (MEAN or SUM, ``Feature.pooling``; a list longer than ``data.max_seq_len`` keeps its last
+  ``max_seq_len`` ids, like ``seq``);
 - ``other_seq``: list<int64>, the user's recent items in the other domain (empty when absent);
 - ``user_in_other`` / ``item_in_other``: bool, the entity exists in the other domain (REN mask);
 - ``label``: int8 in {0, 1}; ``ts``: int64 time-like order key;
 - ``is_harmful`` (source only, optional): ground truth for analysis, never a model feature.
 
 KJT keys and table names are prefixed by the domain: ``t_`` target, ``s_`` source. The sequence
-features share their domain's item table (``t_seq`` -> table ``t_item_id``) and are MEAN pooled.
+features share their domain's item table (``t_seq`` -> table ``t_item_id``) and are pooled as that table
+is (MEAN unless a prepared dataset says ``pooling: sum``).
 Heads that attend over a sequence (DIN, MiNet) also get one key per position, ``t_seq@0`` ...
 ``t_seq@{L-1}`` (:class:`SeqPositions`), in the same item table: a bag of the j-th kept item
 (oldest first) or an empty bag past the row's length.
@@ -34,6 +38,7 @@ PREFIX = {"src": "s_", "tgt": "t_"}
 # Non-feature columns every domain file has; ``is_harmful`` may follow in the source.
 META_COLUMNS = ("label", "ts", "other_seq", "user_in_other", "item_in_other")
 SEQ_COLUMN = "seq"
+POOLINGS = ("mean", "sum")
 
 Token = Literal["user", "item", "context"]
 
@@ -47,22 +52,44 @@ class Feature:
         token: the semantic token it belongs to: user, item or context.
         cardinality: ids are in [0, cardinality).
         table: the embedding table it is looked up in (``item_id`` for ``seq``).
+        multi: a list of ids per row (a multi-valued feature such as a user's tags: a
+            ``list<int>`` column, pooled in its table's bag); ``seq`` is a list without it.
+        pooling: ``mean`` or ``sum``, how its table pools a bag; every feature of a table has the
+            table's (TorchRec pools per table). A bag of one id is that id's embedding either way.
+        dim: its table's embedding width; 0 = ``model.embedding_dim`` (every feature of a table
+            has the table's). A token's width is the sum of its features' widths.
     """
 
     name: str
     token: str
     cardinality: int
     table: str
+    multi: bool = False
+    pooling: str = "mean"
+    dim: int = 0
 
     def __post_init__(self) -> None:
         if self.token not in TOKENS:
             raise ValueError(f"feature {self.name}: token must be one of {TOKENS}, got {self.token!r}")
         if self.cardinality <= 0:
             raise ValueError(f"feature {self.name}: cardinality must be > 0, got {self.cardinality}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"feature {self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.dim < 0:
+            raise ValueError(f"feature {self.name}: dim must be >= 0 (0: model.embedding_dim), got {self.dim}")
+
+    def width(self, dim: int) -> int:
+        """Its embedding width when the model's default is ``dim``."""
+        return self.dim or dim
 
     @property
     def is_seq(self) -> bool:
         return self.name == SEQ_COLUMN
+
+    @property
+    def is_list(self) -> bool:
+        """A list column (``seq`` or a multi-valued feature), not one id per row."""
+        return self.is_seq or self.multi
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,16 @@ class DomainSchema:
         seq = self.feature(SEQ_COLUMN)
         if seq.table not in tables:
             raise ValueError(f"{self.domain}: seq must share an id table, got table {seq.table!r}")
+        pools: dict[str, Feature] = {}
+        for f in self.features:
+            first = pools.setdefault(f.table, f)
+            if first.pooling != f.pooling:
+                raise ValueError(f"{self.domain}: features {first.name!r} (pooling {first.pooling}) and {f.name!r} "
+                                 f"(pooling {f.pooling}) share table {f.table!r}; expected one pooling per table "
+                                 f"(TorchRec's EmbeddingBagConfig pools per table)")
+            if first.dim != f.dim:
+                raise ValueError(f"{self.domain}: features {first.name!r} (dim {first.dim}) and {f.name!r} (dim "
+                                 f"{f.dim}) share table {f.table!r}; expected one dim per table")
 
     @property
     def prefix(self) -> str:
@@ -147,6 +184,24 @@ class DomainSchema:
             keys.append(self.prefix + f.name)
         return [(name, rows, keys) for name, (rows, keys) in out.items()]
 
+    def table_pooling(self) -> dict[str, str]:
+        """Table name (domain-prefixed, as :meth:`tables` names it) -> its pooling, mean or sum."""
+        return {self.prefix + f.table: f.pooling for f in self.features}
+
+    def table_dims(self, dim: int) -> dict[str, int]:
+        """Table name (domain-prefixed) -> its embedding width when the model's default is ``dim``."""
+        return {self.prefix + f.table: f.width(dim) for f in self.features}
+
+    @property
+    def list_columns(self) -> list[str]:
+        """Feature columns that hold a list of ids per row: ``seq`` and the multi-valued features."""
+        return [f.name for f in self.features if f.is_list]
+
+    @property
+    def multi_features(self) -> list[str]:
+        """The multi-valued features (list columns other than ``seq``), in schema order."""
+        return [f.name for f in self.features if f.is_list and not f.is_seq]
+
     def keys_without(self, exclude: tuple[str, ...]) -> list[str]:
         """KJT keys of the features not in ``exclude``."""
         return [self.prefix + f.name for f in self.features if f.name not in exclude]
@@ -160,8 +215,10 @@ class DomainSchema:
         return [i for i, f in enumerate(self.dense) if f.token == token]
 
     def token_width(self, token: str, dim: int) -> int:
-        """The token's width in the tower input: its pooled embeddings, then its dense floats."""
-        return dim * len(self.token_features(token)) + len(self.token_dense(token))
+        """The token's width in the tower input: its pooled embeddings (each its feature's width,
+        ``dim`` unless the feature says otherwise), then its dense floats."""
+        return (sum(f.width(dim) for f in self.features if f.token == token) +
+                len(self.token_dense(token)))
 
     @property
     def dense_columns(self) -> list[str]:
@@ -182,7 +239,10 @@ class DomainSchema:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"domain": self.domain,
                                "features": [{"name": f.name, "token": f.token, "cardinality": f.cardinality,
-                                             "table": f.table} for f in self.features]}
+                                             "table": f.table, **({"multi": True} if f.multi else {}),
+                                             **({"pooling": f.pooling} if f.pooling != "mean" else {}),
+                                             **({"dim": f.dim} if f.dim else {})}
+                                            for f in self.features]}
         if self.dense:  # absent without dense features: earlier manifests and fingerprints stay as they were
             out["dense"] = [{"name": f.name, "token": f.token} for f in self.dense]
         return out
@@ -190,7 +250,8 @@ class DomainSchema:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "DomainSchema":
         try:
-            feats = tuple(Feature(str(x["name"]), str(x["token"]), int(x["cardinality"]), str(x["table"]))
+            feats = tuple(Feature(str(x["name"]), str(x["token"]), int(x["cardinality"]), str(x["table"]),
+                                  bool(x.get("multi", False)), str(x.get("pooling", "mean")), int(x.get("dim", 0)))
                           for x in d["features"])
             dense = tuple(DenseFeature(str(x["name"]), str(x["token"])) for x in d.get("dense", ()))
             return DomainSchema(str(d["domain"]), feats, dense)
@@ -254,12 +315,31 @@ def check_dense_head(head: str, schemas: dict[str, "DomainSchema"], with_source:
                          f"conet (or prepare them with bins > 0)")
 
 
+def check_widths(head: str, schemas: dict[str, "DomainSchema"], dim: int, with_source: bool = True) -> None:
+    """Raises ValueError when per-feature widths (``Feature.dim``) break what the model assumes:
+    a field head (:data:`FIELD_HEADS`) views the tower input as F fields of width ``dim``; REN
+    (``with_source``) compares ``user_id``, ``item_id`` and the pooled sequences (item table) of the
+    two domains by cosine and stacks users and items, so those four tables need one width."""
+    doms = ("tgt", "src") if with_source else ("tgt",)
+    odd = [f"{d}.{f.name}={f.width(dim)}" for d in doms for f in schemas[d].features if f.width(dim) != dim]
+    if head in FIELD_HEADS and odd:
+        raise ValueError(f"model.head={head} reads the tower input as fields of width model.embedding_dim={dim} but "
+                         f"the dataset gives features other widths ({', '.join(odd[:6])}); expected model.head mlp, "
+                         f"lr, star or conet (or no per-feature dim)")
+    if with_source:
+        ren = {f"{d}.{n}": schemas[d].feature(n).width(dim) for d in ("tgt", "src") for n in ("user_id", "item_id")}
+        if len(set(ren.values())) > 1:
+            raise ValueError(f"REN pairs user_id and item_id (and seq, in the item table) across the domains and "
+                             f"needs one width for them, got {', '.join(f'{k}={v}' for k, v in ren.items())}; "
+                             f"expected the same dim on user_id and item_id in both domains")
+
+
 def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:
-    """Source features looked up in the target's (mixed network's) tables: same name, token and
-    cardinality in both domains, and not an ID feature. REN keeps the ID tables (user_id, item_id
-    and the sequences over item ids) separate per domain; attributes such as category or device
-    mean the same thing in both domains, so the mixed network shares their tables (switch:
-    ``model.share_attributes``)."""
+    """Source features looked up in the target's (mixed network's) tables: same name, token,
+    cardinality, list-ness, pooling and dim in both domains, and not an ID feature. REN keeps the
+    ID tables (user_id, item_id and the sequences over item ids) separate per domain; attributes
+    such as category or device mean the same thing in both domains, so the mixed network shares
+    their tables (switch: ``model.share_attributes``)."""
     out = []
     for f in src.features:
         if f.name in ID_FEATURES:
@@ -268,7 +348,8 @@ def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:
             g = tgt.feature(f.name)
         except KeyError:
             continue
-        if g.token == f.token and g.cardinality == f.cardinality:
+        if g.token == f.token and g.cardinality == f.cardinality and (g.multi, g.pooling, g.dim) == \
+                (f.multi, f.pooling, f.dim):
             out.append(f.name)
     return tuple(out)
 

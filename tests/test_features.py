@@ -87,10 +87,13 @@ def prepared(raw_tiny, tmp_path_factory) -> tuple[str, str]:
      "feature 'context' must have token context"),
     (("bins: 0}", "bins: -1}"), "bins must be in [0, 65536], got -1"),
     (("price_f, column: price", "price, column: price"), "dense feature 'price' has bins 16 in domains.tgt but 0"),
-    (("{name: category, space: category, token: item}", "{name: category, space: category, token: item, dim: 16}"),
-     "feature 'category': dim 16: a per-feature embedding width is not supported"),
-    (("column: hist, kind: id_list, space: item}", "column: hist, kind: id_list, space: item, pooling: sum}"),
-     "feature 'seq': pooling sum: only mean pooling is supported"),
+    (("{name: category, space: category, token: item}", "{name: category, space: category, token: item, dim: 6}"),
+     "feature 'category': dim 6: expected a multiple of 4 in [4, 65536]"),
+    (("{name: item_id, column: iid, space: item, token: item}", "{name: item_id, column: iid, space: item, token: item, dim: 16}"),
+     "REN pairs user_id and item_id (and seq, in the item table) across the domains and needs one width for them, "
+     "got dims domains.tgt.user_id=0, domains.tgt.item_id=16, domains.src.user_id=0, domains.src.item_id=0"),
+    (("{name: category, space: category, token: item}", "{name: category, space: category, token: item, pooling: sum}"),
+     "feature 'category': pooling sum on a kind id feature: only a list of ids (kind id_list) is pooled"),
     (("column: hist, kind: id_list, space: item}", "column: hist, kind: id_list, space: item, pooling: max}"),
      "pooling must be one of ['mean', 'sum']"),
 ])

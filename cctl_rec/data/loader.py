@@ -13,7 +13,7 @@ from cctl_rec.data.manifest import check_shard, read_manifest, shard_paths
 from cctl_rec.data.reader import (DomainRows, ParquetStream, bool_column, check_file_values, check_list_bounds,
                                   check_range, check_sequence_lengths, open_parquet, column_ids, dense_values, features,
                                   group_column, labels, make_kjt, position_features)
-from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions, check_dense_head
+from cctl_rec.schema import HEAD_SEQUENCES, SEQ_COLUMN, DomainSchema, SeqPositions, check_dense_head, check_widths
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
                              f"model.name={cfg.model.name} needs {', '.join(need)}")
     data.verify(need, cfg.data.verify, rank, world_size)
     check_dense_head(cfg.model.head, data.schemas, with_source)
+    check_widths(cfg.model.head, data.schemas, cfg.model.embedding_dim, with_source)
     d = cfg.data
     streams = [ParquetStream(data.paths("tgt/train"), data.schemas["tgt"], d.batch_size, 0, world_size)]
     for split in ("tgt/valid", "tgt/test"):
@@ -97,7 +98,7 @@ def check_dataset(data: Dataset, cfg: TrainConfig, rank: int = 0, world_size: in
                     check_list_bounds(path, pf, "other_seq", other_card,
                                       "other_seq (looked up in the target item table)")
                 if d.long_seq == "fail":
-                    check_sequence_lengths(path, pf, d.max_seq_len)
+                    check_sequence_lengths(path, pf, d.max_seq_len, tuple(st.schema.multi_features))
             finally:
                 pf.close()
 

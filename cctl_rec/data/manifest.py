@@ -55,6 +55,9 @@ class FeatureJSON(_Strict):
     token: Literal["user", "item", "context"]
     cardinality: int = Field(gt=0, le=MAX_ROWS)
     table: str = Field(min_length=1, max_length=200)
+    multi: bool = False
+    pooling: Literal["mean", "sum"] = "mean"
+    dim: int = Field(default=0, ge=0, le=1 << 16)
 
 
 class DenseFeatureJSON(_Strict):

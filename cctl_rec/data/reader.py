@@ -110,7 +110,7 @@ def check_file_schema(path: str, pf: pq.ParquetFile, schema: DomainSchema, with_
         t = arrow.field(c).type
         if c in schema.dense_columns:
             continue
-        if c in LIST_COLUMNS:
+        if c in LIST_COLUMNS or c in schema.list_columns:
             ok = pa.types.is_list(t) or pa.types.is_large_list(t)
             ok = ok and pa.types.is_integer(t.value_type)
             want = "list<int>"
@@ -133,6 +133,7 @@ def check_file_values(path: str, pf: pq.ParquetFile, schema: DomainSchema) -> No
     the min / max / null count the footer records per row group (no data is read). Columns
     without statistics are left to the checks on read."""
     card = lookup_rows(schema)
+    lists = set(LIST_COLUMNS) | set(schema.list_columns)
     md = pf.metadata
     for rg in range(md.num_row_groups):
         g = md.row_group(rg)
@@ -142,7 +143,7 @@ def check_file_values(path: str, pf: pq.ParquetFile, schema: DomainSchema) -> No
             st = col.statistics
             if st is None or (name not in card and name != "label"):
                 continue
-            if name not in LIST_COLUMNS and st.has_null_count and st.null_count:
+            if name not in lists and st.has_null_count and st.null_count:
                 what = "labels" if name == "label" else "ids"
                 raise ValueError(f"data file {path}: column {name!r} has {st.null_count} null value(s) "
                                  f"(row group {rg}); expected {what}")
@@ -187,10 +188,11 @@ def check_same_schema(paths: list[str], files: list[pq.ParquetFile]) -> None:
                                  f"expected every shard of a split to have the same columns and types")
 
 
-def check_sequence_lengths(path: str, pf: pq.ParquetFile, max_len: int) -> None:
-    """Raises ValueError when a list column holds a sequence longer than ``max_len`` (reads only
-    the list columns; for ``data.long_seq=fail``)."""
-    names = [c for c in LIST_COLUMNS if c in pf.schema_arrow.names]
+def check_sequence_lengths(path: str, pf: pq.ParquetFile, max_len: int, extra: tuple[str, ...] = ()) -> None:
+    """Raises ValueError when a list column (``seq``, ``other_seq``, the ``extra`` ones: multi-valued
+    features) holds a list longer than ``max_len`` (reads only the list columns; for
+    ``data.long_seq=fail``)."""
+    names = [c for c in dict.fromkeys(LIST_COLUMNS + tuple(extra)) if c in pf.schema_arrow.names]
     for rg in range(pf.metadata.num_row_groups):
         t = _read_row_group(pf, rg, path, names)
         for name in names:
@@ -258,11 +260,12 @@ def _check_bounds(lo: int, hi: int, card: int, path: str, name: str) -> None:
                          f"converting)")
 
 
-def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_seq: str = "truncate"
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(values, lengths) of one id column, range-checked against ``card``; list columns are
-    truncated to their newest ``max_seq_len`` items."""
-    if name in LIST_COLUMNS:
+def column_ids(rows: DomainRows, name: str, card: int, max_seq_len: int, long_seq: str = "truncate",
+               is_list: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of one id column, range-checked against ``card``; list columns (``seq``,
+    ``other_seq``, or ``is_list``: a multi-valued feature) are truncated to their newest
+    ``max_seq_len`` items."""
+    if (name in LIST_COLUMNS) if is_list is None else is_list:
         v, l = _list_values(rows.table.column(name), max_seq_len, rows.path, name, long_seq)
     else:
         v, l = _int_column(rows.table, name, rows.path), np.ones(len(rows), dtype=np.int64)
@@ -274,7 +277,7 @@ def features(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq:
              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """KJT key -> (values, lengths) of every feature of ``schema``."""
     card = lookup_rows(schema)
-    return {key: column_ids(rows, f.name, card[f.name], max_seq_len, long_seq)
+    return {key: column_ids(rows, f.name, card[f.name], max_seq_len, long_seq, f.is_list)
             for key, f in zip(schema.keys, schema.features)}
 
 
@@ -335,7 +338,7 @@ def position_features(values: np.ndarray, lengths: np.ndarray, keys: list[str]
 def features_kjt(rows: DomainRows, schema: DomainSchema, max_seq_len: int, long_seq: str = "truncate"
                  ) -> KeyedJaggedTensor:
     """KJT of every feature of ``schema`` (keys ``schema.keys``): single ids have length 1,
-    ``seq`` its (truncated) length."""
+    ``seq`` and multi-valued features their (truncated) length."""
     return make_kjt(schema.keys, [features(rows, schema, max_seq_len, long_seq)], [len(rows)])
 
 

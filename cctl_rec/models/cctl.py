@@ -19,7 +19,7 @@ from cctl_rec.modules.embedding import build_ebc
 from cctl_rec.modules.san import SemanticAlign
 from cctl_rec.modules.heads import DOMAIN_HEADS, DomainClassifier, build_head
 from cctl_rec.schema import (HEAD_SEQUENCES, ID_FEATURES, TOKENS, DomainSchema, SeqPositions,
-                             check_dense_head, shared_attributes)
+                             check_dense_head, check_widths, shared_attributes)
 
 
 @dataclass
@@ -105,6 +105,7 @@ class CCTL(nn.Module):
         self.schemas, self.cfg, self.with_source = schemas, cfg, with_source
         ts, ss, d = schemas["tgt"], schemas["src"], cfg.embedding_dim
         check_dense_head(cfg.head, schemas, with_source)
+        check_widths(cfg.head, schemas, d, with_source)
         self.tgt_dims = {t: ts.token_width(t, d) for t in TOKENS}
         width = sum(self.tgt_dims.values())
         self.positions: Optional[SeqPositions] = (SeqPositions(HEAD_SEQUENCES[cfg.head], seq_len)
@@ -124,7 +125,8 @@ class CCTL(nn.Module):
             # and is never called (an EBC without tables cannot pool)
             self.src_has_tables = bool(ss.keys_without(self.shared))
             src_dims = {t: ss.token_width(t, d) for t in TOKENS}
-            same = frozenset(t for t in TOKENS if ss.token_names(t) == ts.token_names(t))
+            same = frozenset(t for t in TOKENS if ss.token_names(t) == ts.token_names(t) and  # same features,
+                             src_dims[t] == self.tgt_dims[t])  # each as wide in both domains (per-feature dim)
             self.san = SemanticAlign(src_dims, self.tgt_dims, cfg.san_hidden, identity=same)
             self.mixed_tower = build_head(cfg.head, width, d, cfg.tower, ("tgt", "src"), fields=fields)
             if cfg.dann_weight > 0:

@@ -44,8 +44,8 @@ class InfluenceGroups:
     @staticmethod
     def of(schema: DomainSchema, feature: str, decay: float) -> "InfluenceGroups":
         """The table for a single-id feature of the source ``schema`` (one-line error otherwise)."""
-        if feature not in schema.columns or schema.feature(feature).is_seq:
-            ok = ", ".join(f.name for f in schema.features if not f.is_seq)
+        if feature not in schema.columns or schema.feature(feature).is_list:
+            ok = ", ".join(f.name for f in schema.features if not f.is_list)
             raise ValueError(f"selector.influence_group={feature}: not a single-id source feature; expected one of "
                              f"{ok} (or '' for no groups)")
         return InfluenceGroups(feature, schema.feature(feature).cardinality, decay)

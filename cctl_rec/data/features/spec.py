@@ -7,6 +7,7 @@ unknown keys refused by their path, every value type-checked, ranges checked her
       - {name: user, vocab: {min_count: 1}}          # a vocabulary from one pass over the train splits
       - {name: item, vocab: {min_count: 2}}          # ids seen < 2 times -> the OOV row 0
       - {name: city, hash: {buckets: 1000}}          # a stable hash into 1000 buckets (rows 1..1000)
+      - {name: tag, hash: {buckets: 500}}
     domains:
       tgt:
         files: {train: tgt/train, valid: tgt/valid, test: tgt/test}   # under --data: file, directory or glob
@@ -16,6 +17,7 @@ unknown keys refused by their path, every value type-checked, ranges checked her
           - {name: seq, column: hist, kind: id_list, space: item, token: user}
           - {name: item_id, column: iid, kind: id, space: item, token: item}
           - {name: city, kind: id, space: city, token: user}
+          - {name: tags, kind: id_list, space: tag, token: item, pooling: sum}   # a list of ids per row
           - {name: price, kind: dense, token: item, bins: 16}   # enters the towers as its quantile bin
         other_seq: {column: books_hist}              # optional: the user's items in the other domain
       src: {...}                                     # files: {train: ...} only
@@ -24,6 +26,9 @@ Rules the model imposes (checked here, one line each):
 
 - every domain has ``user_id`` and ``item_id`` (kind ``id``); ``seq`` (kind ``id_list``) may be left
   out (written as empty lists); ``seq`` and ``other_seq`` use the item space;
+- any other ``id_list`` feature is multi-valued (tags, categories of the items in a cart): its list
+  of ids is pooled (``pooling``: mean or sum) in its space's table; the ``id_list`` features of one
+  space in a domain share that table and so one pooling;
 - REN pairs the domains' ``user_id``, ``item_id`` and sequences, and looks target ids up in the
   source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space;
 - a feature of the same name, token and space in both domains is an attribute the mixed network
@@ -48,7 +53,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from cctl_rec.config import check_size, from_dict, load_yaml
+from cctl_rec.config import MAX_WIDTH, check_size, from_dict, load_yaml
 
 KINDS = ("id", "id_list", "dense")
 REQUIRED = ("user_id", "item_id")
@@ -123,8 +128,9 @@ class FeatureSpec:
     column: str = ""
     """The raw column it is read from (default: ``name``)."""
     kind: Literal["id", "id_list", "dense"] = "id"
-    """id: one categorical id per row; id_list: a list of ids (only ``seq``, the behaviour
-    sequence); dense: a float, standardised with the train split's mean and std."""
+    """id: one categorical id per row; id_list: a list of ids per row (``seq``, the behaviour
+    sequence, or a multi-valued feature such as tags, EasyRec's TagFeature), pooled into one
+    embedding (``pooling``); dense: a number (binned, or a standardised float)."""
     space: str = ""
     """The id space (``spaces[].name``) of an id / id_list feature."""
     token: Literal["user", "item", "context", ""] = ""
@@ -142,19 +148,26 @@ class FeatureSpec:
     the pooled embeddings of its token."""
 
     dim: int = 0
-    """The embedding width: 0 = ``model.embedding_dim`` (the only width supported; a per-feature
-    width is refused, docs/features.md says why)."""
+    """The embedding width of the feature's table: 0 = ``model.embedding_dim``; else a multiple of 4
+    (fbgemm's kernels). The features of one space in a domain share a table, so the ones that set a
+    dim set the same one (the others take it). A token is as wide as its features together; SAN maps
+    each source token to the target token's width. REN needs one width for ``user_id`` and
+    ``item_id`` in both domains; the field heads (deepfm, afm, din, minet) need every feature at
+    ``model.embedding_dim`` (both refused in one line)."""
     pooling: Literal["mean", "sum"] = "mean"
-    """How ``seq`` is pooled: mean (the only pooling supported; sum is refused, docs/features.md)."""
+    """id_list: how the list's embeddings are pooled, mean or sum (TorchRec pools per table, so the
+    id_list features of one space in a domain name one pooling; single ids pool to themselves)."""
 
     def __post_init__(self) -> None:
-        _check(self.dim == 0, f"feature {self.name!r}: dim {self.dim}: a per-feature embedding width is not supported; "
-                              f"every table has model.embedding_dim (REN, the field heads and the export assume one "
-                              f"width, docs/features.md); expected dim 0 or no dim, and model.embedding_dim={self.dim} "
-                              f"in the training config")
-        _check(self.pooling == "mean", f"feature {self.name!r}: pooling {self.pooling}: only mean pooling is supported "
-                                       f"(the sequence is mean-pooled in training and in the export, docs/features.md); "
-                                       f"expected pooling mean or no pooling")
+        _check(self.dim == 0 or (0 < self.dim <= MAX_WIDTH and self.dim % 4 == 0),
+               f"feature {self.name!r}: dim {self.dim}: expected a multiple of 4 in [4, {MAX_WIDTH}] (fbgemm's kernels "
+               f"need rows of a multiple of 4), or 0 / no dim for model.embedding_dim")
+        _check(self.dim == 0 or self.kind != "dense" or self.bins > 0,
+               f"feature {self.name!r}: dim {self.dim} on a dense feature with bins 0: a float has no embedding; "
+               f"expected no dim (or bins > 0)")
+        _check(self.pooling == "mean" or self.kind == "id_list",
+               f"feature {self.name!r}: pooling {self.pooling} on a kind {self.kind} feature: only a list of ids "
+               f"(kind id_list) is pooled; expected no pooling key here")
         _check(bool(self.name) and self.name.isidentifier(),
                f"feature name must be an identifier (letters, digits, _), got {self.name!r}")
         _check(self.name not in RESERVED, f"feature name {self.name!r} is a reserved column name; "
@@ -164,9 +177,6 @@ class FeatureSpec:
             _check(not self.space, f"feature {self.name!r}: a dense feature has no space, got space={self.space!r}")
         else:
             _check(bool(self.space), f"feature {self.name!r}: kind {self.kind} needs a space (one of spaces[].name)")
-        _check(self.kind != "id_list" or self.name == "seq",
-               f"feature {self.name!r}: kind id_list is supported for the behaviour sequence 'seq' only; "
-               f"expected kind id or dense")
         _check(self.name != "seq" or self.kind == "id_list", f"feature 'seq' must be kind id_list, got {self.kind}")
         _check(self.name != "context" or self.token == "context",
                f"feature 'context' must have token context, got {self.token or 'none'!r} (a domain without a context "
@@ -251,6 +261,23 @@ class FeatureConfig:
             for f in dom.features:
                 _check(f.kind == "dense" or f.space in names,
                        f"{where}.features: {f.name!r} names space {f.space!r}; expected one of {names}")
+            pools: dict[str, FeatureSpec] = {}
+            for f in dom.features:
+                if f.kind != "id_list":
+                    continue
+                first = pools.setdefault(f.space, f)
+                _check(first.pooling == f.pooling,
+                       f"{where}.features: {first.name!r} (pooling {first.pooling}) and {f.name!r} (pooling "
+                       f"{f.pooling}) use space {f.space!r}, one table in the domain; expected one pooling per space "
+                       f"(TorchRec pools per table)")
+            dims: dict[str, FeatureSpec] = {}
+            for f in dom.features:
+                if f.kind == "dense" or not f.dim:
+                    continue
+                first = dims.setdefault(f.space, f)
+                _check(first.dim == f.dim,
+                       f"{where}.features: {first.name!r} (dim {first.dim}) and {f.name!r} (dim {f.dim}) use space "
+                       f"{f.space!r}, one table in the domain; expected one dim per space")
             seq = dom.feature("seq")
             item_space = dom.feature("item_id").space
             _check(seq is None or seq.space == item_space,
@@ -263,6 +290,12 @@ class FeatureConfig:
             a, b = self.domains.tgt.feature(name).space, self.domains.src.feature(name).space
             _check(a == b, f"domains.tgt.features {name!r} uses space {a!r} but domains.src uses {b!r}; REN looks "
                            f"target {name} up in the source table, so both domains must name one space")
+        ren = {f"domains.{d}.{n}": self.space_dim(d, self.domain(d).feature(n).space) for d in ("tgt", "src")
+               for n in PAIRED}
+        _check(len(set(ren.values())) == 1,
+               f"REN pairs user_id and item_id (and seq, in the item table) across the domains and needs one width for "
+               f"them, got dims {', '.join(f'{k}={v}' for k, v in ren.items())} (0: model.embedding_dim); expected "
+               f"the same dim, or none, on user_id's and item_id's spaces in both domains")
         for f in self.domains.tgt.features:
             g = self.domains.src.feature(f.name)
             _check(not (f.kind == "dense" and g is not None and g.kind == "dense" and f.bins != g.bins),
@@ -276,6 +309,11 @@ class FeatureConfig:
 
     def domain(self, d: str) -> DomainSpec:
         return self.domains.tgt if d == "tgt" else self.domains.src
+
+    def space_dim(self, d: str, space: str) -> int:
+        """The embedding width of ``space``'s table in domain ``d``: the dim its features set, 0
+        (``model.embedding_dim``) when none does."""
+        return next((f.dim for f in self.domain(d).features if f.kind != "dense" and f.space == space and f.dim), 0)
 
     def space(self, name: str) -> SpaceSpec:
         for s in self.spaces:

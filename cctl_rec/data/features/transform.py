@@ -166,9 +166,9 @@ class FeatureMap:
         return self.spaces[self.spec.domain(other).feature("item_id").space]
 
     def map_features(self, d: str, table: pa.Table, where: str) -> dict[str, pa.Array]:
-        """Output column -> array of every feature of domain ``d`` (ids as int64 rows, ``seq`` as
-        list<int64>, dense as float32), in output order (``context`` / empty ``seq`` added when not
-        configured), plus ``other_seq`` (empty lists when not configured)."""
+        """Output column -> array of every feature of domain ``d`` (ids as int64 rows, ``seq`` and
+        multi-valued features as list<int64>, dense as float32), in output order (``context`` / empty
+        ``seq`` added when not configured), plus ``other_seq`` (empty lists when not configured)."""
         dom, n, out = self.spec.domain(d), table.num_rows, {}
         for f in dom.features:
             col = table.column(f.source_column)
@@ -195,10 +195,18 @@ class FeatureMap:
         for f in self.id_features(d):
             if f.kind == "id":
                 out.setdefault(f.space, f.name)
+        for f in self.id_features(d):  # a space only multi-valued features use: the first one's table
+            out.setdefault(f.space, f.name)
         return out
 
+    def poolings(self, d: str) -> dict[str, str]:
+        """Space -> the pooling of its table within domain ``d``: that of the space's ``id_list``
+        features (one per space, checked by the config), mean when it has none."""
+        return {f.space: f.pooling for f in self.id_features(d) if f.kind == "id_list"}
+
     def schema_features(self, d: str) -> list[FeatureSpec]:
-        """The configured features the model reads: ids, sequences and binned dense features."""
+        """The configured features the model reads: ids, sequences, multi-valued features and
+        binned dense features."""
         return [f for f in self.spec.domain(d).features if f.kind != "dense" or self.dense[d][f.name].boundaries
                 is not None]
 
@@ -206,16 +214,23 @@ class FeatureMap:
         """The domain's ``DomainSchema.to_json()``: id features in their space's table, binned
         dense features in a table of their own, unbinned dense features (``bins: 0``) under
         ``dense`` (float columns the towers read after their token's embeddings)."""
-        tables = self.tables(d)
+        tables, pools = self.tables(d), self.poolings(d)
+
+        def extra(f: FeatureSpec) -> dict[str, Any]:  # written only when not the default: earlier manifests stay
+            out: dict[str, Any] = {"multi": True} if f.kind == "id_list" and f.name != "seq" else {}
+            pool, dim = pools.get(f.space, "mean"), self.spec.space_dim(d, f.space)
+            return {**out, **({"pooling": pool} if pool != "mean" else {}), **({"dim": dim} if dim else {})}
+
         feats = [{"name": f.name, "token": f.resolved_token, "cardinality": self.spaces[f.space].rows,
-                  "table": tables[f.space]} if f.kind != "dense" else
-                 {"name": f.name, "token": f.resolved_token, "cardinality": self.dense[d][f.name].rows, "table": f.name}
+                  "table": tables[f.space], **extra(f)} if f.kind != "dense" else
+                 {"name": f.name, "token": f.resolved_token, "cardinality": self.dense[d][f.name].rows, "table": f.name,
+                  **({"dim": f.dim} if f.dim else {})}
                  for f in self.schema_features(d)]
         names = {f["name"] for f in feats}
         item = self.spec.domain(d).feature("item_id")
         if "seq" not in names:
             feats.append({"name": "seq", "token": "user", "cardinality": self.spaces[item.space].rows,
-                          "table": tables[item.space]})
+                          "table": tables[item.space], **extra(item)})
         if not any(f.token == CONTEXT for f in self.spec.domain(d).features):
             feats.append({"name": CONTEXT, "token": CONTEXT, "cardinality": 1, "table": CONTEXT})
         out: dict[str, Any] = {"domain": d, "features": feats}

@@ -3,8 +3,8 @@ one training step, for every sharding type the CPU supports (column_wise with 2 
 table) and the planner's auto; after a sync the pure network equals the mixed one on every rank;
 a plan that puts a pure table on another rank than its mixed one is refused on every rank.
 
-One spawn of 4 processes runs every variant (each builds its own plan and DMP), so the whole file
-costs one start-up of 4 interpreters.
+One spawn of 4 processes runs every variant (each builds its own plan and DMP), and one spawn of 8
+the same variants, so the whole file costs one start-up of 4 interpreters and one of 8.
 """
 
 import glob
@@ -209,15 +209,19 @@ def test_four_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(
     _check_variant(four_ranks, variant, WORLD)
 
 
-EIGHT = [("table_wise", 0), ("column_wise", 2)]
+EIGHT = VARIANTS
 
 
-def test_eight_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(tiny_data):
-    """8 oversubscribed processes: table_wise, and column_wise with 2 shards per table (48
-    shards of the 24 tables over 8 ranks)."""
-    results = run_distributed(_ranks, 8, tiny_data, EIGHT, ())
-    for variant in EIGHT:
-        _check_variant(results, variant, 8)
+@pytest.fixture(scope="module")
+def eight_ranks(tiny_data):
+    """8 oversubscribed processes, one spawn for every variant: column_wise with 2 shards per table is
+    48 shards of the 24 tables over 8 ranks, with 4 shards 96."""
+    return run_distributed(_ranks, 8, tiny_data, EIGHT, ())
+
+
+@pytest.mark.parametrize("variant", EIGHT, ids=[f"{s}{f'-{n}shards' if n else ''}" for s, n in EIGHT])
+def test_eight_ranks_sharded_forward_and_step_equal_unsharded_and_sync_equalises(eight_ranks, variant):
+    _check_variant(eight_ranks, variant, 8)
 
 
 @pytest.mark.parametrize("how", ["other-rank", "swapped-columns"])

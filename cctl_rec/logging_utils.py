@@ -54,6 +54,8 @@ class _Once(logging.Filter):
     """Drops a record of the stack (not of cctl_rec) below ERROR whose logger, level and text
     were already let through once."""
 
+    CAP = 10000
+
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[tuple[str, int, str]] = set()
@@ -64,7 +66,8 @@ class _Once(logging.Filter):
         key = (record.name, record.levelno, record.getMessage())
         if key in self.seen:
             return False
-        self.seen.add(key)
+        if len(self.seen) < self.CAP:  # texts that differ every time (a step number) stop being remembered
+            self.seen.add(key)
         return True
 
 

@@ -255,9 +255,9 @@ def _equations_on_rank(rank, world):
     out = {}
     # Reinforce.update: G and N summed over ranks, theta += alpha * G / N on every rank (two tensors)
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    q = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    q = torch.nn.Parameter(torch.tensor([0.5, 1.5], dtype=torch.float64))
     rl = Reinforce([p, q], alpha=0.5, gamma=0.0, update_every=1)
-    g = [[1.0, 2.0], [3.0]] if rank == 0 else [[-4.0, 0.5], [1.0]]
+    g = [[1.0, 2.0], [3.0, -2.0]] if rank == 0 else [[-4.0, 0.5], [1.0, 4.0]]
     rl.observe([torch.tensor(x, dtype=torch.float64) for x in g], reward=2.0 if rank == 0 else -1.0,
                n_samples=3 if rank == 0 else 5)
     assert rl.maybe_update(1)
@@ -301,9 +301,10 @@ def test_equations_on_two_ranks():
     from tests.dist_harness import run_distributed
 
     r0, r1 = run_distributed(_equations_on_rank, 2)
-    # gamma = 0: G = r g on each rank; (2 * [1, 2] + -1 * [-4, 0.5]) / (3 + 5) = [6, 3.5] / 8, (2 * 3 - 1) / 8
+    # gamma = 0: G = r g on each rank; (2 * [1, 2] + -1 * [-4, 0.5]) / (3 + 5) = [6, 3.5] / 8,
+    # (2 * [3, -2] - [1, 4]) / 8 = [5, -8] / 8 (two tensors of two values: each read at its own offset)
     want_p = torch.tensor([1.0 + 0.5 * 6 / 8, -2.0 + 0.5 * 3.5 / 8], dtype=torch.float64)
-    want_q = torch.tensor([0.5 + 0.5 * 5 / 8], dtype=torch.float64)
+    want_q = torch.tensor([0.5 + 0.5 * 5 / 8, 1.5 + 0.5 * -8 / 8], dtype=torch.float64)
     for r in (r0, r1):
         torch.testing.assert_close(r["theta"][0], want_p, rtol=0, atol=1e-12)
         torch.testing.assert_close(r["theta"][1], want_q, rtol=0, atol=1e-12)
@@ -622,3 +623,11 @@ def test_influence_mode_with_groups_trains_on_each_items_mean():
              group_ids=torch.tensor([3, 3, 7, 7]))
     for q, g in zip(ifn.params, want):
         torch.testing.assert_close(q.grad, g, rtol=1e-5, atol=1e-8)
+
+
+def test_dann_weight_without_a_domain_output_adds_nothing():
+    """The DANN term needs the forward's domain logits: a model without a domain classifier gets
+    Loss_mixed = Loss_src + Loss_tgt whatever dann_weight says."""
+    out, b, w = _toy()                                   # no logit_domain
+    assert out.logit_domain is None
+    assert float(scn_losses(out, b, w, dann_weight=0.5).mixed) == float(scn_losses(out, b, w).mixed)

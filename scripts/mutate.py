@@ -89,6 +89,7 @@ DIST_TESTS: dict[tuple[str, str], list[str]] = {
     # (file, function) -> multi-process tests for the lines only run with more than one rank
     ("cctl_rec/train/reinforce.py", "Reinforce.update"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/modules/ren.py", "global_counts"): ["tests/test_equations.py::test_equations_on_two_ranks"],
+    ("cctl_rec/modules/ren.py", "ren_loss"): ["tests/test_equations.py::test_equations_on_two_ranks"],
     ("cctl_rec/train/sync.py", "sync_mixed_to_pure"):   # the fused (TBE) optimizer state of sharded tables
         ["tests/test_sharding.py::test_cctl_sharded_forward_equals_unsharded_and_sync_equalises[table_wise]",
          "tests/test_sharding.py::test_sync_copies_the_data_parallel_tables_optimizer_state"],
@@ -152,6 +153,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=True)"):
         "every parameter's .grad is replaced by a fresh tensor on the next line, whatever zero_grad left",
     ("cctl_rec/train/ifn.py", "p.grad = g"): "g is a fresh tensor from autograd.grad that nothing else holds",
+    ("cctl_rec/train/ifn.py", "m = labels != y"):
+        "with 0/1 labels the loop over y = 0, 1 centres the same two classes, each once, in the other order",
     ("cctl_rec/train/ifn.py",
      'loss = F.binary_cross_entropy_with_logits(a.squeeze(1), y, reduction="sum") # sum: delta_i per row'):
         "the MLP's output is B X 1: squeeze(1) is squeeze(-1)",
@@ -818,6 +821,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "every mutant again. Without it a mutant the journal holds for the same file content is not "
                     "run again when it was killed or timed out, nor when it survived against the same tests")
     ap.add_argument("--retry-timeouts", action="store_true", help="run the journal's timed-out mutants again")
+    ap.add_argument("--retry-survivors", action="store_true", help="run the journal's survivors again (after a "
+                    "change of DIST_TESTS or of the script; a change of the tests does it by itself)")
+    ap.add_argument("--critical-only", action="store_true", help="only the mutants inside the critical functions "
+                    "(CRITICAL; ifn.py's other modes left out)")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     ap.add_argument("--sample", type=int, default=1, help="keep every n-th mutant of each file (a lighter pass)")
     ap.add_argument("--only", default="", help="run only mutants whose 'file:line' contains this")
@@ -838,6 +845,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     mutants = [m for f in files for m in mutants_of(f, sources[f]) if not kinds or m.kind in kinds]
     if args.only:
         mutants = [m for m in mutants if args.only in f"{m.file}:{m.line}"]
+    if args.critical_only:
+        mutants = [m for m in mutants if is_critical(m)]
     if args.sample > 1:  # every n-th mutant of each file (deterministic)
         mutants = [m for f in files for m in [x for x in mutants if x.file == f][::args.sample]]
     if args.list:
@@ -893,7 +902,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             rec = seen.get(journal_key(m, sources))
             if rec is not None and (rec["status"] == "killed" or (rec["status"] == "timeout" and not args.retry_timeouts)
-                                    or rec["tests_fp"] == tests_fp):
+                                    or (not args.retry_survivors and (rec["status"] == "equivalent" and _equivalent(m)
+                                                                      or rec["status"] == "survived"
+                                                                      and rec["tests_fp"] == tests_fp))):
                 m.status, m.failed, m.seconds, m.tests = rec["status"], rec["failed"], rec["seconds"], rec["tests"]
                 m.reason = _equivalent(m)
                 if m.status in ("survived", "equivalent"):   # EQUIVALENT may have gained (or lost) its line

@@ -261,8 +261,10 @@ def check_location(path: str, flag: str, remote_ok: bool, remote_options: str = 
     bucket = path.split("://", 1)[1].split("/", 1)[0]
     if not bucket:
         raise ValueError(f"{flag} {path}: the URL names no bucket; expected {scheme}://BUCKET/PATH")
+    fs = filesystem(scheme)
+    fs.invalidate_cache()  # a command sees the bucket as it is now, not as this process listed it before
     try:  # a listing, not exists(): s3fs's exists() answers False for missing credentials too
-        filesystem(scheme).ls(f"{scheme}://{bucket}", detail=False)
+        fs.ls(f"{scheme}://{bucket}", detail=False)
     except FileNotFoundError:
         raise ValueError(f"{flag} {path}: bucket {bucket!r} does not exist; create it first") from None
     except Exception as e:  # credentials, endpoint, DNS, permissions: whatever the backend raises

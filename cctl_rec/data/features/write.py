@@ -28,8 +28,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def prepare_output(out: str, raw_files: list[str]) -> None:
     """Creates ``out``; refuses one that holds raw input or another kind of dataset; removes the
     manifest of an earlier prepare first (a run that stops leaves no finished-looking dataset)."""
-    root = os.path.realpath(out)
-    for p in raw_files:
+    root = os.path.realpath(out) if "://" not in out else None  # a URL cannot hold the (local) raw input
+    for p in raw_files if root is not None else ():
         if os.path.realpath(p).startswith(root + os.sep):
             raise ValueError(f"--out {out} holds the raw input {p}; preparing would overwrite it; use another --out")
     path = join(out, MANIFEST)

@@ -631,3 +631,31 @@ def test_dann_weight_without_a_domain_output_adds_nothing():
     out, b, w = _toy()                                   # no logit_domain
     assert out.logit_domain is None
     assert float(scn_losses(out, b, w, dann_weight=0.5).mixed) == float(scn_losses(out, b, w).mixed)
+
+
+def test_influence_of_a_head_that_wraps_an_mlp_goes_through_its_own_forward():
+    """Only the plain Tower takes the one-backward MLP path: a head holding an MLP as ``net`` but
+    computing more on top (here a temperature, logit = net(x) / 2) is scored through its own
+    forward (double backward), equal to the loop over samples."""
+    from cctl_rec.modules.tower import mlp
+    from cctl_rec.train.ifn import _mlp_sequence, per_sample_influence
+
+    class Tempered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(6, (5,), 1)
+
+        def forward(self, x):
+            return self.net(x).squeeze(-1) / 2.0
+
+    torch.manual_seed(0)
+    head = Tempered()
+    assert _mlp_sequence(head) is None
+    xs, ys = torch.randn(5, 6), torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    xe, ye = torch.randn(7, 6), torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    got = per_sample_influence(head, xs, ys, xe, ye)
+    params = [p for n, p in head.named_parameters() if n != "net.2.bias"]      # the output bias left out
+    ge = torch.autograd.grad(F.binary_cross_entropy_with_logits(head(xe), ye), params)
+    want = [sum((a * b).sum() for a, b in zip(torch.autograd.grad(
+        F.binary_cross_entropy_with_logits(head(xs[i:i + 1]), ys[i:i + 1]), params), ge)) for i in range(5)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)

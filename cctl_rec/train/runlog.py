@@ -20,7 +20,11 @@ from typing import Any
 import torch
 
 from cctl_rec.distributed.env import allreduce_mean_, collective_device
-from cctl_rec.train.trainer import LOG_KEYS
+from cctl_rec.train.trainer import LOG_KEYS, STAT_KEYS
+
+_WEIGHTED = ((LOG_KEYS.index("p_clean"), STAT_KEYS.index("n_clean")),
+             (LOG_KEYS.index("p_harmful"), STAT_KEYS.index("n_harmful")))
+"""(mean, its row count) columns: averaged over ranks weighted by the rows each rank had."""
 
 
 class RunLog:
@@ -41,7 +45,7 @@ class RunLog:
         self._pending: list[list[float]] = []
 
     def add(self, stats: list[float]) -> None:
-        """One step's values on this rank (:data:`LOG_KEYS` order)."""
+        """One step's values on this rank (:data:`~cctl_rec.train.trainer.STAT_KEYS` order)."""
         self._pending.append(stats)
 
     def reduce(self) -> None:
@@ -49,9 +53,13 @@ class RunLog:
         must call it at the same step) and adds them, step by step, to the window and reward sum."""
         if not self._pending:
             return
-        t = torch.tensor(self._pending, dtype=torch.float64, device=collective_device())  # steps X keys
+        t = torch.tensor(self._pending, dtype=torch.float64, device=collective_device())  # steps X STAT_KEYS
+        for m, n in _WEIGHTED:  # p_clean, p_harmful: the mean over every rank's rows, not of the ranks' means
+            t[:, m] *= t[:, n]
         allreduce_mean_([t])
-        for row in t.cpu().tolist():
+        for m, n in _WEIGHTED:
+            t[:, m] = torch.where(t[:, n] > 0, t[:, m] / t[:, n].clamp_min(1e-30), torch.zeros_like(t[:, m]))
+        for row in t[:, :len(LOG_KEYS)].cpu().tolist():
             for k, v in zip(LOG_KEYS, row):
                 self.window[k] += v
             self.reward_sum += row[LOG_KEYS.index("reward")]

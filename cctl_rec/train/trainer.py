@@ -60,7 +60,12 @@ logger = logging.getLogger(__name__)
 
 LOG_KEYS = ("loss_mixed", "loss_pure", "loss_tgt", "loss_src", "loss_ren", "reward", "cos_id", "cos_seq",
             "p_mean", "p_clean", "p_harmful")
-"""The statistics every step records (:attr:`StepOutput.stats`), in this order."""
+"""The statistics every step logs, in this order."""
+
+STAT_KEYS = LOG_KEYS + ("n_clean", "n_harmful")
+"""What :attr:`StepOutput.stats` holds: :data:`LOG_KEYS`, then this rank's counts of clean and
+harmful source rows, which weight ``p_clean`` / ``p_harmful`` when ranks are averaged (a rank
+without harmful rows has no ``p_harmful`` to contribute)."""
 
 DENSE_MODULES = ("mixed_tower", "san", "pure_tower", "domain_clf")
 """The dense parts Adam trains, in the order their parameters enter it (the checkpoint's indices)."""
@@ -106,14 +111,15 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: CCTLBatch, h
 
 
 def local_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> list[float]:
-    """This rank's :data:`LOG_KEYS` values of one step (``p``: the selector's B_s detached
+    """This rank's :data:`STAT_KEYS` values of one step (``p``: the selector's B_s detached
     probabilities, or None; ``harmful``: B_s bools). A mean over no rows is 0."""
     h = harmful
     return [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()),
             float(losses.src.detach()), float(losses.ren.detach()), reward, float(losses.cos_id),
             float(losses.cos_seq), float(p.mean()) if p is not None else 0.0,
             float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
-            float(p[h].mean()) if p is not None and h.any() else 0.0]
+            float(p[h].mean()) if p is not None and h.any() else 0.0,
+            float((~h).sum()), float(h.sum())]
 
 
 @dataclass
@@ -121,7 +127,7 @@ class StepOutput:
     """What one step gives back.
 
     Attributes:
-        stats: this rank's :data:`LOG_KEYS` values (averaged over ranks only when logged).
+        stats: this rank's :data:`STAT_KEYS` values (averaged over ranks only when logged).
         extra: what the IFN logged (``selector_update``, ``reward_shaped``, ...).
         p: the selector's B_s detached probabilities (the evidence mode's weights), or None.
         logit_pure: the pure tower's B_t detached logits on the step's target rows (the training
@@ -134,8 +140,8 @@ class StepOutput:
     logit_pure: Optional[torch.Tensor] = None
 
     def as_dict(self) -> dict[str, Any]:
-        """{LOG_KEYS: stats, then extra}."""
-        return {**dict(zip(LOG_KEYS, self.stats)), **self.extra}
+        """{STAT_KEYS: stats, then extra}."""
+        return {**dict(zip(STAT_KEYS, self.stats)), **self.extra}
 
     def __getitem__(self, key: str) -> Any:
         return self.as_dict()[key]

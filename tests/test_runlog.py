@@ -1,0 +1,45 @@
+"""The training log's rank average: p_clean / p_harmful are means over every rank's rows, so a rank
+whose batch had no harmful row does not pull p_harmful towards 0 (8-rank paper-mode runs logged
+p_harmful 31/32 of the 1-rank value before)."""
+
+import torch
+
+import cctl_rec.train.runlog as runlog
+from cctl_rec.train.runlog import RunLog
+from cctl_rec.train.trainer import LOG_KEYS, STAT_KEYS
+
+
+def _stats(p_mean, p_clean, p_harm, n_clean, n_harm):
+    base = {"loss_mixed": 1.0, "loss_pure": 0.5, "loss_tgt": 0.4, "loss_src": 0.6, "loss_ren": 0.0, "reward": 0.1,
+            "cos_id": 0.0, "cos_seq": 0.0, "p_mean": p_mean, "p_clean": p_clean, "p_harmful": p_harm,
+            "n_clean": n_clean, "n_harmful": n_harm}
+    return [base[k] for k in STAT_KEYS]
+
+
+def test_p_clean_and_p_harmful_average_over_rows_not_ranks(monkeypatch):
+    other = torch.tensor([_stats(0.8, 0.8, 0.0, 4, 0)], dtype=torch.float64)   # the second rank: no harmful row
+
+    def two_rank_mean(ts):  # what the all-reduce mean over 2 ranks does to this rank's tensor
+        for t in ts:
+            o = other.clone()
+            for m, n in runlog._WEIGHTED:
+                o[:, m] *= o[:, n]
+            t.add_(o).div_(2)
+
+    monkeypatch.setattr(runlog, "allreduce_mean_", two_rank_mean)
+    log = RunLog(meta={}, start=0)
+    log.add(_stats(0.5, 0.6, 0.4, 1, 3))
+    row = log.close_window(1, {})
+    # p_harmful: only this rank's 3 rows, 0.4 (the ranks' mean would say 0.2);
+    # p_clean: (0.6 * 1 + 0.8 * 4) / 5 = 0.76; p_mean and the losses: plain mean of the ranks
+    assert abs(row["p_harmful"] - 0.4) < 1e-12 and abs(row["p_clean"] - 0.76) < 1e-12
+    assert abs(row["p_mean"] - 0.65) < 1e-12 and abs(row["loss_mixed"] - 1.0) < 1e-12
+    assert set(row) == {"step", *LOG_KEYS}
+
+
+def test_one_rank_log_is_the_steps_means():
+    log = RunLog(meta={}, start=0)
+    log.add(_stats(0.5, 0.625, 0.375, 3, 5))
+    log.add(_stats(0.5, 0.0, 0.25, 0, 8))
+    row = log.close_window(2, {})
+    assert row["p_clean"] == (0.625 + 0.0) / 2 and row["p_harmful"] == (0.375 + 0.25) / 2

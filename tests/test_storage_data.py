@@ -117,3 +117,34 @@ def test_remote_output_holding_another_dataset_is_refused(s3, raw_tiny, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and "--out s3://cctl/other holds another dataset" in err and len(err.strip().splitlines()) == 1, err
     assert list(_objects("other")) == ["manifest.json"]
+
+
+def test_eval_reads_run_directories_on_s3_like_local_ones(s3, tmp_path, capsys):
+    """``cctl-rec eval`` on run directories in the bucket prints what it prints for the same
+    directories on disk (table, --json, --by-seed with the mean ± std over seeds by hand); a
+    missing run or bucket is one line, exit 2."""
+    import json
+
+    from tests.test_cli import _metrics, _write_run
+
+    c = boto3.client("s3")
+    runs = {"dnn-s0": 0.80, "dnn-s1": 0.82, "cctl-s0": 0.70}
+    local = [_write_run(tmp_path / "runs" / name, _metrics(auc)) for name, auc in runs.items()]
+    for name, auc in runs.items():
+        c.put_object(Bucket="cctl", Key=f"ev/runs/{name}/metrics.json", Body=json.dumps(_metrics(auc)).encode())
+    remote = [f"s3://cctl/ev/runs/{name}" for name in runs]
+    capsys.readouterr()
+    for opts in ([], ["--json"], ["--by-seed"]):
+        assert main(["eval", *opts, *local]) == 0
+        want = capsys.readouterr().out
+        assert main(["eval", *opts, *remote]) == 0
+        assert capsys.readouterr().out == want
+    assert main(["eval", "--by-seed", *remote]) == 0
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2:4] for ln in capsys.readouterr().out.splitlines()[2:]}
+    assert {k: (int(v[0]), v[1].strip()) for k, v in rows.items()} == {"dnn": (2, "0.8100 ± 0.0141"),
+                                                                      "cctl": (1, "0.7000 ± 0.0000")}
+    for argv, msg in ((["s3://cctl/ev/runs/absent"], "s3://cctl/ev/runs/absent/metrics.json does not exist"),
+                      (["s3://nope/r"], "run directory s3://nope/r: bucket 'nope' does not exist")):
+        assert main(["eval", *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err

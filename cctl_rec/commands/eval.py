@@ -1,4 +1,5 @@
-"""``cctl-rec eval``: prints a table of target test AUC / logloss from one or more run directories."""
+"""``cctl-rec eval``: prints a table of target test AUC / logloss from one or more run directories
+(local paths or URLs such as ``s3://bucket/runs/dnn``, docs/storage.md)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import Optional
 from iopath.common.file_io import g_pathmgr
 from pydantic import BaseModel, ConfigDict, Field
 
+from cctl_rec.data.manifest import join
 from cctl_rec.metrics import fmt
 from cctl_rec.safe_io import read_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="result table of finished runs", description=__doc__)
-    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.json")
+    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.json (local paths or URLs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.add_argument("--by-seed", action="store_true",
                    help="group the runs that differ only in their seed (a NAME-s<k> directory, or a seed<k> "
@@ -65,7 +67,7 @@ MAX_METRICS_BYTES = 256 << 20
 
 def load_metrics(run_dir: str) -> dict:
     """A run's metrics.json (bounded read, validated: one line naming the file and key)."""
-    path = os.path.join(run_dir, "metrics.json")
+    path = join(run_dir, "metrics.json")
     if not g_pathmgr.exists(path):
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a finished run directory?")
     return read_json(path, MetricsJSON, "cctl-rec metrics file", MAX_METRICS_BYTES)
@@ -113,16 +115,28 @@ _SEED_DIR = re.compile(r"seed\d+")
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
+def _url_head(path: str) -> tuple[str, str]:
+    """(``s3://``, ``bucket/runs/a``) for a URL; ("", path) for a local path."""
+    head, sep, rest = path.partition("://")
+    return (head + sep, rest) if sep else ("", path)
+
+
 def seed_group(run_dir: str) -> str:
     """The run's path without its seed: a ``seed<k>`` component (an experiment's
     ``DATASET/MODEL/[alpha<a>/]seed<k>``) dropped and a ``-s<k>`` suffix stripped from every
     component, so runs that differ only in the seed share it."""
+    head, run_dir = _url_head(run_dir)
     parts = os.path.normpath(run_dir).split(os.sep)
-    return os.sep.join(_SEED_SUFFIX.sub("", p) for p in parts if not _SEED_DIR.fullmatch(p)) or "."
+    return head + (os.sep.join(_SEED_SUFFIX.sub("", p) for p in parts if not _SEED_DIR.fullmatch(p)) or ".")
 
 
 def _labels(paths: list[str]) -> list[str]:
-    """Each path relative to the folder all of their parents share (``amazon/dnn/seed0``, ``dnn``)."""
+    """Each path relative to the folder all of their parents share (``amazon/dnn/seed0``, ``dnn``);
+    URLs of one scheme are labelled below the prefix they share."""
+    heads = {_url_head(k)[0] for k in paths}
+    if len(heads) == 1 and "" not in heads:  # URLs, one scheme: the same rule on what follows it
+        head, rests = heads.pop(), [os.path.normpath(_url_head(k)[1]) for k in paths]
+        return [lab if lab != r else head + r for lab, r in zip(_labels(rests), rests)]
     paths = [os.path.normpath(k) for k in paths]
     parents = [os.path.dirname(k) or "." for k in paths]
     try:
@@ -153,6 +167,10 @@ def grouped(rows: list[tuple[str, dict]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cctl_rec.storage import check_location
+
+    for d in args.run_dirs:  # an unusable URL (scheme, bucket, credentials): one line before anything is read
+        check_location(d, "run directory", remote_ok=True)
     if args.by_seed:
         print(grouped([(d, load_metrics(d)) for d in args.run_dirs]))
         return 0

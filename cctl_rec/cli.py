@@ -87,8 +87,8 @@ PATH_OPTIONS = {"out": "--out", "data": "--data", "run_dir": "--run-dir", "model
                 "features": "--features", "config": "--config"}
 """Options that name a file or directory: each is checked by ``storage.check_location`` first."""
 REMOTE_OK = {("datagen", "out"), ("convert", "out"), ("prepare", "out"), ("train", "data"), ("train", "run_dir"),
-             ("evaluate", "data"), ("evaluate", "run_dir"), ("predict", "data"), ("predict", "out"), ("predict", "model"),
-             ("export", "out"), ("export", "run_dir")}
+             ("evaluate", "data"), ("evaluate", "run_dir"), ("predict", "data"), ("predict", "out"),
+             ("predict", "model"), ("export", "out"), ("export", "run_dir")}
 """(command, option) pairs that take remote URLs (s3://, gs://, ...); every other path is local."""
 
 

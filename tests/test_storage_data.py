@@ -94,7 +94,8 @@ def test_prepare_to_s3_is_the_local_prepare_byte_for_byte(s3, raw_tiny, tmp_path
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["prepare", "--features", "F", "--data", "D", "--out", "s3://nope/p"], "--out s3://nope/p: bucket 'nope' does not"),
+    (["prepare", "--features", "F", "--data", "D", "--out", "s3://nope/p"],
+     "--out s3://nope/p: bucket 'nope' does not"),
     (["convert", "implicit", "--src-dir", "S", "--tgt-dir", "T", "--out", "foo://b/c"], "unknown URL scheme 'foo'"),
     (["convert", "implicit", "--src-dir", "S", "--tgt-dir", "T", "--out", "s3://cctl/bad"],
      "--src-dir S does not exist"),  # the input is checked (and refused) before anything is written

@@ -30,7 +30,7 @@ floats concatenated after that token's pooled embeddings (:meth:`DomainSchema.to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 TOKENS = ("user", "item", "context")
 DOMAINS = ("src", "tgt")
@@ -117,11 +117,14 @@ class DomainSchema:
         domain: ``src`` or ``tgt``.
         features: every categorical feature, ``seq`` included.
         dense: the dense float features (B X F_dense floats, this order), none for most data.
+        shared: (source schema) the attributes the mixed network looks up in the target tables, as a
+            feature config's ``share`` declares them; None: the rule of :func:`shared_attributes`.
     """
 
     domain: str
     features: tuple[Feature, ...]
     dense: tuple[DenseFeature, ...] = ()
+    shared: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
@@ -245,6 +248,8 @@ class DomainSchema:
                                             for f in self.features]}
         if self.dense:  # absent without dense features: earlier manifests and fingerprints stay as they were
             out["dense"] = [{"name": f.name, "token": f.token} for f in self.dense]
+        if self.shared is not None:  # a feature config's ``share`` (source schema); absent: the rule
+            out["shared"] = list(self.shared)
         return out
 
     @staticmethod
@@ -254,7 +259,8 @@ class DomainSchema:
                                   bool(x.get("multi", False)), str(x.get("pooling", "mean")), int(x.get("dim", 0)))
                           for x in d["features"])
             dense = tuple(DenseFeature(str(x["name"]), str(x["token"])) for x in d.get("dense", ()))
-            return DomainSchema(str(d["domain"]), feats, dense)
+            shared = tuple(str(x) for x in d["shared"]) if d.get("shared") is not None else None
+            return DomainSchema(str(d["domain"]), feats, dense, shared)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed domain schema in manifest: missing {e}") from None
 
@@ -339,7 +345,17 @@ def shared_attributes(src: DomainSchema, tgt: DomainSchema) -> tuple[str, ...]:
     cardinality, list-ness, pooling and dim in both domains, and not an ID feature. REN keeps the
     ID tables (user_id, item_id and the sequences over item ids) separate per domain; attributes
     such as category or device mean the same thing in both domains, so the mixed network shares
-    their tables (switch: ``model.share_attributes``)."""
+    their tables (switch: ``model.share_attributes``). A source schema that declares ``shared``
+    (a feature config's ``share``) shares exactly those, in the source's feature order; one that
+    breaks the conditions is refused in one line."""
+    if src.shared is not None:
+        rule = set(shared_attributes(DomainSchema(src.domain, src.features, src.dense), tgt))
+        bad = [n for n in src.shared if n not in rule]
+        if bad:
+            raise ValueError(f"the source schema shares {bad} but they are not attributes of the same token, "
+                             f"cardinality, list-ness, pooling and dim in both domains; expected a subset of "
+                             f"{sorted(rule)}")
+        return tuple(f.name for f in src.features if f.name in src.shared)
     out = []
     for f in src.features:
         if f.name in ID_FEATURES:

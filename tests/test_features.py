@@ -340,6 +340,98 @@ def test_the_synthetic_data_through_a_feature_config_trains_as_the_manifest_path
         assert key in m["manifest"] and m["features"][key] == m["manifest"][key], key
 
 
+# ------------------------------------------------------------------------------------ share
+@pytest.mark.parametrize("share, msg", [
+    ("[category, colour]", "share[1]: feature 'colour' is not declared in both domains (domains.tgt: no, "
+                           "domains.src: no); expected a feature name of both domains' features"),
+    ("[gender]", "share[0]: feature 'gender' is not declared in both domains (domains.tgt: no, domains.src: yes)"),
+    ("[user_id]", "share[0]: 'user_id' is an ID feature, whose tables REN keeps per domain"),
+    ("[seq]", "share[0]: 'seq' is an ID feature"),
+    ("[city, city]", "share: a name is used twice: ['city', 'city']"),
+])
+def test_share_names_features_of_both_domains_and_no_id(tmp_path, share, msg):
+    path = _write(tmp_path, TINY_FEATURES.replace("\ndomains:\n", f"\nshare: {share}\ndomains:\n", 1))
+    with pytest.raises(ValueError) as e:
+        load_features(path)
+    assert msg in str(e.value) and str(e.value).startswith(f"features file {path}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("src_city, msg", [
+    ("{name: city, space: category, token: user}", "space city, dim 0, pooling mean in domains.tgt but kind id, token "
+                                                   "user, space category, dim 0, pooling mean in domains.src"),
+    ("{name: city, space: city, token: context}", "kind id, token user, space city, dim 0, pooling mean in domains.tgt "
+                                                  "but kind id, token context, space city"),
+    ("{name: city, kind: id_list, space: city, token: user, pooling: sum}", "but kind id_list, token user, space "
+                                                                            "city, dim 0, pooling sum in domains.src"),
+    ("{name: city, space: city, token: user, dim: 16}", "dim 0, pooling mean in domains.tgt but kind id, token user, "
+                                                        "space city, dim 16"),
+])
+def test_share_refuses_a_feature_of_two_tables(tmp_path, capsys, raw_tiny, src_city, msg):
+    text = TINY_FEATURES.replace("\ndomains:\n", "\nshare: [city]\ndomains:\n", 1)
+    text = text.replace("      - {name: city, space: city, token: user}\n", f"      - {src_city}\n", 1)
+    assert src_city in text
+    out = tmp_path / "out"
+    assert main(["prepare", "--features", _write(tmp_path, text), "--data", raw_tiny, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "share[0]: feature 'city' is kind id, token user" in err and msg in err and "\n" not in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"share\[0\]: feature 'price_f' is a dense float \(bins 0\)"):
+        load_features(_write(tmp_path, TINY_FEATURES.replace("\ndomains:\n", "\nshare: [price_f]\ndomains:\n", 1)
+                             .replace("{name: price, kind: dense, token: item}",
+                                      "{name: price_f, column: price, kind: dense, token: item, bins: 0}")))
+
+
+def test_shared_attributes_follow_a_declared_share():
+    from cctl_rec.schema import DomainSchema, shared_attributes, synthetic_schemas
+
+    schemas = synthetic_schemas(30, 20, 4, 5, 6)
+    ts, ss = schemas["tgt"], schemas["src"]
+    rule = shared_attributes(ss, ts)
+    assert rule == ("gender", "device", "category", "brand", "hour")  # same name, token, cardinality; no ids
+    declared = DomainSchema("src", ss.features, ss.dense, ("hour", "gender"))
+    assert shared_attributes(declared, ts) == ("gender", "hour")  # the source's order
+    assert shared_attributes(DomainSchema("src", ss.features, ss.dense, ()), ts) == ()
+    assert DomainSchema.from_json(declared.to_json()) == declared and "shared" not in ss.to_json()
+    with pytest.raises(ValueError, match=r"shares \['age'\] but they are not attributes of the same token"):
+        shared_attributes(DomainSchema("src", ss.features, ss.dense, ("age",)), ts)
+
+
+@pytest.mark.slow  # four 6-step trainings and two prepares: ~1 min under load
+def test_a_declared_share_trains_as_the_rule_or_as_no_sharing(prepared, raw_tiny, tmp_path):
+    """``share`` naming what the rule shares (city, category and the constant context) trains
+    bitwise as no ``share`` key; ``share: []`` bitwise as ``model.share_attributes=false``; the
+    manifests differ by the source schema's ``shared`` and nothing else, the shards not at all."""
+    from cctl_rec.config import ModelConfig
+    from cctl_rec.data.loader import Dataset
+    from cctl_rec.models.cctl import CCTL
+
+    _, base = prepared
+    outs = {}
+    for name, share in (("all", "[city, category, context]"), ("none", "[]")):
+        text = TINY_FEATURES.replace("\ndomains:\n", f"\nshare: {share}\ndomains:\n", 1)
+        outs[name] = str(tmp_path / name)
+        assert main(["prepare", "--features", _write(tmp_path, text, f"{name}.yaml"), "--data", raw_tiny, "--out",
+                     outs[name], "--shard-rows", "1500"]) == 0
+        m0, m1 = (json.loads(open(os.path.join(p, "manifest.json")).read()) for p in (base, outs[name]))
+        assert m1["schema"]["src"].pop("shared") == json.loads(share.replace("city", '"city"').replace(
+            "category", '"category"').replace("context", '"context"'))
+        assert m1["schema"] == m0["schema"] and m1["splits"] == m0["splits"]
+    rule = CCTL(Dataset(base).schemas, ModelConfig()).shared
+    assert rule == ("city", "category", "context") == CCTL(Dataset(outs["all"]).schemas, ModelConfig()).shared
+    assert CCTL(Dataset(outs["none"]).schemas, ModelConfig()).shared == ()
+    args = [*SMALL, "run.steps=6", "run.max_eval_rows=256"]
+    runs = {"rule": (base, []), "all": (outs["all"], []), "none": (outs["none"], []),
+            "off": (base, ["model.share_attributes=false"])}
+    m = {}
+    for name, (data, extra) in runs.items():
+        assert main(["train", "--data", data, "--run-dir", str(tmp_path / f"run-{name}"), *args, *extra]) == 0
+        m[name] = json.loads((tmp_path / f"run-{name}" / "metrics.json").read_text())
+    for a, b in (("all", "rule"), ("none", "off")):
+        for key in ("target_test", "target_valid", "selector"):
+            assert m[a][key] == m[b][key], (a, b, key)
+    assert m["rule"]["target_test"] != m["off"]["target_test"]  # sharing changes the run: the test can fail
+
+
 def test_the_output_does_not_depend_on_the_read_batch_size(prepared, raw_tiny, tmp_path, monkeypatch):
     """Read in batches of 100 rows (so the id counts and the per-domain id sets are merged and
     compacted many times over), prepare writes the same dataset byte for byte."""

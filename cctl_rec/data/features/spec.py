@@ -32,7 +32,8 @@ Rules the model imposes (checked here, one line each):
 - REN pairs the domains' ``user_id``, ``item_id`` and sequences, and looks target ids up in the
   source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space;
 - a feature of the same name, token and space in both domains is an attribute the mixed network
-  shares (``model.share_attributes``);
+  shares (``model.share_attributes``), or, with a top-level ``share: [city, ...]``, exactly those
+  listed (``[]``: none; checked: both domains, one table, no ID feature);
 - a domain without a context feature gets the constant ``context`` (one row), as converted data has;
 - a dense feature enters the towers as the embedding of its quantile bin (``bins``, default 16),
   or with ``bins: 0`` as a float standardised with the train split's mean / std (recorded),
@@ -57,6 +58,8 @@ from cctl_rec.config import MAX_WIDTH, check_size, from_dict, load_yaml
 
 KINDS = ("id", "id_list", "dense")
 REQUIRED = ("user_id", "item_id")
+ID_FEATURES = ("user_id", "item_id", "seq")
+"""Features whose tables REN keeps per domain: never in ``share``."""
 PAIRED = ("user_id", "item_id")
 """Features REN pairs across the domains (with ``seq`` / ``other_seq`` over the item space)."""
 RESERVED = ("label", "other_seq", "user_in_other", "item_in_other", "ts", "is_harmful", "user_group")
@@ -243,6 +246,14 @@ class FeatureConfig:
     domains: DomainsSpec
     max_seq_len: int = 20
     """Recorded in the manifest (the trainer truncates sequences to data.max_seq_len)."""
+    share: Optional[tuple[str, ...]] = None
+    """The attributes whose tables the two domains share in the mixed network (the source feature
+    looked up in the target's table; ``model.share_attributes`` switches sharing off). Each names a
+    feature both domains declare with one kind, token, space, dim and pooling (a binned dense
+    feature: one ``bins``); never user_id, item_id or seq, whose tables REN keeps per domain
+    (``model.share_ids`` shares them); ``context`` also names the constant context feature
+    prepare adds when neither domain declares a context-token feature. Absent: every feature that
+    meets those conditions (the rule of converted and synthetic data); ``[]``: none."""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.spaces]
@@ -301,11 +312,44 @@ class FeatureConfig:
             _check(not (f.kind == "dense" and g is not None and g.kind == "dense" and f.bins != g.bins),
                    f"dense feature {f.name!r} has bins {f.bins} in domains.tgt but {g.bins if g else 0} in domains.src; "
                    f"expected one binning per feature name (its train quantiles are pooled over both domains)")
+        self._check_share()
         for name in names:
             dtypes = {f.dtype for d in ("tgt", "src") for f in self.domain(d).features
                       if f.space == name and f.dtype != "auto"}
             _check(len(dtypes) <= 1, f"space {name!r}: its features declare different dtypes {sorted(dtypes)}; "
                                      f"expected one (the ids of a space are one type)")
+
+    def _check_share(self) -> None:
+        if self.share is None:
+            return
+        _check(len(set(self.share)) == len(self.share), f"share: a name is used twice: {list(self.share)}")
+        for i, name in enumerate(self.share):
+            where = f"share[{i}]"
+            _check(name not in ID_FEATURES, f"{where}: {name!r} is an ID feature, whose tables REN keeps per domain; "
+                                            f"expected an attribute (model.share_ids shares the ID tables)")
+            if name == "context" and not any(x.token == "context" for d in ("tgt", "src")
+                                             for x in self.domain(d).features):
+                continue  # the constant context prepare adds to both domains: one row, one table
+            f, g = self.domains.tgt.feature(name), self.domains.src.feature(name)
+            _check(f is not None and g is not None,
+                   f"{where}: feature {name!r} is not declared in both domains (domains.tgt: "
+                   f"{'yes' if f is not None else 'no'}, domains.src: {'yes' if g is not None else 'no'}); expected a "
+                   f"feature name of both domains' features")
+
+            def table(x: FeatureSpec, d: str) -> str:
+                if x.kind == "dense":
+                    return f"kind dense, bins {x.bins}, token {x.resolved_token}"
+                pool = next((y.pooling for y in self.domain(d).features if y.kind == "id_list" and y.space == x.space),
+                            "mean")  # its table's: TorchRec pools per table
+                return (f"kind {x.kind}, token {x.resolved_token}, space {x.space}, dim {self.space_dim(d, x.space)}, "
+                        f"pooling {pool}")
+
+            _check(not (f.kind == "dense" and f.bins == 0),
+                   f"{where}: feature {name!r} is a dense float (bins 0) and has no table to share; expected an id, "
+                   f"id_list or binned dense feature")
+            a, b = table(f, "tgt"), table(g, "src")
+            _check(a == b, f"{where}: feature {name!r} is {a} in domains.tgt but {b} in domains.src; expected one "
+                           f"table: the same kind, token, space, dim and pooling in both domains")
 
     def domain(self, d: str) -> DomainSpec:
         return self.domains.tgt if d == "tgt" else self.domains.src

@@ -238,6 +238,8 @@ class FeatureMap:
                   if f.kind == "dense" and self.dense[d][f.name].boundaries is None]
         if floats:
             out["dense"] = floats
+        if d == "src" and self.spec.share is not None:  # absent without ``share``: earlier manifests stay
+            out["shared"] = list(self.spec.share)
         return out
 
     # --------------------------------------------------------------------------------- files
@@ -254,7 +256,10 @@ class FeatureMap:
                          "boundaries": None if st.boundaries is None else list(st.boundaries),
                          "rows": st.rows if st.boundaries is not None else None}
                      for n, st in per.items()} for d, per in self.dense.items()}
-        return {"format": FORMAT, "config": to_dict(self.spec), "spaces": spaces, "dense": dense}
+        config = to_dict(self.spec)
+        if config["share"] is None:  # absent without ``share``: earlier features.json stay byte for byte
+            del config["share"]
+        return {"format": FORMAT, "config": config, "spaces": spaces, "dense": dense}
 
     @staticmethod
     def load(root: str) -> "FeatureMap":

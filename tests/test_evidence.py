@@ -155,3 +155,18 @@ def test_evidence_without_a_significant_label_shift_trains_as_mix_bitwise(tiny_d
         out[name] = (m["target_test"], m["target_valid"])
     assert out["evidence"] == out["mix"]
     assert out["ungated"] != out["mix"]
+
+
+@pytest.mark.parametrize("reference,want", [("target", math.exp(-0.8)), ("zero", math.exp(-1.0))])
+def test_ifn_builds_the_evidence_table_its_settings_name(reference, want):
+    """selector.evidence_groups=true in evidence mode: the IFN's group table has the configured
+    bins, decay, t, strength and reference (the hand case above: a group at -1.0 against target rows
+    alike at -0.2, or against zero)."""
+    ifn = IFN(SelectorConfig(mode="evidence", evidence_groups=True, evidence_shift="none", evidence_bins=(0.0,),
+                             evidence_decay=0.0, evidence_t=2.0, evidence_strength=1.0, evidence_reference=reference), 6)
+    assert ifn.evidence is not None and ifn.label_shift is None
+    labels, margins = t(0, 0, 0, 0, 1, 1, 1, 1), t(-1, -1, 1, 1, -1, -1, 1, 1)
+    g = ifn.evidence.groups(labels, margins)
+    ifn.evidence.update(g, t(-1.1, -0.9, 0.5, 0.7, -2.0, 1.0, 0.2, 0.4))
+    ifn.evidence.update(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), t(-0.25, -0.15, 0, 0, 0, 0, 0, 0), reference=True)
+    assert ifn.evidence.group_weights()[0].item() == pytest.approx(want)

@@ -43,3 +43,17 @@ def test_one_rank_log_is_the_steps_means():
     log.add(_stats(0.5, 0.0, 0.25, 0, 8))
     row = log.close_window(2, {})
     assert row["p_clean"] == (0.625 + 0.0) / 2 and row["p_harmful"] == (0.375 + 0.25) / 2
+
+
+def test_a_target_only_step_logs_zero_rows_of_each_kind():
+    from types import SimpleNamespace
+
+    from cctl_rec.train.trainer import local_stats
+
+    z = torch.tensor(0.5)
+    losses = SimpleNamespace(mixed=z, pure=z, tgt=z, src=z, ren=z, cos_id=0.0, cos_seq=0.0)
+    stats = dict(zip(STAT_KEYS, local_stats(losses, 0.0, None, None)))   # the DNN: no selector, no source rows
+    assert stats["p_clean"] == stats["p_harmful"] == stats["n_clean"] == stats["n_harmful"] == 0.0
+    h = torch.tensor([True, False, False])
+    stats = dict(zip(STAT_KEYS, local_stats(losses, 0.0, torch.tensor([0.2, 0.5, 0.8]), h)))
+    assert (stats["n_clean"], stats["n_harmful"]) == (2.0, 1.0) and abs(stats["p_clean"] - 0.65) < 1e-6

@@ -110,16 +110,17 @@ def step_influence(module: CCTL, cfg: TrainConfig, out: Any, batch: CCTLBatch, h
     return per_sample_influence(module.mixed_tower, x, y, x_eval.float(), y_eval, cfg.selector.influence_loss)
 
 
-def local_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: torch.Tensor) -> list[float]:
+def local_stats(losses: Any, reward: float, p: Optional[torch.Tensor], harmful: Optional[torch.Tensor]) -> list[float]:
     """This rank's :data:`STAT_KEYS` values of one step (``p``: the selector's B_s detached
-    probabilities, or None; ``harmful``: B_s bools). A mean over no rows is 0."""
+    probabilities, or None; ``harmful``: B_s bools, or None for a target-only model). A mean over
+    no rows is 0."""
     h = harmful
     return [float(losses.mixed.detach()), float(losses.pure.detach()), float(losses.tgt.detach()),
             float(losses.src.detach()), float(losses.ren.detach()), reward, float(losses.cos_id),
             float(losses.cos_seq), float(p.mean()) if p is not None else 0.0,
             float(p[~h].mean()) if p is not None and (~h).any() else 0.0,
             float(p[h].mean()) if p is not None and h.any() else 0.0,
-            float((~h).sum()), float(h.sum())]
+            float((~h).sum()) if h is not None else 0.0, float(h.sum()) if h is not None else 0.0]
 
 
 @dataclass

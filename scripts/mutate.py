@@ -82,7 +82,7 @@ TEST_FILES = [  # the equation tests: each mutant of a critical file must be cau
 ]
 LIGHT_TEST_FILES = TEST_FILES + [
     "tests/test_trainer.py", "tests/test_train.py", "tests/test_checkpoint.py", "tests/test_evaluate.py",
-    "tests/test_keep_best.py", "tests/test_attention_heads.py",
+    "tests/test_keep_best.py", "tests/test_attention_heads.py", "tests/test_runlog.py",
 ]
 
 DIST_TESTS: dict[tuple[str, str], list[str]] = {

@@ -142,6 +142,27 @@ def put_file(local: str, url: str) -> None:
     _fs(url).put_file(local, url)
 
 
+def _keeping_options(base: type) -> type:
+    """``base`` (DCP's FsspecWriter / FsspecReader) whose ``reset(checkpoint_id)`` keeps the storage
+    options. DCP resets a storage writer or reader to the ``checkpoint_id`` it is given, and the base
+    class then looks the filesystem up again *without* options: fsspec's cached instance for no
+    options, whose endpoint is whatever the environment said when it was first made (measured: a
+    second moto server in the same process got the first one's stopped port)."""
+
+    class KeepingOptions(base):  # type: ignore[valid-type, misc]
+        def __init__(self, path: str, **kwargs: Any) -> None:
+            self._options = _storage_options(scheme_of(path))
+            super().__init__(path, **kwargs, **self._options)
+
+        def reset(self, checkpoint_id: Any = None) -> None:
+            super().reset(None)  # a fresh save / load id, the path untouched
+            if checkpoint_id:
+                self.path = self.fs.init_path(checkpoint_id, **self._options)
+
+    KeepingOptions.__name__ = KeepingOptions.__qualname__ = base.__name__
+    return KeepingOptions
+
+
 def dcp_writer(path: str) -> Any:
     """DCP's storage writer for ``path``: None for a local path (DCP's own file writer, as
     before), an ``FsspecWriter`` for a URL (no fsync: an object is durable once written)."""
@@ -149,7 +170,7 @@ def dcp_writer(path: str) -> Any:
         return None
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return FsspecWriter(path, sync_files=False, **_storage_options(scheme_of(path)))
+    return _keeping_options(FsspecWriter)(path, sync_files=False)
 
 
 def dcp_reader(path: str) -> Any:
@@ -158,7 +179,7 @@ def dcp_reader(path: str) -> Any:
         return None
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    return FsspecReader(path, **_storage_options(scheme_of(path)))
+    return _keeping_options(FsspecReader)(path)
 
 
 class FsspecPathHandler(PathHandler):

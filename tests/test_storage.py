@@ -104,3 +104,21 @@ def test_datagen_train_evaluate_on_s3_equal_the_local_run(s3, tmp_path, capsys):
         Bucket="cctl", Key="pred/test.parquet")["Body"].read()))
     local_pred = pq.read_table(tmp_path / "pred.parquet")
     assert remote_pred.column("logit").to_pylist() == local_pred.column("logit").to_pylist()
+
+
+def test_dcp_writer_and_reader_keep_the_endpoint_when_dcp_resets_them(monkeypatch):
+    """DCP resets its storage writer / reader to the checkpoint_id it is given; the base classes then
+    looked the filesystem up without options, i.e. fsspec's cached instance made under an earlier
+    environment (the fresh-clone suite: a checkpoint went to a moto server stopped one module before)."""
+    from cctl_rec import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    for make in (storage.dcp_writer, storage.dcp_reader):
+        io = make("s3://b/run/checkpoints/step-1")
+        io.reset("s3://b/run/checkpoints/step-2")
+        assert io.path == "s3://b/run/checkpoints/step-2"
+        assert io.fs.fs.endpoint_url == "http://127.0.0.1:9"
+        assert io.fs.fs is storage.filesystem("s3")
+    assert storage.dcp_writer("/local/dir") is None and storage.dcp_reader("/local/dir") is None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cctl_rec.cli import main
+from tests.test_features import _write  # (dir, text, name) -> path
 
 SPLITS = {"tgt/train": 6000, "tgt/valid": 1500, "tgt/test": 1500, "src/train": 6000}
 
@@ -56,17 +57,12 @@ def write_raw(out: str, seed: int = 0) -> str:
     return out
 
 
-def _write(path, text: str) -> str:
-    path.write_text(textwrap.dedent(text))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def dense_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("dense")
     raw = write_raw(str(d / "raw"))
     out = str(d / "data")
-    assert main(["prepare", "--features", _write(d / "f.yaml", FEATURES), "--data", raw, "--out", out]) == 0
+    assert main(["prepare", "--features", _write(d, FEATURES, "f.yaml"), "--data", raw, "--out", out]) == 0
     return raw, out
 
 
@@ -91,7 +87,7 @@ def test_a_dense_float_is_standardised_with_the_train_mean_and_std(tmp_path):
     text = ("spaces: [{name: user, vocab: {}}, {name: item, vocab: {}}]\ndomains:\n  tgt:" +
             textwrap.indent(textwrap.dedent(dom), "    ") + "\n  src:" + textwrap.indent(textwrap.dedent(dom), "    "))
     out = str(tmp_path / "data")
-    assert main(["prepare", "--features", _write(tmp_path / "f.yaml", text), "--data", str(tmp_path / "raw"),
+    assert main(["prepare", "--features", _write(tmp_path, text, "f.yaml"), "--data", str(tmp_path / "raw"),
                  "--out", out]) == 0
     m = json.loads(open(os.path.join(out, "manifest.json")).read())
     std = math.sqrt(1.25)
@@ -127,7 +123,7 @@ def test_nan_in_a_dense_float_column_is_one_line_exit_2(tmp_path, capsys):
     x[np.flatnonzero(~null)[3]] = np.nan
     pq.write_table(t.set_column(t.column_names.index("x"), "x", pa.array(x, mask=null)), path)
     out = tmp_path / "data"
-    rc = main(["prepare", "--features", _write(tmp_path / "f.yaml", FEATURES), "--data", raw, "--out", str(out)])
+    rc = main(["prepare", "--features", _write(tmp_path, FEATURES, "f.yaml"), "--data", raw, "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "tgt/valid/part-0.parquet: dense column 'x' has 1 NaN or infinite value(s) (first nan)" in err
@@ -154,7 +150,7 @@ def test_the_model_with_the_float_beats_the_model_without(dense_data, tmp_path):
         "      - {name: x, kind: dense, token: context, bins: 0}\n", "")
     assert "name: x" not in no_x
     plain = str(tmp_path / "plain")
-    assert main(["prepare", "--features", _write(tmp_path / "nox.yaml", no_x), "--data", raw, "--out", plain]) == 0
+    assert main(["prepare", "--features", _write(tmp_path, no_x, "nox.yaml"), "--data", raw, "--out", plain]) == 0
     aucs = {}
     for name, root in (("with_x", data), ("without_x", plain)):
         run = tmp_path / name

@@ -6,7 +6,6 @@ table's) may be sum too."""
 
 import json
 import os
-import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from cctl_rec.cli import main
+from tests.test_features import _write  # (dir, text, name) -> path
 
 SPLITS = {"tgt/train": 4000, "tgt/valid": 1000, "tgt/test": 1000, "src/train": 4000}
 TAGS = np.array([f"t{j}" for j in range(12)])
@@ -75,17 +75,12 @@ def write_raw(out: str, seed: int = 0) -> str:
     return out
 
 
-def _write(path, text: str) -> str:
-    path.write_text(textwrap.dedent(text))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def multi_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi")
     raw = write_raw(str(d / "raw"))
     out = str(d / "data")
-    assert main(["prepare", "--features", _write(d / "f.yaml", FEATURES), "--data", raw, "--out", out]) == 0
+    assert main(["prepare", "--features", _write(d, FEATURES, "f.yaml"), "--data", raw, "--out", out]) == 0
     return raw, out
 
 
@@ -127,7 +122,7 @@ def test_a_multi_valued_feature_is_mapped_and_pooled_as_configured(tmp_path):
                                  "tags": pa.array(tags, pa.list_(pa.string())), "y": pa.array([0, 1] * (n // 2))}),
                        str(tmp_path / "raw" / split / "part-0.parquet"))
     out = str(tmp_path / "data")
-    assert main(["prepare", "--features", _write(tmp_path / "f.yaml", HAND), "--data", str(tmp_path / "raw"),
+    assert main(["prepare", "--features", _write(tmp_path, HAND, "f.yaml"), "--data", str(tmp_path / "raw"),
                  "--out", out]) == 0
     want = {"tgt/train": [[1, 2], [1], [], []], "tgt/valid": [[0], [0, 1]], "tgt/test": [[2], []],
             "src/train": [[2, 0, 0], [1, 1], [0], [2]]}
@@ -226,7 +221,7 @@ def test_bad_multi_valued_config_or_column_is_one_line_exit_2(tmp_path, capsys, 
     text = FEATURES.replace(*edit) if edit else FEATURES
     assert text != FEATURES or split
     out = tmp_path / "out"
-    rc = main(["prepare", "--features", _write(tmp_path / "f.yaml", text), "--data", raw, "--out", str(out)])
+    rc = main(["prepare", "--features", _write(tmp_path, text, "f.yaml"), "--data", raw, "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and msg in err, (case, err)
     assert not out.exists()
@@ -277,7 +272,7 @@ def test_the_model_with_the_tags_beats_the_model_without(multi_data, tmp_path):
     no_tags = no_tags.replace("{name: tag, vocab: {}}, ", "")
     assert "tags" not in no_tags
     plain = str(tmp_path / "plain")
-    assert main(["prepare", "--features", _write(tmp_path / "no.yaml", no_tags), "--data", raw, "--out", plain]) == 0
+    assert main(["prepare", "--features", _write(tmp_path, no_tags, "no.yaml"), "--data", raw, "--out", plain]) == 0
     aucs = {}
     for name, root in (("with_tags", data), ("without_tags", plain)):
         run = tmp_path / name

@@ -85,17 +85,13 @@ def _paired(a: dict, b: dict, key: str = "auc") -> Optional[tuple[float, float, 
 def fractional_ranks(score: dict[str, float]) -> dict[str, float]:
     """Rank 1 = highest score; tied scores share the mean of the places they span
     ({a: 0.7, b: 0.7, c: 0.6} -> a 1.5, b 1.5, c 3)."""
-    order = sorted(score, key=lambda n: -score[n])
-    out: dict[str, float] = {}
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and score[order[j + 1]] == score[order[i]]:
-            j += 1
-        for n in order[i:j + 1]:
-            out[n] = (i + j) / 2 + 1
-        i = j + 1
-    return out
+    import numpy as np
+
+    from cctl_rec.datagen.check import average_ranks
+
+    names = list(score)
+    ranks = average_ranks(-np.array([score[n] for n in names], dtype=np.float64))
+    return {n: float(r) for n, r in zip(names, ranks)}
 
 
 def cross_dataset(spec: ExperimentSpec, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -209,6 +209,22 @@ def test_config_heads_match_the_builder_and_bad_heads_fail_in_one_line():
         build_head("din", 8, 2, (4,))
 
 
+def test_widths_of_zero_or_less_are_refused_in_one_line():
+    """A CoNet tower or DIN activation unit 0 wide would build (torch makes 0-input layers) and score
+    every row by its biases alone: 0 is refused where it is built, as a negative width is."""
+    for build, text in ((lambda: CoNetTower(0, (8,)),
+                         "CoNet needs an input width > 0 and at least one hidden layer, got 0, [8]"),
+                        (lambda: CoNetTower(-3, (8,)), "got -3, [8]"),
+                        (lambda: CoNetTower(4, ()), "got 4, []"),
+                        (lambda: TargetAttention(0),
+                         "TargetAttention needs dim > 0 and hidden widths > 0, got 0, [36]"),
+                        (lambda: TargetAttention(-1), "got -1, [36]"),
+                        (lambda: TargetAttention(4, hidden=(8, 0)), "got 4, [8, 0]")):
+        with pytest.raises(ValueError) as e:
+            build()
+        assert text in str(e.value) and "\n" not in str(e.value)
+
+
 def test_bad_head_on_the_command_line_is_one_line(tiny_data, tmp_path, capsys):
     from cctl_rec.cli import main
 

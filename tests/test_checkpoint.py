@@ -48,6 +48,34 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_used(tiny_data, tm
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["resumed_from_step"] == 6
 
 
+def test_a_failed_write_torch_does_not_name_is_named_from_the_disk(tmp_path, monkeypatch):
+    """A checkpoint write torch reports only as 'unexpected pos' (its OSError lost inside DCP) is
+    ENOSPC when the disk has less than 64 MiB left, EROFS on a read-only disk, else EIO; an error
+    naming its cause keeps that cause; an error that is no write failure is not turned into one."""
+    import errno
+
+    from cctl_rec.train.checkpoint import _write_failure
+
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    real = os.statvfs(tmp_path)
+
+    def disk(avail_blocks, flag=0):
+        monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((
+            4096, 4096, real.f_blocks, avail_blocks, avail_blocks, real.f_files, real.f_ffree, real.f_favail,
+            flag, real.f_namemax)))
+
+    disk((1 << 30) // 4096)                      # 1 GiB left
+    assert _write_failure(torch_says, str(tmp_path)) == errno.EIO
+    disk((64 << 20) // 4096)                     # exactly 64 MiB: still room for a checkpoint
+    assert _write_failure(torch_says, str(tmp_path)) == errno.EIO
+    disk((64 << 20) // 4096 - 1)                 # 4 KiB less
+    assert _write_failure(torch_says, str(tmp_path)) == errno.ENOSPC
+    disk((1 << 30) // 4096, os.ST_RDONLY)
+    assert _write_failure(torch_says, str(tmp_path)) == errno.EROFS
+    assert _write_failure(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), str(tmp_path)) == errno.EDQUOT
+    assert _write_failure(RuntimeError("size mismatch for tower.0.weight"), str(tmp_path)) is None
+
+
 def test_checkpoint_of_another_config_is_refused(tiny_data, tmp_path, capsys):
     assert _train(tiny_data, tmp_path / "r", 4) == 0
     rc = _train(tiny_data, tmp_path / "r", 8, "model.tower=[64,16]")

@@ -53,6 +53,31 @@ def test_evidence_table_lowers_a_group_only_when_it_does_worse_than_target_rows_
     assert ev0.group_weights()[0].item() == pytest.approx(math.exp(-1.0))
 
 
+def test_evidence_table_report_by_hand():
+    """The group table metrics.json reports: per (label, margin bin) the bin's margin range, the
+    source rows' count, mean and se, the target rows' (the reference) and the weight."""
+    ev = EvidenceTable([-1.0, 1.0], decay=0.0, t=2.0, strength=1.0)   # 3 bins per label
+    g = ev.groups(t(0, 0, 1, 1), t(-2.0, -3.0, 0.0, 0.5))
+    assert g.tolist() == [0, 0, 4, 4]
+    ev.update(g, t(-1.1, -0.9, 0.5, 0.7))
+    ev.update(torch.tensor([0, 0]), t(-0.25, -0.15), reference=True)
+    inf, se = float("inf"), math.sqrt(0.01 / 2)   # two rows 0.1 from their mean: var 0.01, se sqrt(var / 2)
+    want = [  # label, margin range, count, mean, se, target count, target mean, weight
+        (0, -inf, -1.0, 2.0, -1.0, se, 2.0, -0.2, math.exp(-0.8)),  # d = -0.8 < -2 * sqrt(se^2 + 0.0354^2)
+        (0, -1.0, 1.0, 0.0, 0.0, None, 0.0, -0.2, 1.0),  # no rows: the label's lowest target mean
+        (0, 1.0, inf, 0.0, 0.0, None, 0.0, -0.2, 1.0),
+        (1, -inf, -1.0, 0.0, 0.0, None, 0.0, 0.0, 1.0),  # no target row of label 1: 0
+        (1, -1.0, 1.0, 2.0, 0.6, se, 0.0, 0.0, 1.0),     # mean above 0: never lowered
+        (1, 1.0, inf, 0.0, 0.0, None, 0.0, 0.0, 1.0)]
+    rows = ev.table()
+    assert len(rows) == 6
+    for row, (lab, lo, hi, n, mean, s, tn, tmean, w) in zip(rows, want):
+        assert (row["label"], row["margin_lo"], row["margin_hi"], row["count"]) == (lab, lo, hi, n)
+        assert row["mean"] == pytest.approx(mean, abs=1e-6) and row["target_count"] == tn
+        assert (row["se"] is None) if s is None else row["se"] == pytest.approx(s, rel=1e-4)
+        assert row["target_mean"] == pytest.approx(tmean, abs=1e-6) and row["weight"] == pytest.approx(w, rel=1e-6)
+
+
 def test_evidence_table_decays_old_rows():
     ev = EvidenceTable([0.0], decay=0.5, t=0.0, strength=1.0)
     g = torch.tensor([0, 0])

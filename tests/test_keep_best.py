@@ -49,6 +49,21 @@ def test_the_best_valid_auc_checkpoint_is_kept_and_served(run, tiny_data, capsys
     assert json.loads((tmp_path / "m" / "serving.json").read_text())["step"] == best_step
 
 
+def test_a_resumed_run_starts_from_the_recorded_best(run, tmp_path):
+    """best_so_far as train() calls it, under the process group every run initialises (one rank
+    here): best.json's valid AUC, so a resumed run keeps a better best; None without a best."""
+    import torch.distributed as dist
+
+    from cctl_rec.distributed.env import init_distributed
+    from cctl_rec.train.best import best_so_far
+
+    init_distributed("cpu")  # what the run did (once per process)
+    assert dist.is_initialized() and dist.get_world_size() == 1
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best_so_far(str(run)) == best["valid_auc"]
+    assert best_so_far(str(tmp_path)) is None
+
+
 def test_keep_best_needs_eval_every(tiny_data, tmp_path, capsys):
     rc = main(["train", "--data", tiny_data, "--run-dir", str(tmp_path / "r"), "run.keep_best=true"])
     err = capsys.readouterr().err

@@ -57,3 +57,31 @@ def test_a_target_only_step_logs_zero_rows_of_each_kind():
     h = torch.tensor([True, False, False])
     stats = dict(zip(STAT_KEYS, local_stats(losses, 0.0, torch.tensor([0.2, 0.5, 0.8]), h)))
     assert (stats["n_clean"], stats["n_harmful"]) == (2.0, 1.0) and abs(stats["p_clean"] - 0.65) < 1e-6
+
+
+def test_a_resumed_run_reopens_the_log_window_its_checkpoint_cut():
+    """A checkpoint at step 2 of a 3-step log window keeps the window's 2 steps (trainer.json's
+    log_window); resuming at that step reopens it, so the log row of step 3 is the one an
+    uninterrupted run writes. Resumed at another step (another world size: the step is rescaled)
+    the cut window is not this run's and is dropped; the history and reward sum carry over."""
+    steps = [_stats(0.5, 0.6, 0.4, 1, 3), _stats(0.3, 0.2, 0.1, 2, 2), _stats(0.9, 0.7, 0.5, 4, 4)]
+    whole = RunLog(meta={}, start=0)
+    whole.add(steps[0])
+    first = whole.close_window(1, {})
+    for s in steps[1:]:
+        whole.add(s)
+    want = whole.close_window(3, {})
+    cut = RunLog(meta={}, start=0)
+    cut.add(steps[0])
+    cut.close_window(1, {})
+    cut.add(steps[1])
+    meta = {**cut.meta(), "step": 2}                         # trainer.json of the checkpoint at step 2
+    resumed = RunLog(meta, start=2)
+    resumed.add(steps[2])
+    assert resumed.close_window(3, {}) == want
+    assert resumed.history == [first, want] and resumed.reward_sum == whole.reward_sum
+    elsewhere = RunLog(meta, start=1)                        # e.g. 2 ranks' step 2 resumed on 4 ranks
+    elsewhere.add(steps[2])
+    row = elsewhere.close_window(3, {})
+    assert row["p_mean"] == 0.9 and elsewhere.history == [first, row]
+    assert elsewhere.reward_sum == whole.reward_sum

@@ -61,6 +61,18 @@ def test_presync_keeps_the_pure_network_training_left(tiny_data, tmp_path):
     assert any(not torch.equal(v, mixed["tower." + k[len("model/pure_tower."):]]) for k, v in before.items())
 
 
+def test_selector_statistics_score_the_first_rows_asked(tiny_data):
+    """metrics.json's selector statistics score the first ``rows`` source train rows: batches are
+    read until that many are seen, not one batch past them."""
+    from cctl_rec.train.loop import score_source
+    from cctl_rec.train.trainer import Trainer
+
+    cfg = load_config(None, [f"data.path={tiny_data}", *BASE, "data.eval_batch_size=512"])
+    t = Trainer(cfg)
+    for rows in (512, 1536):
+        assert score_source(t.module, t.ifn, t.data, cfg, t.rank, t.world, rows=rows)["rows"] == rows
+
+
 def test_every_selector_mode_is_one_row_of_the_table():
     """selector.mode's accepted values and the IFN's table of modes are the same set: a mode added
     to one and not the other fails here."""

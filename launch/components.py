@@ -128,7 +128,7 @@ def _finish(app: specs.AppDef, res: specs.Resource, mounts: List[Mount]) -> spec
     return app
 
 
-def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = "",
+def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = "", features: str = "",
           run_dir: str = "runs/cctl", j: str = "1x2", gpu: int = 0, h: Optional[str] = None, cpu: int = 0,
           memMB: int = 0, image: str = IMAGE, mounts: Optional[List[str]] = None, max_restarts: int = 0,
           max_retries: int = 0, rdzv_port: int = 29500, env: Optional[Dict[str, str]] = None) -> specs.AppDef:
@@ -142,7 +142,9 @@ def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = 
     Args:
         overrides: config overrides such as selector.alpha=0.5 scn.sync_every=1000
         config: YAML file under configs/
-        data: dataset root (overrides data.path in the config)
+        data: dataset root (overrides data.path in the config); with features, the raw logs' directory
+        features: feature config YAML: train on the raw Parquet logs under data, mapped once by rank 0
+            into run_dir/prepared/ (docs/features.md); needs a run_dir every rank sees
         run_dir: where config, sharding plan, TensorBoard events, checkpoints and metrics.json go
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 or 2x8; with GPUs at most one rank per GPU
         gpu: GPUs per node (0: CPU ranks with gloo); cpu and memMB follow (8 CPUs, 32 GiB per GPU)
@@ -160,7 +162,10 @@ def train(*overrides: str, config: str = "configs/cctl_small.yaml", data: str = 
     res = _resource(j, gpu, cpu, memMB, h, cpu_default=max(2, nproc), mem_default=4096 * max(2, nproc))
     mnts = _mounts(mounts)
     _on_mount("--run_dir", run_dir, mnts)
-    args = ["train", "--config", config, "--run-dir", run_dir] + (["--data", data] if data else []) + list(overrides)
+    if features and not data:
+        raise ValueError(f"--features {features} needs --data, the directory of the raw logs it maps")
+    args = ["train", "--config", config, "--run-dir", run_dir] + (["--data", data] if data else [])
+    args += (["--features", features] if features else []) + list(overrides)
     env = dict(env or {})
     if max_restarts < 0:
         raise ValueError(f"--max_restarts must be >= 0, got {max_restarts}")

@@ -5,6 +5,11 @@ config, the dataset (manifest checksums, schemas, id ranges and labels from the 
 rows for this many ranks), the device's sharding types and sparse optimizer, and the fingerprint
 of the checkpoint a rerun would resume from. A mistake found later (e.g. tables the planner
 cannot place) removes a run directory this command created, unless it holds a checkpoint.
+
+With ``--features F``, ``--data`` is your own raw two-domain Parquet logs: rank 0 maps them with
+the feature config (what ``cctl-rec prepare`` does) into RUN/prepared/<key>/ while the other ranks
+wait, and training reads that; a rerun or a resumed run on the same config and files reuses it, a
+changed config or changed files are mapped again (docs/features.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--data", default=None, help="dataset root (overrides data.path)")
     p.add_argument("--run-dir", required=True, help="where config, plan, TensorBoard and metrics go")
+    p.add_argument("--features", default=None,
+                   help="feature config YAML: --data is then your raw Parquet logs, mapped into RUN/prepared/ "
+                        "first (docs/features.md)")
+    p.add_argument("--prepare-timeout", type=float, default=3600.0,
+                   help="with --features: seconds ranks other than 0 wait for rank 0's mapping (default 3600)")
     p.add_argument("overrides", nargs="*", help="config overrides such as selector.alpha=0.5")
     p.set_defaults(func=run)
 
@@ -49,6 +59,16 @@ def env_world() -> tuple[int, int]:
 def preflight(cfg, run_dir: str) -> None:
     """Raises the first user mistake a training run of ``cfg`` into ``run_dir`` would hit."""
     from cctl_rec.data.loader import Dataset, check_dataset
+
+    check_setup(cfg, run_dir)
+    rank, world = env_world()
+    data = Dataset(cfg.data.path)
+    check_dataset(data, cfg, rank, world)
+    check_run_dir(run_dir, cfg, data)
+
+
+def check_setup(cfg, run_dir: str) -> None:
+    """The checks of ``preflight`` that need no dataset (made before ``--features`` maps the raw logs)."""
     from cctl_rec.distributed.env import resolve_device
     from cctl_rec.distributed.sharding import sharding_types
 
@@ -63,10 +83,6 @@ def preflight(cfg, run_dir: str) -> None:
     if cfg.optim.sparse_optimizer == "adam" and device.type != "cuda":
         raise ValueError("optim.sparse_optimizer=adam is not supported by fbgemm's CPU TBE; "
                          "use exact_rowwise_adagrad (default) on CPU")
-    rank, world = env_world()
-    data = Dataset(cfg.data.path)
-    check_dataset(data, cfg, rank, world)
-    check_run_dir(run_dir, cfg, data)
 
 
 def check_run_dir(run_dir: str, cfg, data) -> None:
@@ -102,9 +118,23 @@ def run(args: argparse.Namespace) -> int:
     from cctl_rec.train.loop import train
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    made = False
+    if getattr(args, "features", None):  # raw logs: mapped into RUN/prepared/<key>/ (rank 0), then read as a dataset
+        from cctl_rec.data.features.cache import ensure_prepared
+
+        if not args.data:
+            raise ValueError("--features needs --data, the directory of the raw logs the config's files are "
+                             "relative to")
+        check_setup(load_config(args.config, overrides), args.run_dir)
+        path, made = ensure_prepared(args.features, args.data, args.run_dir, env_world()[0], args.prepare_timeout)
+        overrides = list(args.overrides) + [f"data.path={path}"]
     cfg = load_config(args.config, overrides)
-    preflight(cfg, args.run_dir)
-    with _writer_lock(args.run_dir, cfg) as created:
+    try:
+        preflight(cfg, args.run_dir)
+    except (ValueError, TypeError, FileNotFoundError):
+        _remove_new_run_dir(args.run_dir, made)  # the mapping this command made goes with it
+        raise
+    with _writer_lock(args.run_dir, cfg, made) as created:
         try:
             m = train(cfg, args.run_dir)
         except PlannerError as e:
@@ -124,11 +154,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _writer_lock(run_dir: str, cfg) -> Iterator[bool]:
+def _writer_lock(run_dir: str, cfg, made: bool = False) -> Iterator[bool]:
     """Rank 0 makes the run directory and holds its lock for the run (a second ``train`` on it is
     refused at once), then checks the directory again under the lock: the run that held it may
     have written its checkpoint since ``preflight``. Yields whether this command created the
-    directory. Other ranks write only inside rank 0's run."""
+    directory (``made``: ``--features`` made it for the mapping). Other ranks write only inside
+    rank 0's run."""
     from cctl_rec.data.loader import Dataset
     from cctl_rec.storage import is_remote, list_names
     from cctl_rec.train.rundir import prepare_run_dir, run_dir_lock
@@ -137,11 +168,11 @@ def _writer_lock(run_dir: str, cfg) -> Iterator[bool]:
         yield False
         return
     if is_remote(run_dir):  # an object store has no lock (docs/storage.md): one writer is the launcher's to ensure
-        created = not list_names(run_dir)
+        created = made or not list_names(run_dir)
         prepare_run_dir(run_dir)
         yield created
         return
-    created = False
+    created = made
     try:
         os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
         os.mkdir(run_dir)

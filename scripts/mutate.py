@@ -40,6 +40,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,8 @@ import time
 import tokenize
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +86,7 @@ TEST_FILES = [  # the equation tests: each mutant of a critical file must be cau
 LIGHT_TEST_FILES = TEST_FILES + [
     "tests/test_trainer.py", "tests/test_train.py", "tests/test_checkpoint.py", "tests/test_evaluate.py",
     "tests/test_keep_best.py", "tests/test_attention_heads.py", "tests/test_runlog.py",
+    "tests/test_storage_rundir.py",   # checkpoints on a bucket (moto's S3 server on loopback)
 ]
 
 DIST_TESTS: dict[tuple[str, str], list[str]] = {
@@ -101,6 +105,18 @@ DIST_TESTS: dict[tuple[str, str], list[str]] = {
 }
 
 DIST_SET = {t for ts in DIST_TESTS.values() for t in ts}
+
+SLOW_TESTS: dict[tuple[str, str], list[str]] = {
+    # (file, function) -> slow in-process tests (left out of the coverage pass) for what only they run:
+    # a run killed and resumed, a run directory on a bucket, a store that fails a write
+    ("cctl_rec/train/loop.py", "train"):
+        ["tests/test_checkpoint.py::test_a_run_killed_inside_a_log_window_logs_what_an_uninterrupted_run_logs"],
+    ("cctl_rec/train/checkpoint.py", "save_checkpoint"):
+        ["tests/test_storage_rundir.py::test_a_checkpoint_the_store_fails_is_one_line_and_leaves_nothing",
+         "tests/test_storage_rundir.py::test_run_dir_on_s3_resumes_to_the_local_run"],
+    ("cctl_rec/train/checkpoint.py", "load_checkpoint"):
+        ["tests/test_checkpoint.py::test_resume_after_interruption_is_bitwise_the_same_run[bernoulli]"],
+}
 
 _ONE_RANK = "with one initialised rank the all-reduce is the identity: the same numbers either way"
 _DETACHED = ("autograd.grad is taken w.r.t. the tower's parameters (or layer outputs) only and the "
@@ -171,6 +187,52 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "mixed_tgt and pure_tgt get their optimizer and their sharding from one code path (apply_sparse_optimizer, "
         "one mirrored plan): both have a fused optimizer or neither",
 }
+_B_X_1 = "the output is B X 1 (2-D): squeeze(1) is squeeze(-1)"
+_TWO_D = "the tensor is 2-D (B X L scores, B X K weights): dim 1 is dim -1"
+_ONE_RANK_COLLECTIVE = ("with one rank the barrier returns at once and the broadcast / all-gather gives this "
+                        "rank's own value: the same either way (a run always has a process group, of 1 rank here)")
+EQUIVALENT.update({
+    # the light pass (the rest of train/ and modules/)
+    ("cctl_rec/modules/tower.py", "return self.net(x).squeeze(1)"): _B_X_1,
+    ("cctl_rec/modules/conet.py", 'return self.out[domain](a_t if domain == "tgt" else a_s).squeeze(1)'): _B_X_1,
+    ("cctl_rec/modules/heads.py", "return self.linear(x).squeeze(1)"): _B_X_1,
+    ("cctl_rec/modules/heads.py", "return (self.linear(x) + self.deep(x)).squeeze(1) + fm"): _B_X_1,
+    ("cctl_rec/modules/heads.py", "return self.linear(x).squeeze(1) + self.p((a * pairs).sum(1)).squeeze(-1)"):
+        _B_X_1,
+    ("cctl_rec/modules/heads.py", "return self.linear(x).squeeze(-1) + self.p((a * pairs).sum(1)).squeeze(1)"):
+        _B_X_1,
+    ("cctl_rec/modules/heads.py", "return h.squeeze(1)"): _B_X_1 + " (StarTower's last layer has width 1)",
+    ("cctl_rec/modules/heads.py", "return self.net(GradReverse.apply(x, 1.0)).squeeze(1)"): _B_X_1,
+    ("cctl_rec/modules/attention.py", "return torch.softmax(filled, dim=1) * mask.to(scores.dtype)"):
+        _TWO_D + " (its one caller passes ItemAttention's B X L scores)",
+    ("cctl_rec/modules/attention.py", "dim=1)"): _TWO_D + " (InterestAttention: K scores of B X 1 concatenated)",
+    ("cctl_rec/train/evidence.py",
+     "if dist.is_available() and dist.is_initialized() and dist.get_world_size() >= 1:"): _ONE_RANK,
+    ("cctl_rec/train/best.py", "if dist.is_initialized() and dist.get_world_size() >= 1:"): _ONE_RANK_COLLECTIVE,
+    ("cctl_rec/train/loop.py", "if world >= 1: # rank 0 made the run directory; then every rank logs into it"):
+        _ONE_RANK_COLLECTIVE,
+    ("cctl_rec/train/loop.py", "if world >= 1:"): _ONE_RANK_COLLECTIVE,
+    ("cctl_rec/train/checkpoint.py", "if world >= 1: # every rank writes into rank 0's temp directory"):
+        _ONE_RANK_COLLECTIVE,
+})
+_LABEL_HALF = "labels are 0/1 clicks: no label equals 0.5"
+_STRICTNESS = {"> -> >=", ">= -> >", "< -> <=", "<= -> <"}
+
+HARMLESS: dict[tuple[str, str], str] = {
+    # (file, the mutated line) -> why a surviving mutant that some input does tell apart changes no result
+    ("cctl_rec/train/loop.py", "exs = (step + step_last) * cfg.data.batch_size * world / (now - t_last)"):
+        "the log's examples per second of each window after the first (the first has step_last = 0): a timing "
+        "for people reading the log, no result reads it; tests check it is > 0 (speed itself is cctl-rec bench's)",
+    ("cctl_rec/train/trainer.py",
+     "torch.manual_seed(cfg.run.seed - 1000 + self.rank) # per-rank randomness (Bernoulli actions)"):
+        "another fixed seed for the per-rank draws, still one per rank and apart from the model's: runs stay "
+        "deterministic, with other draws; no test can prefer one seed to another",
+    ("cctl_rec/train/trainer.py",
+     "torch.manual_seed(cfg.run.seed + 1000 - self.rank) # per-rank randomness (Bernoulli actions)"):
+        "another fixed seed for the per-rank draws, still one per rank and apart from the model's: runs stay "
+        "deterministic, with other draws; no test can prefer one seed to another",
+}
+
 _REMOVED_ZERO_GRAD = ("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=False)")
 
 
@@ -184,7 +246,19 @@ def _equivalent(m: "Mutant") -> str:
     if m.new == "pass":
         return EQUIVALENT[("cctl_rec/train/ifn.py", "self.opt.zero_grad(set_to_none=True)")] \
             if (m.file, m.old) == _REMOVED_ZERO_GRAD else ""
+    if m.what in _STRICTNESS and re.search(r"labels?\b\S*\s*" + re.escape(m.text) + r"\s*0\.5\b", m.new):
+        return _LABEL_HALF
     return EQUIVALENT.get((m.file, m.new), "")
+
+
+def _verdict(m: "Mutant") -> tuple[str, str]:
+    """("equivalent" or "harmless", the reason) for a mutant that may survive; ("", "") otherwise.
+    No mutant of a critical function is ever harmless."""
+    eq = _equivalent(m)
+    if eq:
+        return "equivalent", eq
+    why = HARMLESS.get((m.file, m.new), "")
+    return ("harmless", why) if why and not is_critical(m) else ("", "")
 
 
 @dataclass
@@ -206,6 +280,7 @@ class Mutant:
     failed: str = ""
     seconds: float = 0.0
     reason: str = ""
+    verdict: str = ""         # "equivalent" or "harmless" when it survives (with its reason)
 
 
 # ----------------------------------------------------------------------------- generating mutants
@@ -477,6 +552,7 @@ class _Recorder:
         self.lines: dict[str, set[tuple[str, int]]] = {"<import>": set()}
         self.seconds: dict[str, float] = {}
         self.failed: list[str] = []
+        self.uses: dict[str, list[str]] = {}   # test -> the keys of the wider-scoped fixtures it uses
 
     def tracer(self, frame, event, arg):
         if frame.f_code.co_filename not in self.targets:
@@ -492,6 +568,32 @@ class _Recorder:
     def pytest_runtest_logstart(self, nodeid, location):
         self.current = nodeid
 
+    @staticmethod
+    def _fixture_key(scope: str, name: str, scope_id: str) -> str:
+        return f"<fixture {scope_id if scope in ('module', 'class') else scope}::{name}>"
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        """A module- (or class-, session-) scoped fixture runs once, inside the first test that
+        uses it: its lines go under the fixture (see ``uses``), so every test using it counts
+        (a mutant of a line only the fixture runs is tested by all of them, not by the first alone)."""
+        prev = self.current
+        if fixturedef.scope != "function":
+            self.current = self._fixture_key(fixturedef.scope, fixturedef.argname, request.node.nodeid)
+        yield
+        self.current = prev
+
+    def pytest_runtest_setup(self, item):
+        self.current = item.nodeid
+        keys = []
+        for name, defs in getattr(item, "_fixtureinfo").name2fixturedefs.items():
+            d = defs[-1]
+            if d.scope != "function":
+                parts = item.nodeid.split("::")
+                scope_id = parts[0] if d.scope == "module" else "::".join(parts[:2])
+                keys.append(self._fixture_key(d.scope, name, scope_id))
+        self.uses[item.nodeid] = keys
+
     def pytest_runtest_logreport(self, report):
         self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
         if report.failed:
@@ -500,6 +602,10 @@ class _Recorder:
     def pytest_runtest_logfinish(self, nodeid, location):
         self.current = "<between>"
 
+
+COVERAGE_FORMAT = 2
+"""Bumped when the coverage pass records differently (2: the lines of a wider-scoped fixture count for every
+test using it)."""
 
 TINY: Optional[str] = None
 
@@ -632,7 +738,7 @@ def coverage_pass(tree: str, test_files: list[str], targets: list[str], work: st
             assert cctl_rec.__file__.startswith(tree), f"the scratch copy is not the one imported: {cctl_rec.__file__}"
             with open(out, "w") as fh:
                 json.dump({"lines": {k: sorted((os.path.relpath(f, tree), ln) for f, ln in v)
-                                     for k, v in rec.lines.items()}, "seconds": rec.seconds,
+                                     for k, v in rec.lines.items()}, "seconds": rec.seconds, "uses": rec.uses,
                            "failed": rec.failed, "code": int(code), "fingerprint": fp,
                            "targets": sorted(targets)}, fh)
         except BaseException as e:  # noqa: BLE001  (report it; the parent reads the log)
@@ -778,7 +884,7 @@ def _run_queue(trees: list[str], queue: list, running: dict, sources: dict[str, 
             free.append(tree)
             m.seconds = time.monotonic() - t0
             m.failed = first_failure(log) if outcome == "killed" else ""
-            m.status = "equivalent" if outcome == "survived" and m.reason else outcome
+            m.status = m.verdict if outcome == "survived" and m.verdict else outcome
             if outcome == "killed":
                 os.remove(log)
             if journal:
@@ -877,7 +983,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         warm_imports(tree, test_files, TINY)
 
         code_fp, tests_fp = fingerprint(tree, test_files)
-        cov = coverage_pass(tree, test_files, files, work, args.reuse_coverage, f"{code_fp}-{tests_fp}")
+        cov = coverage_pass(tree, test_files, files, work, args.reuse_coverage,
+                            f"{code_fp}-{tests_fp}-{COVERAGE_FORMAT}")
         journal = os.path.join(work, "journal.jsonl")
         seen = {} if args.fresh else read_journal(journal)
         resumed = 0
@@ -887,9 +994,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         secs = {t: s for t, s in cov["seconds"].items() if t not in base_failed}
         by_line: dict[tuple[str, int], list[str]] = {}
         touching: dict[str, set[str]] = {}
-        for test, lines in cov["lines"].items():
-            if test not in secs:
-                continue
+        uses = cov.get("uses", {})
+        for test in secs:   # a test's own lines and those of the wider-scoped fixtures it uses
+            lines = [x for k in [test, *uses.get(test, ())] for x in cov["lines"].get(k, ())]
             for fpath, ln in lines:
                 rel = fpath
                 by_line.setdefault((rel, ln), []).append(test)
@@ -901,29 +1008,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             if m.status == "invalid":
                 continue
             rec = seen.get(journal_key(m, sources))
+            verdict, why = _verdict(m)
+            survived = rec is not None and rec["status"] in ("survived", "equivalent", "harmless")
             if rec is not None and (rec["status"] == "killed" or (rec["status"] == "timeout" and not args.retry_timeouts)
-                                    or (not args.retry_survivors and (rec["status"] == "equivalent" and _equivalent(m)
-                                                                      or rec["status"] == "survived"
-                                                                      and rec["tests_fp"] == tests_fp))):
+                                    or (not args.retry_survivors and survived and (
+                                        verdict == "equivalent"     # no test can tell it apart: not run again
+                                        or rec["tests_fp"] == tests_fp))):
                 m.status, m.failed, m.seconds, m.tests = rec["status"], rec["failed"], rec["seconds"], rec["tests"]
-                m.reason = _equivalent(m)
-                if m.status in ("survived", "equivalent"):   # EQUIVALENT may have gained (or lost) its line
-                    m.status = "equivalent" if m.reason else "survived"
+                m.verdict, m.reason = verdict, why
+                if survived:   # EQUIVALENT / HARMLESS may have gained (or lost) its line
+                    m.status = verdict or "survived"
                 resumed += 1
                 continue
-            eq = _equivalent(m)
-            m.reason = eq or ""
+            m.verdict, m.reason = verdict, why
             lines = range(m.body[0], m.body[1] + 1) if m.body else [m.line]
             tests = sorted({t for ln in lines for t in by_line.get((m.file, ln), [])}, key=lambda t: secs[t])
             if m.at_import or (not tests and (m.file, m.line) in import_lines):
                 tests = sorted(touching.get(m.file, ()), key=lambda t: secs[t])
             dist = []
-            for (f, fn), ts in DIST_TESTS.items():
+            for (f, fn), ts in [*DIST_TESTS.items(), *SLOW_TESTS.items()]:
                 if f == m.file and (m.func == fn or m.func.startswith(fn + ".")):
-                    dist = [t for t in ts if os.path.exists(os.path.join(tree, t.split("::")[0]))]
+                    dist += [t for t in ts if os.path.exists(os.path.join(tree, t.split("::")[0]))]
             m.tests = tests + dist
             if not m.tests:
-                m.status = "equivalent" if eq else "uncovered"
+                m.status = "equivalent" if verdict == "equivalent" else "uncovered"
             else:
                 todo.append((i, m, 60.0 + 10 * sum(secs.get(t, 0.0) for t in tests) + 300.0 * len(dist)))
         if resumed:
@@ -941,13 +1049,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(args.out, "w") as fh:
         json.dump({"wall_s": wall, "files": files, "mutants": [asdict(m) for m in mutants]}, fh, indent=1)
     print(f"\n{'file':40s} {'mutants':>7s} {'killed':>6s} {'timeout':>7s} {'survived':>8s} {'uncovered':>9s} "
-          f"{'equiv.':>6s} {'invalid':>7s}")
+          f"{'equiv.':>6s} {'harmless':>8s} {'invalid':>7s} {'not run':>7s}")
     for f in files:
         ms = [m for m in mutants if m.file == f]
         c = {s: sum(m.status == s for m in ms) for s in ("killed", "timeout", "survived", "uncovered", "equivalent",
-                                                          "invalid")}
+                                                          "harmless", "invalid", "")}
         print(f"{f:40s} {len(ms):7d} {c['killed']:6d} {c['timeout']:7d} {c['survived']:8d} {c['uncovered']:9d} "
-              f"{c['equivalent']:6d} {c['invalid']:7d}")
+              f"{c['equivalent']:6d} {c['harmless']:8d} {c['invalid']:7d} {c['']:7d}")
+    for m in mutants:
+        if m.status == "harmless":
+            print(f"harmless: {m.file}:{m.line} [{m.func}] {m.what}: {m.new}  ({m.reason})")
     bad = [m for m in mutants if m.status in ("survived", "uncovered")]
     for m in bad:
         print(f"{'CRITICAL ' if is_critical(m) else ''}{m.status}: {m.file}:{m.line} [{m.func}] {m.what}: {m.new}")

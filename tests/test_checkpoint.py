@@ -39,6 +39,27 @@ def test_resume_after_interruption_is_bitwise_the_same_run(tiny_data, tmp_path, 
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-00000005", "step-00000014"]
 
 
+@pytest.mark.slow  # three training runs
+def test_a_run_killed_inside_a_log_window_logs_what_an_uninterrupted_run_logs(tiny_data, tmp_path):
+    """Killed after the checkpoint of step 3, inside the log window of steps 1-4: the resumed run
+    reopens that window (the run log's sums and the CTR metrics' rows, from trainer.json), so its
+    history is the uninterrupted run's, every float equal (but the timing, ex_per_s)."""
+    assert _train(tiny_data, tmp_path / "full", 10) == 0
+    assert _train(tiny_data, tmp_path / "cut", 5, "run.checkpoint_every=3") == 0
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000005")    # "killed" after step 3's checkpoint
+    os.remove(tmp_path / "cut" / "metrics.json")
+    assert _train(tiny_data, tmp_path / "cut", 10, "run.checkpoint_every=3") == 0
+
+    def history(run):
+        return [{k: v for k, v in row.items() if k != "ex_per_s"}
+                for row in json.loads((run / "metrics.json").read_text())["history"]]
+
+    full, cut = history(tmp_path / "full"), history(tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["resumed_from_step"] == 3
+    assert [r["step"] for r in cut] == [4, 8, 10] and {"train_auc", "loss_mixed"} <= set(cut[0])
+    assert cut == full
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one_used(tiny_data, tmp_path):
     assert _train(tiny_data, tmp_path / "r", 6) == 0
     half = tmp_path / "r" / "checkpoints" / ".step-00000009.tmp"

@@ -128,3 +128,29 @@ def test_run_dir_on_s3_resumes_to_the_local_run(s3, tiny_data, tmp_path, capsys)
     got, want = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("s3-latest", "local-latest"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((tmp_path / "s3-best" / "serving.json").read_text())["step"] == best["step"]
+
+
+@pytest.mark.slow  # a short training run on the bucket (in process)
+@pytest.mark.parametrize("error, rc", [(OSError("We encountered an internal error. Please try again."), 1),
+                                       (PermissionError("Access Denied"), 2)], ids=["store-failed", "refused"])
+def test_a_checkpoint_the_store_fails_is_one_line_and_leaves_nothing(s3, tiny_data, capsys, monkeypatch, error, rc):
+    """The bucket fails (s3fs: an OSError without errno) or refuses (PermissionError) the checkpoint's
+    marker: one line naming the store's message and the checkpoint, exit 1 for a failing store (EIO)
+    and 2 for a refusal (EACCES, the user's to fix); the step's objects are removed."""
+    from cctl_rec import storage
+
+    write = storage.write_object
+
+    def failing(url, data):
+        if url.endswith("/trainer.json"):
+            raise error
+        write(url, data)
+
+    monkeypatch.setattr(storage, "write_object", failing)
+    capsys.readouterr()
+    got = main(["train", "--data", tiny_data, "--run-dir", "s3://cctl/fail", *BASE, "run.steps=3"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]   # (the log lines too)
+    assert got == rc and len(err) == 1 and err[0].startswith("cctl-rec train: error: "), err
+    assert f"{error} while writing checkpoint s3://cctl/fail/checkpoints/step-00000003; it was not written, the " \
+           "previous checkpoints are intact" in err[0], err
+    assert _keys("fail/checkpoints/") == []

@@ -38,10 +38,14 @@ def test_train_is_deterministic(tiny_data, tmp_path):
     assert a["target_test"] == b["target_test"] and a["selector"] == b["selector"]
 
 
-@pytest.mark.parametrize("mode", ["fixed", "oracle", "supervised", "influence"])
+@pytest.mark.parametrize("mode", ["fixed", "oracle", "supervised", "influence",
+                                  "influence selector.influence_target=train_batch scn.reward_source=train_batch"])
 def test_selector_modes_run(tiny_data, tmp_path, mode):
-    assert _train(tiny_data, tmp_path / mode, "run.steps=6", f"selector.mode={mode}",
-                  "scn.reward_source=heldout_batch") == 0
+    """Each mode trains; the influence mode against a held-out batch (the default) and against the
+    step's own target rows (train_batch, with the reward from them too: no held-out stream at all)."""
+    name, *extra = mode.split()
+    assert _train(tiny_data, tmp_path / "run", "run.steps=6", f"selector.mode={name}",
+                  "scn.reward_source=heldout_batch", *extra) == 0
 
 
 def test_dnn_baseline_has_no_source_parts(tiny_data, tmp_path):

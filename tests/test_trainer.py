@@ -3,6 +3,7 @@ network, and what the sync overwrote is kept so a longer rerun continues the sam
 (tests/test_checkpoint.py pins that bitwise)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -28,9 +29,15 @@ def test_last_checkpoint_holds_the_synced_pure_network(tiny_data, tmp_path, step
     """5 steps, k=3: the sync at step 3, then the last sync; 6 steps: step 6 synced already, no
     sync is added (and none counted)."""
     run = tmp_path / "run"
+    t0 = time.perf_counter()
     assert main(["train", "--data", tiny_data, "--run-dir", str(run), *BASE, f"run.steps={steps}"]) == 0
+    wall = time.perf_counter() - t0
     m = json.loads((run / "metrics.json").read_text())
     assert m["syncs"] == syncs
+    # the timings metrics.json reports: the training loop's seconds (within the call), its rows per second
+    assert 0 < m["train_seconds"] < wall
+    assert m["train_samples_per_s"] == pytest.approx(steps * 128 / m["train_seconds"], rel=1e-9)
+    assert all(row["ex_per_s"] > 0 for row in m["history"])
     ckpt = run / "checkpoints" / f"step-{steps:08d}"
     meta = json.loads((ckpt / "trainer.json").read_text())
     assert meta["final"] is True and meta["syncs"] == syncs

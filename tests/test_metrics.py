@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cctl_rec.metrics import BinaryMetrics, GroupMetrics, UserAUC
+from cctl_rec.metrics import BinaryMetrics, GroupMetrics, UserAUC, WindowMetrics
 
 
 def _data(n=400, seed=0):
@@ -108,9 +108,51 @@ def test_one_label_class_leaves_ne_and_calibration_undefined():
 
 
 def test_tied_scores_keep_the_exact_auc():
-    m = BinaryMetrics()  # torchrec 1.8's AUCMetric says 0.25 here (argsort order); the metric is 0.5
-    m.update(torch.zeros(4), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    """Four rows all scored 0.5, labels 0, 1, 0, 1: every positive-negative pair tied, AUC 0.5.
+    torchrec 1.8's own AUCMetric says 0.25 (ties ranked in argsort order): the day it says 0.5, the
+    first assert fails and ExactAUCMetric can go."""
+    from torchrec.metrics.auc import AUCMetric
+
+    from cctl_rec.metrics import _TASK
+
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    theirs = AUCMetric(world_size=1, my_rank=0, batch_size=4, tasks=[_TASK])
+    theirs.update(predictions={"tgt": torch.full((4,), 0.5)}, labels={"tgt": y}, weights={"tgt": torch.ones(4)})
+    assert float(theirs.compute()["auc-tgt|window_auc"]) == 0.25
+    m = BinaryMetrics()
+    m.update(torch.zeros(4), y)
     assert m.compute()["auc"] == 0.5
+
+
+def test_four_rows_by_hand():
+    """p = 0.8, 0.4, 0.6, 0.6 with labels 1, 0, 0, 1 (logits log(p / (1 - p))), users a, a, b, b (+ c):
+    CTR = 2/4 = 0.5; calibration = (0.8 + 0.4 + 0.6 + 0.6) / 2 = 1.2;
+    logloss = -(ln 0.8 + ln 0.6 + ln 0.4 + ln 0.6) / 4 = 2.161086 / 4 = 0.540272;
+    NE = logloss / entropy(0.5) = 0.540272 / ln 2 = 0.779447;
+    AUC: pairs (0.8, 0.4) 1, (0.8, 0.6) 1, (0.6, 0.4) 1, (0.6, 0.6) 1/2 -> 3.5 / 4 = 0.875;
+    GAUC: user a (0.8 vs 0.4) 1.0, user b (0.6 vs 0.6, one tie) has equal scores and is left out, user c
+    (0.3 and 0.2, negatives only) too -> 1.0 over 1 user; with b's negative scored 0.7 instead, b's
+    AUC is 0 -> (1 + 0) / 2 = 0.5 over 2 users."""
+    p = torch.tensor([0.8, 0.4, 0.6, 0.6, 0.3, 0.2], dtype=torch.float64)
+    z, y = torch.log(p / (1 - p)).float(), torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    m = BinaryMetrics()
+    m.update(z[:4], y[:4])
+    got = m.compute()
+    assert got["ctr"] == 0.5
+    assert got["calibration"] == pytest.approx(1.2, rel=1e-6)
+    assert got["logloss"] == pytest.approx(0.540272, abs=1e-6)
+    assert got["ne"] == pytest.approx(0.779447, abs=1e-6)
+    assert got["auc"] == 0.875
+    w = WindowMetrics()  # the training window: the same numbers under train_ keys
+    w.update(z[:2], y[:2])
+    w.update(z[2:4], y[2:4])
+    assert w.compute() == pytest.approx({"train_" + k: v for k, v in got.items()}, rel=1e-6)
+    u = UserAUC()
+    u.update(z, y, torch.tensor([1, 1, 2, 2, 3, 3]))
+    assert u.compute() == {"gauc": 1.0, "gauc_users": 1}
+    u = UserAUC()
+    u.update(z.clone().index_fill_(0, torch.tensor([2]), math.log(0.7 / 0.3)), y, torch.tensor([1, 1, 2, 2, 3, 3]))
+    assert u.compute() == {"gauc": 0.5, "gauc_users": 2}
 
 
 @pytest.mark.parametrize("chunk", [1 << 22, 7])  # one chunk; chunks of a few users each
@@ -185,3 +227,121 @@ def test_window_metrics_score_each_window_alone():
     assert one_class.compute() | {"train_logloss": 0} == {"train_auc": None, "train_logloss": 0, "train_ne": None,
                                                           "train_calibration": None, "train_ctr": 0.0}
     assert all(v is None for v in WindowMetrics().compute().values())
+
+
+def test_window_metrics_carried_by_a_checkpoint_give_the_same_numbers_bitwise():
+    """A kill between two log lines: the window's rows go into the checkpoint (:meth:`state`) and the
+    resumed run's log line equals the uninterrupted one's bit for bit (and the next window too)."""
+    z, y, _ = _data(n=640, seed=12)
+    full = WindowMetrics()
+    for lo in range(0, 320, 64):
+        full.update(z[lo:lo + 64], y[lo:lo + 64])
+    cut = WindowMetrics()
+    for lo in range(0, 192, 64):  # killed after 3 of the window's 5 steps
+        cut.update(z[lo:lo + 64], y[lo:lo + 64])
+    resumed = WindowMetrics.restore(cut.state())
+    for lo in range(192, 320, 64):
+        resumed.update(z[lo:lo + 64], y[lo:lo + 64])
+    assert resumed.compute() == full.compute()
+    for w in (full, resumed):  # the next window: its own rows only
+        for lo in range(320, 640, 64):
+            w.update(z[lo:lo + 64], y[lo:lo + 64])
+    assert resumed.compute() == full.compute() == pytest.approx(
+        {"train_" + k: v for k, v in _whole(z[320:], y[320:]).items()}, rel=1e-5)
+    assert WindowMetrics().state() is None and all(v is None for v in WindowMetrics.restore(None).compute().values())
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                "broadcast_object_list", "barrier", "reduce_scatter", "gather", "scatter")
+
+
+def _count_collectives():
+    """Wraps torch.distributed's collectives in this process; returns the {name: calls} dict they fill."""
+    import torch.distributed as dist
+
+    calls = {}
+    for name in _COLLECTIVES:
+        orig = getattr(dist, name)
+
+        def counted(*a, _orig=orig, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _orig(*a, **k)
+        setattr(dist, name, counted)
+    return calls
+
+
+def _two_ranks_window(rank, world):
+    """Each rank trains 2 windows of 4 steps x 32 rows on its own rows; collectives counted."""
+    z, y, _ = _data(n=512, seed=13)
+    calls = _count_collectives()
+    w = WindowMetrics()  # building it is counted too
+    out, during_updates, per_compute = [], [], []
+    for win in range(2):
+        for step in range(4):
+            lo = (win * 4 + step) * 64 + rank * 32  # step rows: rank 0 the first 32, rank 1 the next 32
+            w.update(z[lo:lo + 32], y[lo:lo + 32])
+        during_updates.append(sum(calls.values()))
+        out.append(w.compute())
+        per_compute.append(sum(calls.values()) - during_updates[-1])
+        calls.clear()
+    return out, during_updates, per_compute
+
+
+@pytest.mark.dist
+def test_window_metrics_reduce_across_ranks_only_when_computed():
+    """2 ranks == 1 rank over the union of both ranks' rows, window by window; no collective while
+    steps are added (only compute(), i.e. once per log line, talks to the other rank)."""
+    from tests.dist_harness import run_distributed
+
+    (a, a_upd, a_cmp), (b, _, _) = run_distributed(_two_ranks_window, 2)
+    assert a == b
+    assert a_upd == [0, 0]  # no collective in 4 steps of update()
+    assert a_cmp[0] == a_cmp[1] > 0
+    z, y, _ = _data(n=512, seed=13)
+    for win in range(2):
+        rows = slice(win * 256, (win + 1) * 256)
+        want = {"train_" + k: v for k, v in _whole(z[rows], y[rows]).items()}
+        assert a[win] == pytest.approx(want, rel=1e-5), win
+        assert a[win]["train_auc"] == _whole(z[rows], y[rows])["auc"]  # the same rows, the same exact AUC
+    print(f"collectives per WindowMetrics.compute() on 2 ranks: {a_cmp[0]}")
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing in the run catches it."""
+
+
+@pytest.mark.slow  # three 1-process training runs
+def test_a_resumed_run_logs_the_uninterrupted_runs_history_bitwise(tiny_data, tmp_path, monkeypatch):
+    """Killed in step 7 of 14 (log_every=4, checkpoint_every=3): the checkpoint of step 6 carries the
+    open window (steps 5 and 6), and every logged training metric comes back bit for bit."""
+    import json
+
+    from cctl_rec.cli import main
+    from cctl_rec.train.trainer import Trainer
+
+    base = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.log_every=4",
+            "scn.sync_every=6", "selector.update_every=4", "run.max_eval_rows=256", "run.steps=14",
+            "run.checkpoint_every=3"]
+
+    def train(run):
+        assert main(["train", "--data", tiny_data, "--run-dir", str(tmp_path / run), *base]) == 0
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        return [{k: v for k, v in row.items() if k != "ex_per_s"} for row in m["history"]], m
+
+    full, _ = train("full")
+    step = Trainer.step
+
+    def killed_at_7(self, batch, n):
+        if n == 7:
+            raise _Killed
+        return step(self, batch, n)
+
+    monkeypatch.setattr(Trainer, "step", killed_at_7)
+    with pytest.raises(_Killed):
+        train("cut")
+    monkeypatch.setattr(Trainer, "step", step)
+    cut, m = train("cut")
+    assert m["resumed_from_step"] == 6
+    assert [r["step"] for r in full] == [4, 8, 12, 14]
+    assert cut == full
+    assert all(r["train_auc"] is not None and r["train_ne"] > 0 for r in full)

@@ -225,9 +225,10 @@ def _log_row(row: dict[str, Any], writer: Any, p: Optional[torch.Tensor], with_s
     """One grep-friendly log line, and the row (and the selector's p histogram) into TensorBoard;
     a target-only model writes none of the :data:`CCTL_ONLY` tags."""
     logger.info("step=%d loss=%.4f loss_pure=%.4f reward=%.5f p_mean=%.3f p_clean=%.3f p_harm=%.3f "
-                "ren=%.4f ex/s=%.1fk%s", row["step"], row["loss_mixed"], row["loss_pure"], row["reward"],
-                row["p_mean"], row["p_clean"], row["p_harmful"], row["loss_ren"], row["ex_per_s"] / 1e3,
-                f" auc/valid={fmt(row['valid_auc'])}" if "valid_auc" in row else "")
+                "ren=%.4f ex/s=%.1fk auc/train=%s ne/train=%s cal/train=%s%s", row["step"], row["loss_mixed"],
+                row["loss_pure"], row["reward"], row["p_mean"], row["p_clean"], row["p_harmful"], row["loss_ren"],
+                row["ex_per_s"] / 1e3, fmt(row.get("train_auc")), fmt(row.get("train_ne")),
+                fmt(row.get("train_calibration")), f" auc/valid={fmt(row['valid_auc'])}" if "valid_auc" in row else "")
     if writer:
         step = row["step"]
         for k, v in row.items():

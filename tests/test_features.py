@@ -624,3 +624,75 @@ def test_a_binned_dense_feature_reaches_the_towers(tmp_path):
                      "data.epochs=2", "model.tower=[32,16]", "run.log_every=50"]) == 0
         aucs[bins] = json.loads(open(os.path.join(run, "metrics.json")).read())["target_test"]["auc"]
     assert aucs[16] > 0.8 and aucs[0] > 0.8 and aucs[None] < 0.6, aucs
+
+
+# ------------------------------------------------------------------------------------ ren pairs
+REN_FEATURES = (TINY_FEATURES
+                .replace("{name: user_id, column: uid, space: user, token: user, dtype: int64}",
+                         "{name: buyer, column: uid, space: user, token: user, dtype: int64}")
+                .replace("{name: user_id, column: uid, space: user, token: user}", "{name: viewer, column: uid, "
+                                                                                    "space: user, token: user}")
+                .replace("{name: item_id, column: iid, space: item, token: item}\n      - {name: category, space: "
+                         "category, token: item}\n      - {name: price, kind: dense",
+                         "{name: iid, space: item, token: item}\n      - {name: category, space: category, token: "
+                         "item}\n      - {name: price, kind: dense")
+                .replace("{name: seq, column: hist, kind: id_list, space: item}",
+                         "{name: hist, kind: id_list, space: item, token: user}")
+                + "ren:\n  user: {tgt: buyer, src: viewer}\n  item: {tgt: iid, src: item_id}\n"
+                  "  seq: {tgt: hist, src: hist}\n")
+
+
+def test_declared_ren_pairs_are_the_dataset_of_the_role_names(prepared, raw_tiny, tmp_path):
+    """A ``ren`` block naming each domain's user, item and sequence features (other names per
+    domain, raw columns as before) prepares byte for byte the dataset that naming them user_id,
+    item_id and seq does: shards, vocabularies, the resolved config in features.json (but for the
+    token 'hist' must state and seq defaults); the manifests differ only in the config they record."""
+    assert "buyer" in REN_FEATURES and "viewer" in REN_FEATURES and "name: iid" in REN_FEATURES
+    spec = load_features(_write(tmp_path, REN_FEATURES, "ren.yaml"))
+    assert [(f.name, f.source_column) for f in spec.domains.tgt.features][:4] == [
+        ("user_id", "uid"), ("city", "city"), ("seq", "hist"), ("item_id", "iid")]
+    _, base = prepared
+    out = str(tmp_path / "ren")
+    assert main(["prepare", "--features", str(tmp_path / "ren.yaml"), "--data", raw_tiny, "--out", out,
+                 "--shard-rows", "1500"]) == 0
+    files = {}
+    for root in (base, out):
+        files[root] = {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+                       for d, _, names in os.walk(root) for n in names}
+    m0, m1 = (json.loads(files[r].pop("manifest.json")) for r in (base, out))
+    f0, f1 = (json.loads(files[r].pop("features/features.json")) for r in (base, out))
+    assert files[base] == files[out]  # every shard and vocabulary
+    for f in (x for c in (f0, f1) for d in ("tgt", "src") for x in c["config"]["domains"][d]["features"]):
+        f["token"] = f["token"] or "user"  # seq's default token; the renamed 'hist' has to say it
+    assert f0 == f1
+    assert m0.pop("params")["features"] != m1.pop("params")["features"]
+    for m in (m0, m1):
+        m.pop("preset"), m.pop("feature_map")  # the config's name; features.json's sha256 (the token, above)
+    assert m0 == m1
+
+
+@pytest.mark.parametrize("ren, msg", [
+    ("ren: {user: {tgt: buyer, src: gender}}",
+     "ren.user: domains.tgt feature 'buyer' uses space 'user' but domains.src feature 'gender' uses space 'gender'; "
+     "REN compares a target user's embedding with the same user's in the source table, so the pair must name one "
+     "space"),
+    ("ren: {user: {tgt: buyer, src: nobody}}", "ren.user.src: domains.src.features has no feature 'nobody'; expected "
+                                               "one of ['viewer', 'gender'"),
+    ("ren: {seq: {tgt: category, src: seq}}", "ren.seq.tgt: feature 'category' is kind id; REN's seq term pairs the "
+                                              "behaviour sequence (kind id_list)"),
+    ("ren: {item: {tgt: category, src: category}}", "ren.item.tgt: names 'category' as REN's item but "
+                                                    "domains.tgt.features also declares 'item_id'; expected one item "
+                                                    "feature per domain"),
+    ("ren: {user: {tgt: buyer, src: viewer}, users: {}}", "unknown config key 'ren.users'"),
+    ("ren: {user: {tgt: buyer}}", "a ren pair lacks the required key(s) src"),
+])
+def test_a_ren_pair_is_validated(tmp_path, ren, msg):
+    text = TINY_FEATURES.replace("{name: user_id, column: uid, space: user, token: user, dtype: int64}",
+                                 "{name: buyer, column: uid, space: user, token: user, dtype: int64}").replace(
+        "{name: user_id, column: uid, space: user, token: user}", "{name: viewer, column: uid, space: user, "
+                                                                  "token: user}") + ren + "\n"
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError) as e:
+        load_features(path)
+    assert str(e.value).startswith(f"features file {path}: ") and msg in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)

@@ -30,7 +30,9 @@ Rules the model imposes (checked here, one line each):
   of ids is pooled (``pooling``: mean or sum) in its space's table; the ``id_list`` features of one
   space in a domain share that table and so one pooling;
 - REN pairs the domains' ``user_id``, ``item_id`` and sequences, and looks target ids up in the
-  source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space;
+  source tables: the two domains' ``user_id`` (and ``item_id``) name ONE space; a top-level
+  ``ren: {user: {tgt: buyer, src: viewer}, item: ..., seq: ...}`` names the features playing those
+  roles instead (renamed to user_id / item_id / seq, raw columns kept; a pair of two spaces refused);
 - a feature of the same name, token and space in both domains is an attribute the mixed network
   shares (``model.share_attributes``), or, with a top-level ``share: [city, ...]``, exactly those
   listed (``[]``: none; checked: both domains, one table, no ID feature);
@@ -50,6 +52,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -241,6 +244,29 @@ class DomainsSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RenPair:
+    tgt: str
+    """The target feature playing the role."""
+    src: str
+    """The source feature playing the role."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenSpec:
+    """Which feature of each domain plays each of REN's three roles (Eq. 10-12: the same user's
+    and the same item's ID embeddings in the two domains' tables, and the user's behaviour
+    sequences). A role not listed is played by the feature named after it (user_id, item_id, seq)."""
+
+    user: Optional[RenPair] = None
+    item: Optional[RenPair] = None
+    seq: Optional[RenPair] = None
+
+
+REN_ROLES = {"user": ("user_id", "id"), "item": ("item_id", "id"), "seq": ("seq", "id_list")}
+"""``ren`` role -> (the feature name it becomes in the dataset, the kind it needs)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class FeatureConfig:
     spaces: tuple[SpaceSpec, ...]
     domains: DomainsSpec
@@ -254,8 +280,15 @@ class FeatureConfig:
     (``model.share_ids`` shares them); ``context`` also names the constant context feature
     prepare adds when neither domain declares a context-token feature. Absent: every feature that
     meets those conditions (the rule of converted and synthetic data); ``[]``: none."""
+    ren: Optional[RenSpec] = None
+    """Which feature of each domain REN pairs as the user, the item and the behaviour sequence
+    (``{user: {tgt: buyer, src: viewer}, ...}``); each pair must name one space. The named features
+    become ``user_id`` / ``item_id`` / ``seq`` in the dataset (their raw columns unchanged), so a
+    declared pair is the same dataset as naming the features so. Absent: the features of those names."""
 
     def __post_init__(self) -> None:
+        if self.ren is not None:
+            object.__setattr__(self, "domains", self._ren_domains())
         names = [s.name for s in self.spaces]
         _check(len(set(names)) == len(names), f"spaces: a name is used twice: {names}")
         _check(0 < self.max_seq_len <= 4096, f"max_seq_len must be in [1, 4096], got {self.max_seq_len}")
@@ -318,6 +351,38 @@ class FeatureConfig:
                       if f.space == name and f.dtype != "auto"}
             _check(len(dtypes) <= 1, f"space {name!r}: its features declare different dtypes {sorted(dtypes)}; "
                                      f"expected one (the ids of a space are one type)")
+
+    def _ren_domains(self) -> DomainsSpec:
+        """The domains with each ``ren`` pair's features renamed to their role (``column`` kept)."""
+        assert self.ren is not None
+        doms = {"tgt": list(self.domains.tgt.features), "src": list(self.domains.src.features)}
+        for role, (target, kind) in REN_ROLES.items():
+            pair = getattr(self.ren, role)
+            if pair is None:
+                continue
+            found = {}
+            for d in ("tgt", "src"):
+                where = f"ren.{role}.{d}"
+                name = getattr(pair, d)
+                names = [f.name for f in doms[d]]
+                _check(name in names, f"{where}: domains.{d}.features has no feature {name!r}; expected one of {names}")
+                f = doms[d][names.index(name)]
+                _check(f.kind == kind, f"{where}: feature {name!r} is kind {f.kind}; REN's {role} term pairs "
+                                       f"{'one id per row' if kind == 'id' else 'the behaviour sequence'} (kind {kind})")
+                _check(name == target or target not in names,
+                       f"{where}: names {name!r} as REN's {role} but domains.{d}.features also declares {target!r}; "
+                       f"expected one {role} feature per domain (rename or remove {target!r})")
+                found[d] = f
+            a, b = found["tgt"], found["src"]
+            _check(a.space == b.space,
+                   f"ren.{role}: domains.tgt feature {a.name!r} uses space {a.space!r} but domains.src feature "
+                   f"{b.name!r} uses space {b.space!r}; REN compares a target {role}'s embedding with the same "
+                   f"{role}'s in the source table, so the pair must name one space")
+            for d, f in found.items():
+                i = [x.name for x in doms[d]].index(f.name)
+                doms[d][i] = dataclasses.replace(f, name=target, column=f.source_column)
+        return DomainsSpec(tgt=dataclasses.replace(self.domains.tgt, features=tuple(doms["tgt"])),
+                           src=dataclasses.replace(self.domains.src, features=tuple(doms["src"])))
 
     def _check_share(self) -> None:
         if self.share is None:
@@ -389,4 +454,4 @@ def load_features(path: str) -> FeatureConfig:
 
 _MISSING = re.compile(r"(\w+)\.__init__\(\) missing \d+ required keyword-only arguments?: (.+)")
 _SECTIONS = {"FeatureConfig": "the top level", "DomainsSpec": "domains", "SpaceSpec": "a spaces[] entry",
-             "HashSpec": "a hash mapping", "FeatureSpec": "a features[] entry", "OtherSeqSpec": "other_seq"}
+             "HashSpec": "a hash mapping", "RenPair": "a ren pair", "FeatureSpec": "a features[] entry", "OtherSeqSpec": "other_seq"}

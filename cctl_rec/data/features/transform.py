@@ -259,6 +259,7 @@ class FeatureMap:
         config = to_dict(self.spec)
         if config["share"] is None:  # absent without ``share``: earlier features.json stay byte for byte
             del config["share"]
+        del config["ren"]  # resolved: its pairs are the features named user_id / item_id / seq
         return {"format": FORMAT, "config": config, "spaces": spaces, "dense": dense}
 
     @staticmethod

@@ -88,7 +88,7 @@ PATH_OPTIONS = {"out": "--out", "data": "--data", "run_dir": "--run-dir", "model
 """Options that name a file or directory: each is checked by ``storage.check_location`` first."""
 REMOTE_OK = {("datagen", "out"), ("convert", "out"), ("prepare", "out"), ("train", "data"), ("train", "run_dir"),
              ("evaluate", "data"), ("evaluate", "run_dir"), ("predict", "data"), ("predict", "out"),
-             ("predict", "model"), ("export", "out"), ("export", "run_dir")}
+             ("predict", "model"), ("export", "out"), ("export", "run_dir"), ("experiment", "out")}
 """(command, option) pairs that take remote URLs (s3://, gs://, ...); every other path is local."""
 
 

@@ -52,7 +52,7 @@ def _run(capsys, *argv):
      "cannot reach s3://cctl (EndpointConnectionError"),
     ({}, ["train", "--config", "s3://cctl/c.yaml", "--run-dir", "s3://cctl/run"],
      "--config s3://cctl/c.yaml: this option takes a local path"),
-    ({}, ["experiment", "--config", "c.yaml", "--out", "s3://cctl/exp"], "--out s3://cctl/exp: this option takes a"),
+    ({}, ["experiment", "--config", "c.yaml", "--out", "s3://nope/exp"], "--out s3://nope/exp: bucket 'nope' does not"),
     ({}, ["export", "--run-dir", "s3://nope/run", "--out", "m"], "--run-dir s3://nope/run: bucket 'nope' does not"),
 ])
 def test_unusable_urls_are_one_line_exit_2_and_nothing_is_written(s3, tmp_path, capsys, env, argv, msg):

@@ -2,7 +2,8 @@
 
 Writes ``OUT/results.json``, ``OUT/report.md`` (Table 2-style tables, mean ± std over seeds, the
 paper's numbers beside ours) and PNG plots; every run's directory is under ``OUT/runs/``. Rerunning
-the same command skips the runs that finished.
+the same command skips the runs that finished. ``--out`` may be a URL (``s3://bucket/exp``): the
+runs' directories, their logs and the report are then objects below it (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog="example: cctl-rec experiment --config configs/experiments/amazon.yaml "
                               "--out runs/exp-amazon")
     p.add_argument("--config", required=True, help="experiment YAML")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory, or a URL (s3://bucket/prefix)")
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1")
     p.add_argument("--only", default=None, help="comma-separated model names to run (the report covers all)")
     p.add_argument("--jobs", type=int, default=1,
@@ -37,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from iopath.common.file_io import g_pathmgr
+
+    from cctl_rec import storage
+    from cctl_rec.data.manifest import join
     from cctl_rec.experiment.report import write_report
     from cctl_rec.experiment.runner import plan_runs, run_all
     from cctl_rec.experiment.spec import load_spec
@@ -59,9 +64,13 @@ def run(args: argparse.Namespace) -> int:
                                    alpha_sweep=spec.alpha_sweep if spec.alpha_sweep and spec.alpha_sweep[0] in keep
                                    else None,
                                    ablation=tuple(a for a in spec.ablation if a in keep))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
-    os.makedirs(args.out, exist_ok=True)
+    if storage.is_remote(args.out):  # a prefix: nothing to make (check_paths checked the bucket)
+        if g_pathmgr.isfile(args.out):
+            raise NotADirectoryError(f"--out {args.out} is an object, not a prefix; expected a prefix to write below")
+    else:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise NotADirectoryError(f"--out {args.out} exists and is not a directory")
+        os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     if args.report_only:
         from cctl_rec.experiment.runner import finished
@@ -77,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                          + (["--report-only"] if args.report_only else []))
     write_report(spec, records, args.out, command, time.perf_counter() - t0)
     failed = [r for r in records if r["status"] != "ok"]
-    print(open(os.path.join(args.out, "report.md")).read())
+    with g_pathmgr.open(join(args.out, "report.md")) as f:
+        print(f.read())
     if failed:
         print(f"{len(failed)} run(s) failed; see their train.log: " +
               ", ".join(r["run_dir"] for r in failed[:5]), file=sys.stderr)

@@ -1,7 +1,9 @@
 """An experiment's report: results.json, report.md (Table 2-style tables with mean ± std over
 seeds, paired differences against the baseline, the paper's numbers beside ours) and PNG plots
 (the selector's p histogram over training from TensorBoard — the paper's Fig. 5a —, AUC vs alpha —
-Fig. 5b —, learning curves)."""
+Fig. 5b —, learning curves). ``out`` may be a URL: every file is written with
+``atomic_write_bytes`` (through iopath), and a remote run's TensorBoard events are read from a
+downloaded copy (:func:`p_histograms`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import platform
 import statistics
 from typing import Any, Optional
 
-from cctl_rec.data.manifest import atomic_write_bytes
+from iopath.common.file_io import g_pathmgr
+
+from cctl_rec import storage
+from cctl_rec.data.manifest import atomic_write_bytes, join
 from cctl_rec.experiment.spec import ExperimentSpec, slug
 
 
@@ -216,10 +221,26 @@ def _save(fig, path: str) -> None:
 
 
 def p_histograms(run_dir: str) -> list[tuple[int, list[float], list[float]]]:
-    """(step, bucket right edges, counts) of the ``selector/p`` histograms a run logged to TensorBoard."""
+    """(step, bucket right edges, counts) of the ``selector/p`` histograms a run logged to TensorBoard.
+
+    TensorBoard's reader takes local files only: for a run directory on a URL, the event files of
+    ``RUN/tb/`` are downloaded (once, into ``CCTL_REC_CACHE``, by iopath's fsspec handler) and read
+    through a temporary directory of links to them."""
+    if not storage.is_remote(run_dir):
+        return _p_histograms(os.path.join(run_dir, "tb"))
+    import tempfile
+
+    tb = join(run_dir, "tb")
+    with tempfile.TemporaryDirectory(prefix="cctl-tb-") as tmp:
+        for name in storage.find_names(tb, "*"):
+            os.symlink(g_pathmgr.get_local_path(join(tb, name)), os.path.join(tmp, name))
+        return _p_histograms(tmp)
+
+
+def _p_histograms(tb_dir: str) -> list[tuple[int, list[float], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
 
-    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={HISTOGRAMS: 0})
+    acc = EventAccumulator(tb_dir, size_guidance={HISTOGRAMS: 0})
     acc.Reload()
     if "selector/p" not in acc.Tags().get("histograms", []):
         return []
@@ -264,7 +285,7 @@ def plots(spec: ExperimentSpec, records: list[dict[str, Any]], summary: dict[str
                 ax.set_title(f"{name} (seed {r['seed']})", fontsize=9)
             fig.suptitle(f"{ds.name}: selector p over training (Fig. 5a)", fontsize=10)
             n = f"{slug(ds.name)}-p-histogram.png"
-            _save(fig, os.path.join(out, n))
+            _save(fig, join(out, n))
             names.append(n)
         sweep = summary[ds.name]["alpha_sweep"]
         if sweep and any(sweep.values()):
@@ -276,7 +297,7 @@ def plots(spec: ExperimentSpec, records: list[dict[str, Any]], summary: dict[str
             ax.set_ylabel("target test AUC")
             ax.set_title(f"{ds.name}: AUC vs alpha (Fig. 5b)", fontsize=10)
             n = f"{slug(ds.name)}-auc-vs-alpha.png"
-            _save(fig, os.path.join(out, n))
+            _save(fig, join(out, n))
             names.append(n)
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         key = None
@@ -297,7 +318,7 @@ def plots(spec: ExperimentSpec, records: list[dict[str, Any]], summary: dict[str
             ax.legend(fontsize=7)
             ax.set_title(f"{ds.name}: learning curves (mean over seeds)", fontsize=10)
             n = f"{slug(ds.name)}-learning-curves.png"
-            _save(fig, os.path.join(out, n))
+            _save(fig, join(out, n))
             names.append(n)
         else:
             plt.close(fig)
@@ -318,7 +339,7 @@ def write_report(spec: ExperimentSpec, records: list[dict[str, Any]], out: str, 
     names = plots(spec, records, summary, out)
     results = {"experiment": spec.name, "command": command, "versions": versions, "seconds": seconds,
                "summary": summary, "cross_dataset": cross_dataset(spec, summary), "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}
-    atomic_write_bytes(os.path.join(out, "results.json"), (json.dumps(results, separators=(",", ":")) + "\n").encode())
-    atomic_write_bytes(os.path.join(out, "report.md"),
+    atomic_write_bytes(join(out, "results.json"), (json.dumps(results, separators=(",", ":")) + "\n").encode())
+    atomic_write_bytes(join(out, "report.md"),
                        markdown(spec, summary, command, versions, seconds, names).encode())
     return results

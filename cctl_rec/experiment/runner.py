@@ -6,10 +6,17 @@ process (:mod:`cctl_rec.experiment.worker`: the imports are paid once per worker
 multi-rank runs are torchrun jobs, one at a time. A run whose ``metrics.json`` exists is not run
 again, so an interrupted experiment continues where it stopped. A run that fails is recorded with
 the line of its log that says why and the experiment goes on; the command exits nonzero at the end.
+
+``OUT`` may be a URL (``s3://bucket/exp``, docs/storage.md): each run's directory is then a prefix
+below it (``train --run-dir`` on a URL), "finished" means its ``metrics.json`` is in a fresh listing
+of the prefix, and ``train.log`` (the worker's stdout and stderr, written by redirecting file
+descriptors) is staged in ``CCTL_REC_CACHE/runs/<sha256 of the run's URL>/train.log`` and uploaded
+when the run ends, failed or not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +26,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from iopath.common.file_io import g_pathmgr
+
+from cctl_rec import storage
+from cctl_rec.data.manifest import join
 from cctl_rec.experiment.spec import DataSpec, ExperimentSpec, ModelSpec, slug
 
 logger = logging.getLogger(__name__)
@@ -57,13 +68,50 @@ def model_alpha(spec: ExperimentSpec, model: ModelSpec) -> float:
     return load_config(model.config, [*spec.overrides, *model.overrides]).selector.alpha
 
 
+def run_dir_of(out: str, run: Run) -> str:
+    """``OUT/runs/<key>`` (``/``-joined below a URL)."""
+    return join(out, "runs", run.key)
+
+
+def has_file(run_dir: str, name: str) -> bool:
+    """Whether ``run_dir/name`` exists; below a URL, in a listing made now (another process, a
+    worker or an earlier invocation, may have written it since this one last listed there)."""
+    if storage.is_remote(run_dir):
+        return name in storage.list_names(run_dir)
+    return os.path.exists(os.path.join(run_dir, name))
+
+
+def log_paths(run_dir: str) -> tuple[str, Optional[str]]:
+    """(where the run's ``train.log`` is written, the URL it is uploaded to or None): the log
+    itself for a local run directory; for a URL, a staged file in ``CCTL_REC_CACHE``."""
+    if not storage.is_remote(run_dir):
+        return os.path.join(run_dir, "train.log"), None
+    staged = os.path.join(storage.cache_root(), "runs", hashlib.sha256(run_dir.encode()).hexdigest()[:32],
+                          "train.log")
+    return staged, join(run_dir, "train.log")
+
+
+def _upload_log(log_path: str, remote: Optional[str]) -> None:
+    """Uploads a staged train.log; a failed upload is a warning (the run's result stands)."""
+    if remote is None:
+        return
+    try:
+        storage.put_file(log_path, remote)
+    except Exception as e:  # noqa: BLE001 - the log stays staged in CCTL_REC_CACHE
+        logger.warning("could not upload %s to %s (%s: %s)", log_path, remote, type(e).__name__,
+                       str(e).splitlines()[0] if str(e) else "")
+
+
 def _cli() -> list[str]:
     return [sys.executable, "-m", "cctl_rec.cli"]
 
 
 def prepare_data(ds: DataSpec) -> None:
-    """Creates ``ds`` with its ``prepare`` command when it has no manifest."""
-    if os.path.exists(os.path.join(ds.path, "manifest.json")):
+    """Creates ``ds`` with its ``prepare`` command when it has no manifest. A URL is checked as the
+    CLI checks one (scheme, bucket, credentials: one ValueError) before it is looked at."""
+    if storage.is_remote(ds.path):
+        storage.check_location(ds.path, f"dataset {ds.name}: path", remote_ok=True)
+    if has_file(ds.path, "manifest.json"):
         return
     if not ds.prepare:
         raise FileNotFoundError(f"dataset {ds.name}: {ds.path} has no manifest.json and the experiment gives no "
@@ -89,21 +137,23 @@ def train_command(run: Run, spec: ExperimentSpec, run_dir: str, port: int) -> li
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "-m", "cctl_rec.cli", *args]
 
 
-def _in_process(cmd: list[str], log_path: str) -> tuple[int, Optional[str], float]:
+def _in_process(cmd: list[str], log_path: str, remote_log: Optional[str] = None) -> tuple[int, Optional[str], float]:
     """Worker task: one 1-rank run through the CLI in the worker's process."""
     from cctl_rec.experiment.worker import run_cli
 
     t0 = time.perf_counter()
     rc, err = run_cli(cmd[len(_cli()):], log_path)
+    _upload_log(log_path, remote_log)
     return rc, err, time.perf_counter() - t0
 
 
-def _subprocess(cmd: list[str], log_path: str) -> tuple[int, Optional[str], float]:
+def _subprocess(cmd: list[str], log_path: str, remote_log: Optional[str] = None) -> tuple[int, Optional[str], float]:
     from cctl_rec.experiment.worker import error_line
 
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    _upload_log(log_path, remote_log)
     return rc, error_line(log_path) if rc else None, time.perf_counter() - t0
 
 
@@ -119,12 +169,12 @@ a benchmark finished over several resumed invocations still reports its total co
 def _record_wall(run_dir: str, seconds: float) -> None:
     from cctl_rec.data.manifest import atomic_write_bytes
 
-    atomic_write_bytes(os.path.join(run_dir, WALL_FILE), json.dumps({"wall_seconds": seconds}).encode())
+    atomic_write_bytes(join(run_dir, WALL_FILE), json.dumps({"wall_seconds": seconds}).encode())
 
 
 def _recorded_wall(run_dir: str) -> Optional[float]:
     try:
-        with open(os.path.join(run_dir, WALL_FILE)) as f:
+        with g_pathmgr.open(join(run_dir, WALL_FILE)) as f:
             return float(json.load(f)["wall_seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -133,8 +183,8 @@ def _recorded_wall(run_dir: str) -> Optional[float]:
 def _record_done(out: str, key: str, result: tuple[int, Optional[str], float]) -> None:
     """A run's wall time beside its metrics.json as soon as it finishes (an invocation stopped later
     still leaves the time of every run it finished)."""
-    run_dir = os.path.join(out, "runs", key)
-    if result[0] == 0 and os.path.exists(os.path.join(run_dir, "metrics.json")):
+    run_dir = join(out, "runs", key)
+    if result[0] == 0 and has_file(run_dir, "metrics.json"):
         _record_wall(run_dir, result[2])
 
 
@@ -142,10 +192,9 @@ def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
     """The records of the runs that finished (``--report-only``): nothing is trained or prepared."""
     records = []
     for run in plan_runs(spec):
-        run_dir = os.path.join(out, "runs", run.key)
-        path = os.path.join(run_dir, "metrics.json")
-        if os.path.exists(path):
-            with open(path) as f:
+        run_dir = run_dir_of(out, run)
+        if has_file(run_dir, "metrics.json"):
+            with g_pathmgr.open(join(run_dir, "metrics.json")) as f:
                 m = json.load(f)
             rec = {"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
                    "alpha": run.alpha, "run_dir": run_dir, "status": "ok",
@@ -169,12 +218,13 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
         for ds in spec.datasets:
             prepare_data(ds)
     runs = plan_runs(spec)
-    todo: dict[int, tuple[list[str], str]] = {}
+    todo: dict[int, tuple[list[str], str, Optional[str]]] = {}
     for i, run in enumerate(runs):
-        run_dir = os.path.join(out, "runs", run.key)
-        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-            os.makedirs(run_dir, exist_ok=True)
-            todo[i] = (train_command(run, spec, run_dir, port + i % 50), os.path.join(run_dir, "train.log"))
+        run_dir = run_dir_of(out, run)
+        if not has_file(run_dir, "metrics.json"):
+            log_path, remote_log = log_paths(run_dir)
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)  # the run dir, or the log's staging dir
+            todo[i] = (train_command(run, spec, run_dir, port + i % 50), log_path, remote_log)
     done: dict[int, tuple[int, Optional[str], float]] = {}
     if todo and spec.ranks == 1:
         import concurrent.futures as cf
@@ -204,21 +254,20 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
             _record_done(out, runs[i].key, done[i])
     records = []
     for i, run in enumerate(runs):
-        run_dir = os.path.join(out, "runs", run.key)
-        metrics_path = os.path.join(run_dir, "metrics.json")
+        run_dir = run_dir_of(out, run)
         rec: dict[str, Any] = {"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
                                "alpha": run.alpha, "run_dir": run_dir}
         if i in done:
             rc, err, secs = done[i]
             rec["wall_seconds"] = secs
-            if rc != 0 or not os.path.exists(metrics_path):
+            if rc != 0 or not has_file(run_dir, "metrics.json"):
                 rec.update(status="failed", error=err or "(no metrics.json written)", command=" ".join(todo[i][0]))
                 logger.error("%s failed: %s", run.key, rec["error"])
                 records.append(rec)
                 continue
         if "wall_seconds" not in rec and (wall := _recorded_wall(run_dir)) is not None:
             rec["wall_seconds"] = wall
-        with open(metrics_path) as f:
+        with g_pathmgr.open(join(run_dir, "metrics.json")) as f:
             m = json.load(f)
         rec.update(status="ok", metrics={k: v for k, v in m.items() if k != "history"}, history=m.get("history", []))
         records.append(rec)

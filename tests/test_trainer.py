@@ -80,6 +80,17 @@ def test_selector_statistics_score_the_first_rows_asked(tiny_data):
         assert score_source(t.module, t.ifn, t.data, cfg, t.rank, t.world, rows=rows)["rows"] == rows
 
 
+def test_finetune_source_steps_are_the_fraction_of_the_run():
+    """The Finetune baseline's source-only steps: model.finetune_frac of the run's steps, rounded;
+    model.finetune_steps, when set, wins; neither: none."""
+    from cctl_rec.train.trainer import finetune_steps
+
+    assert finetune_steps(load_config(None, ["model.finetune_frac=0.25"]), 40) == 10
+    assert finetune_steps(load_config(None, ["model.finetune_frac=0.3"]), 7) == 2       # round(2.1)
+    assert finetune_steps(load_config(None, ["model.finetune_frac=0.25", "model.finetune_steps=3"]), 40) == 3
+    assert finetune_steps(load_config(None, []), 40) == 0
+
+
 def test_every_selector_mode_is_one_row_of_the_table():
     """selector.mode's accepted values and the IFN's table of modes are the same set: a mode added
     to one and not the other fails here."""

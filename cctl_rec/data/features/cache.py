@@ -9,7 +9,7 @@ as it reads one ``cctl-rec prepare`` wrote (same bytes, so the same batches and 
   included): a rerun, a resumed run or a restarted rank on the same inputs finds its mapping; a
   changed config or changed data is another key, mapped again, never the old mapping reused.
 - **complete**: ``RUN/prepared/<key>/source.json`` (what the key was made of, who mapped it, how
-  long it took) exists. On a local run directory rank 0 maps into ``prepared/.tmp-<key>-<host>-<pid>``
+  long it took) exists. On a local run directory rank 0 maps into ``prepared/.tmp-<key>-<pid>@<host>``
   and renames the finished directory to ``<key>`` (atomic), holding the run directory's lock while
   it maps (a second ``train`` on the run directory is refused at once); on a URL (``s3://``, where
   a prefix cannot be renamed) it writes below ``<key>/`` with the manifest after the shards and
@@ -95,8 +95,8 @@ def _read_source(path: str) -> dict[str, Any]:
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The first input that differs between two cache sources, as a phrase."""
     if old.get("features", {}).get("sha256") != new["features"]["sha256"]:
-        return f"the feature config {new['features']['path']} differs from the one it was mapped with " \
-               f"({old.get('features', {}).get('path')})"
+        return (f"the feature config {new['features']['path']} differs from the one it was mapped with "
+                f"({old.get('features', {}).get('path')})")
     if old.get("data") != new["data"]:
         return f"--data is {new['data']}, it was mapped from {old.get('data')}"
     for group in ("files", "vocabs"):
@@ -258,7 +258,8 @@ def _wait(final: str, source: dict[str, Any], key: str, rank: int, timeout: floa
             raise ValueError(f"rank {rank} waited {timeout:g} s for rank 0 to map the raw logs into {final} and it "
                              f"is not there; rank 0 failed (see its log) or is still mapping (raise "
                              f"--prepare-timeout), or this rank does not see rank 0's run directory (every rank "
-                             f"needs the same run directory: a shared filesystem or a URL)")
+                             f"needs the same run directory: a shared filesystem or a URL) or reads other raw "
+                             f"files or another feature config than rank 0 (another key)")
         time.sleep(POLL_S if not storage.is_remote(final) else 4 * POLL_S)
     _check_cached(final, source, key)
     logger.info("rank %d: the mapping %s is there after %.1f s", rank, final, time.monotonic() - t0)

@@ -195,3 +195,12 @@ def test_ifn_builds_the_evidence_table_its_settings_name(reference, want):
     ifn.evidence.update(g, t(-1.1, -0.9, 0.5, 0.7, -2.0, 1.0, 0.2, 0.4))
     ifn.evidence.update(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), t(-0.25, -0.15, 0, 0, 0, 0, 0, 0), reference=True)
     assert ifn.evidence.group_weights()[0].item() == pytest.approx(want)
+
+
+def test_evidence_groups_bin_each_row_by_its_margin_under_its_label():
+    """The IFN groups a source row by its label and its margin (2 y - 1) * logit: > 0 where the
+    mixed network agrees with the label, by the same amount for either label."""
+    ifn = IFN(SelectorConfig(mode="evidence", evidence_groups=True, evidence_shift="none", evidence_bins=(-1.0, 1.0)), 6)
+    labels, logits = t(1, 1, 0, 0, 0, 1), t(2.0, -2.0, 2.0, -2.0, 0.5, 0.5)
+    # margins 2, -2, -2, 2, -0.5, 0.5 -> bins 2, 0, 0, 2, 1, 1 (of 3 per label), + 3 for label 1
+    assert ifn.evidence_groups(labels, logits).tolist() == [5, 3, 0, 2, 1, 4]

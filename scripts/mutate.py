@@ -214,6 +214,9 @@ EQUIVALENT.update({
     ("cctl_rec/train/loop.py", "if world >= 1:"): _ONE_RANK_COLLECTIVE,
     ("cctl_rec/train/checkpoint.py", "if world >= 1: # every rank writes into rank 0's temp directory"):
         _ONE_RANK_COLLECTIVE,
+    # ifn.py outside the critical functions (evidence, oracle, supervised)
+    ("cctl_rec/train/ifn.py", "return (2.0 * labels.float() - 1.0) * logits.float()"):
+        "every reader of the margins detaches them again (bucketize, histc, a comparison): the same values, no graph",
 })
 _LABEL_HALF = "labels are 0/1 clicks: no label equals 0.5"
 _STRICTNESS = {"> -> >=", ">= -> >", "< -> <=", "<= -> <"}

@@ -200,7 +200,23 @@ def test_ifn_builds_the_evidence_table_its_settings_name(reference, want):
 def test_evidence_groups_bin_each_row_by_its_margin_under_its_label():
     """The IFN groups a source row by its label and its margin (2 y - 1) * logit: > 0 where the
     mixed network agrees with the label, by the same amount for either label."""
-    ifn = IFN(SelectorConfig(mode="evidence", evidence_groups=True, evidence_shift="none", evidence_bins=(-1.0, 1.0)), 6)
+    cfg = SelectorConfig(mode="evidence", evidence_groups=True, evidence_shift="none", evidence_bins=(-1.0, 1.0))
+    ifn = IFN(cfg, 6)
     labels, logits = t(1, 1, 0, 0, 0, 1), t(2.0, -2.0, 2.0, -2.0, 0.5, 0.5)
     # margins 2, -2, -2, 2, -0.5, 0.5 -> bins 2, 0, 0, 2, 1, 1 (of 3 per label), + 3 for label 1
     assert ifn.evidence_groups(labels, logits).tolist() == [5, 3, 0, 2, 1, 4]
+
+
+def test_evidence_weights_are_the_label_shift_weight_times_the_group_weight():
+    """evidence mode with both parts on: a row's weight is its label's shift weight (the hand case
+    above: 1/9 for the over-represented positives, power 1, no gate) times its group's weight
+    (exp(-0.8) for label 0 at a negative margin)."""
+    cfg = SelectorConfig(mode="evidence", evidence_shift_z=0.0, evidence_shift_power=1.0, evidence_groups=True,
+                         evidence_bins=(0.0,), evidence_decay=0.0, evidence_t=2.0, evidence_strength=1.0)
+    ifn = IFN(cfg, 6)
+    ifn.label_shift.update(t(1, 1, 1, 0), t(1, 0, 0, 0))
+    g = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ifn.evidence.update(g, t(-1.1, -0.9, 0.5, 0.7, -2.0, 1.0, 0.2, 0.4))
+    ifn.evidence.update(g, t(-0.25, -0.15, 0, 0, 0, 0, 0, 0), reference=True)
+    w = ifn.evidence_weights(t(1, 0, 0), t(2.0, -1.0, 1.0))     # groups 3, 1, 0
+    assert w.tolist() == pytest.approx([1 / 9, 1.0, math.exp(-0.8)], rel=1e-6)

@@ -306,8 +306,8 @@ def prepare(features: str, data: str, out: str, shard_rows: int = 1_000_000) -> 
     check_heldout(fmap, files)
 
     raw_files = [p for paths in files.values() for p in paths]
+    prepare_output(out, raw_files)  # refuses an --out it must not write over
     logger.info("%d raw file(s) checked; mapping them into %s", len(raw_files), out)
-    prepare_output(out, raw_files)
     others = {(d, role): VocabIndex(stats.entity_set("src" if d == "tgt" else "tgt", role))
               for d in ("tgt", "src") for role in ("user_id", "item_id")}
     splits: dict[str, list[dict[str, Any]]] = {}

@@ -27,3 +27,21 @@ def test_bench_stress_world_must_be_positive(tiny_data, tmp_path, capsys):
     rc = main(["bench", "stress", "--data", tiny_data, "--stress-world", "0", "--out", str(tmp_path / "s.json")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "--stress-world must be >= 1, got 0" in err, err
+
+
+@pytest.mark.dist  # four spawned gloo ranks
+def test_bench_scaling_on_four_ranks_counts_every_rank_and_the_sync_stays_local(tiny_data, tmp_path):
+    out = tmp_path / "scaling.json"
+    rc = main(["bench", "scaling", "--data", tiny_data, "--world-sizes", "4", "--steps", "2", "--warmup", "1",
+               "--repeats", "1", "--out", str(out), "data.batch_size=64", "model.tower=[16,8]"])
+    res = json.loads(out.read_text())
+    r = res["results"]["4"]
+    assert rc == 0 and list(res["results"]) == ["4"] and len(r["ranks"]) == 4
+    assert r["global_target_rows_per_step"] == 4 * r["ranks"][0]["target_rows"] == 4 * 64
+    for x in r["ranks"]:  # every rank exchanges ids and pooled rows with the others, and its sync sends nothing
+        assert any(k.startswith("forward/alltoall") for k in x["per_step"]), x["per_step"]
+        assert sum(e["sent_bytes"] for e in x["per_step"].values()) > 0
+        assert sum(e["sent_bytes"] for e in x["sync"].values()) == 0
+    placed = {rk for tables in r["ranks"][0]["plan"].values() for p in tables.values() for rk in (p["ranks"] or [])}
+    assert len(placed) > 1, r["ranks"][0]["plan"]  # the planner spreads the tables over the four ranks
+    assert [t["met"] for t in res["targets"]] == [True]

@@ -171,15 +171,19 @@ def test_evidence_without_a_significant_label_shift_trains_as_mix_bitwise(tiny_d
 
     base = ["data.batch_size=128", "model.tower=[32,16]", "model.san_hidden=[16]", "run.max_eval_rows=512",
             "scn.sync_every=3", "run.steps=6", "run.threads=1"]
-    out = {}
+    out, p_logged = {}, {}
     for name, extra in [("mix", ["selector.mode=fixed"]), ("evidence", ["selector.mode=evidence"]),
                         ("ungated", ["selector.mode=evidence", "selector.evidence_shift_z=0"])]:
         run = tmp_path / name
         assert main(["train", "--data", tiny_data, "--run-dir", str(run), *base, *extra]) == 0
         m = json.loads((run / "metrics.json").read_text())
         out[name] = (m["target_test"], m["target_valid"])
+        p_logged[name] = [h["p_mean"] for h in m["history"]]
     assert out["evidence"] == out["mix"]
     assert out["ungated"] != out["mix"]
+    # the log's p: the evidence mode's weights (all 1 here), the other modes' selector p (untrained: ~init_p)
+    assert p_logged["evidence"] and all(p == 1.0 for p in p_logged["evidence"])
+    assert p_logged["mix"] and all(0.4 < p < 0.6 for p in p_logged["mix"])
 
 
 @pytest.mark.parametrize("reference,want", [("target", math.exp(-0.8)), ("zero", math.exp(-1.0))])
@@ -220,3 +224,64 @@ def test_evidence_weights_are_the_label_shift_weight_times_the_group_weight():
     ifn.evidence.update(g, t(-0.25, -0.15, 0, 0, 0, 0, 0, 0), reference=True)
     w = ifn.evidence_weights(t(1, 0, 0), t(2.0, -1.0, 1.0))     # groups 3, 1, 0
     assert w.tolist() == pytest.approx([1 / 9, 1.0, math.exp(-0.8)], rel=1e-6)
+
+
+def test_evidence_step_fills_the_group_tables_by_hand():
+    """One evidence-mode step with groups: the source rows' influence, centred per label and over its
+    mean magnitude (1.6), goes into their (label, margin) groups; the step's target rows, centred on
+    their own and on the source's scale, into the reference; the step logs the share of source rows
+    whose centred influence is positive (a row at exactly 0 is not)."""
+    cfg = SelectorConfig(mode="evidence", evidence_groups=True, evidence_shift="none", evidence_bins=(0.0,),
+                         evidence_decay=0.0)
+    ifn = IFN(cfg, 6)
+    labels, logit_src = t(0, 0, 1, 1, 1), t(-1, 1, -1, 1, 1)            # groups 1, 0, 2, 3, 3
+    tgt_labels, logit_tgt = t(0, 0, 1, 1), t(1, -1, 1, -1)               # groups 0, 1, 3, 2
+    infl = t(1, 3, -2, 1, 4, 1, 3, 0, 2)    # centred: -1, 1 | -3, 0, 3; target -1, 1 | -1, 1
+    out = ifn.step(1, torch.zeros(5), 0.0, None, None, influence=infl, labels=labels, logit_src=logit_src,
+                   tgt_labels=tgt_labels, logit_tgt=logit_tgt)
+    assert out == {"influence_pos_frac": pytest.approx(2 / 5)}
+    s = 1.6                                  # mean |centred source influence|
+    assert ifn.evidence.src.sum.tolist() == pytest.approx([1 / s, -1 / s, -3 / s, 3 / s])
+    assert ifn.evidence.src.count.tolist() == [1.0, 1.0, 1.0, 2.0]
+    assert ifn.evidence.ref.sum.tolist() == pytest.approx([-1 / s, 1 / s, 1 / s, -1 / s])
+    assert ifn.evidence.ref.count.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_evidence_step_counts_labels_and_margins_for_the_margin_shift():
+    """evidence_shift=margin: a step adds its rows to the label counts and its source margins to each
+    label's histogram, and logs the two label weights."""
+    ifn = IFN(SelectorConfig(mode="evidence", evidence_shift="margin", evidence_shift_z=0.0), 6)
+    out = ifn.step(1, torch.zeros(4), 0.0, None, None, labels=t(1, 1, 1, 0), logit_src=t(2.0, -3.0, 0.5, 1.0),
+                   tgt_labels=t(1, 0, 0, 0))
+    assert ifn.label_shift.counts.tolist() == [[1.0, 3.0], [3.0, 1.0]]
+    lo, hi, n = ifn.label_shift.HIST
+    bin_of = lambda m: int((m - lo) / (hi - lo) * n)                    # noqa: E731
+    assert ifn.label_shift.hist[0].nonzero().flatten().tolist() == [bin_of(-1.0)]     # label 0: margin -1
+    assert sorted(ifn.label_shift.hist[1].nonzero().flatten().tolist()) == [bin_of(-3.0), bin_of(0.5), bin_of(2.0)]
+    w0, w1 = ifn.label_shift.label_weights().tolist()
+    assert out == {"label_weight_0": w0, "label_weight_1": w1} and w1 < w0 == 1.0
+
+
+def test_evidence_weights_need_the_labels_and_the_source_logits():
+    ifn = IFN(SelectorConfig(mode="evidence"), 6)
+    for labels, logits in ((t(1, 0), None), (None, t(0.5, -0.5))):
+        with pytest.raises(ValueError, match="selector.mode=evidence needs the source labels and the mixed tower's"):
+            ifn.select(torch.zeros(2, 6), None, labels, logits)
+
+
+def test_supervised_step_fits_the_selector_to_the_clean_rows():
+    """supervised mode: one step's gradient is that of BCE(logits, 1 - is_harmful), which it logs;
+    without the is_harmful column it is refused in one line."""
+    import torch.nn.functional as F
+
+    ifn = IFN(SelectorConfig(mode="supervised", hidden=(4,)), 3)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    harmful = torch.tensor([False, True, False, False, True, False])
+    loss = F.binary_cross_entropy_with_logits(ifn.selector.logits(x), (~harmful).float())
+    want = torch.autograd.grad(loss, ifn.params)
+    out = ifn.step(1, ifn.selector.logits(x), 0.0, None, harmful)
+    assert out == {"selector_loss": pytest.approx(float(loss))}
+    for q, g in zip(ifn.params, want):
+        torch.testing.assert_close(q.grad, g)
+    with pytest.raises(ValueError, match="selector.mode=supervised needs the is_harmful column"):
+        ifn.step(2, ifn.selector.logits(x), 0.0, None, None)

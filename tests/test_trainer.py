@@ -91,6 +91,35 @@ def test_finetune_source_steps_are_the_fraction_of_the_run():
     assert finetune_steps(load_config(None, []), 40) == 0
 
 
+def _rewards_reinforce_learns_from(rank, world, data):
+    """Three paper-mode steps on this rank: the reward each step hands the IFN, and the rank's own."""
+    from cctl_rec.train.trainer import STAT_KEYS, Trainer
+
+    t = Trainer(load_config(None, [f"data.path={data}", *BASE, "dist.sharding=table_wise", "run.steps=3"]))
+    handed, own, step_fn = [], [], t.ifn.step
+
+    def spy(step, logits, reward, *args, **kwargs):
+        handed.append(reward)
+        return step_fn(step, logits, reward, *args, **kwargs)
+
+    t.ifn.step = spy
+    for step, batch in t.batches(0):
+        own.append(dict(zip(STAT_KEYS, t.step(batch, step).stats))["reward"])
+    return handed, own
+
+
+@pytest.mark.dist
+def test_reinforce_learns_from_the_mean_reward_of_the_ranks(tiny_data):
+    """2 ranks, paper mode: each step the IFN gets one reward on every rank, the mean of the ranks'
+    own rewards (which differ: each rank has its rows), as Eq. 9 on the global batch needs."""
+    from tests.dist_harness import run_distributed
+
+    (handed0, own0), (handed1, own1) = run_distributed(_rewards_reinforce_learns_from, 2, tiny_data)
+    assert len(handed0) == 3 and handed0 == handed1
+    assert handed0 == pytest.approx([(a + b) / 2 for a, b in zip(own0, own1)], rel=1e-6)
+    assert own0 != own1
+
+
 def test_every_selector_mode_is_one_row_of_the_table():
     """selector.mode's accepted values and the IFN's table of modes are the same set: a mode added
     to one and not the other fails here."""

@@ -66,6 +66,10 @@ def test_presync_keeps_the_pure_network_training_left(tiny_data, tmp_path):
               if k.startswith("tower.")}
     dcp.load(before, checkpoint_id=str(ckpt / PRESYNC), no_dist=True)
     assert any(not torch.equal(v, mixed["tower." + k[len("model/pure_tower."):]]) for k, v in before.items())
+    # and the pure tower's Adam moments, one entry per tower parameter (not the mixed tower's or SAN's)
+    saved = dcp.FileSystemReader(str(ckpt / PRESYNC)).read_metadata().state_dict_metadata
+    dense = {k.split("/")[1] for k in saved if k.startswith("dense/")}
+    assert len(dense) == len(before) and all(f"dense/{i}/exp_avg" in saved for i in dense)
 
 
 def test_selector_statistics_score_the_first_rows_asked(tiny_data):

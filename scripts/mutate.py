@@ -649,7 +649,12 @@ def _child_setup(tree: str, log: str) -> None:
     if TINY is not None:  # the session fixture tiny_data: the dataset written once (read only by the tests)
         import tests.tinydata
 
-        tests.tinydata.write_tiny = lambda root, *a, **k: TINY
+        # only the fixture's call (no arguments but the directory): a test writing a dataset of its own
+        # (another seed, size or schema) gets it written (until 2026-12-03 it got the shared one, and a
+        # mutant written into its tree, whose tests import write_tiny anew, "failed" test_evaluate's
+        # other-schema test)
+        write = tests.tinydata.write_tiny
+        tests.tinydata.write_tiny = lambda root, *a, **k: write(root, *a, **k) if a or k else TINY
 
 
 def _wait(pid: int, timeout: float) -> tuple[Optional[int], float]:

@@ -9,6 +9,7 @@ one line and exits 1; no traceback for either (``-v`` logs it).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -39,7 +40,7 @@ def one_line(e: BaseException) -> str:
     backtrace and at most :data:`MAX_LINE` characters."""
     if isinstance(e, KeyError) and e.args:
         msg = str(e.args[0])
-    elif isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+    elif isinstance(e, OSError) and (e.errno in DISK_ERRNOS or e.errno == errno.EACCES):  # no '[Errno N]'
         msg = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in
                                       str(e.strerror) else "")
     else:

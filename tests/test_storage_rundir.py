@@ -153,4 +153,5 @@ def test_a_checkpoint_the_store_fails_is_one_line_and_leaves_nothing(s3, tiny_da
     assert got == rc and len(err) == 1 and err[0].startswith("cctl-rec train: error: "), err
     assert f"{error} while writing checkpoint s3://cctl/fail/checkpoints/step-00000003; it was not written, the " \
            "previous checkpoints are intact" in err[0], err
+    assert "[Errno" not in err[0] and err[0].count("step-00000003") == 1, err  # no errno prefix, the path once
     assert _keys("fail/checkpoints/") == []

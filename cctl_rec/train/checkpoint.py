@@ -326,7 +326,7 @@ def save_checkpoint(run_dir: str, step: int, state: TrainState, meta: Callable[[
         if code is not None:
             why = disk.strerror if disk is not None else first_line(cause) if remote else os.strerror(code)
             raise OSError(code or errno.EIO, f"{why} while writing checkpoint {final}; it was not written, the "
-                          f"previous checkpoints are intact", final) from None
+                          f"previous checkpoints are intact") from None  # the path once, in the message
         raise
     if rank == 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -91,7 +92,10 @@ def _fresh(fs: Any, url: str) -> None:
 
 
 def list_names(url: str) -> list[str]:
-    """Names of the objects and prefixes directly below ``url``, sorted; [] when there are none."""
+    """Names of the objects and prefixes directly below ``url`` (or of a local directory's
+    entries), sorted; [] when there are none."""
+    if not is_remote(url):
+        return sorted(os.listdir(url)) if os.path.isdir(url) else []
     fs = _fs(url)
     _fresh(fs, url)
     try:
@@ -113,10 +117,23 @@ def write_object(url: str, data: bytes) -> None:
     _fs(url).pipe_file(url, data)
 
 
+def has_name(url: str, name: str) -> bool:
+    """Whether ``url/name`` exists; below a URL, in a listing made now (another process may have
+    written it since this one last listed there)."""
+    if not is_remote(url):
+        return os.path.exists(os.path.join(url, name))
+    return name in list_names(url)
+
+
 def remove_tree(url: str, first: Optional[str] = None) -> None:
-    """Removes every object below ``url`` (and ``url`` itself); ``first`` (a name below it, the
-    marker that makes it count as complete) goes before the rest, so a removal cut short leaves
-    an incomplete prefix, never a complete-looking one."""
+    """Removes every object below ``url`` (and ``url`` itself; a local directory too); ``first``
+    (a name below it, the marker that makes it count as complete) goes before the rest, so a
+    removal cut short leaves an incomplete prefix, never a complete-looking one."""
+    if not is_remote(url):
+        if first is not None and os.path.isfile(os.path.join(url, first)):
+            os.remove(os.path.join(url, first))
+        shutil.rmtree(url, ignore_errors=True)
+        return
     fs = _fs(url)
     _fresh(fs, url)
     if first is not None:

@@ -31,6 +31,7 @@ from iopath.common.file_io import g_pathmgr
 from cctl_rec import storage
 from cctl_rec.data.manifest import join
 from cctl_rec.experiment.spec import DataSpec, ExperimentSpec, ModelSpec, slug
+from cctl_rec.safe_io import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def run_dir_of(out: str, run: Run) -> str:
     return join(out, "runs", run.key)
 
 
-def has_file(run_dir: str, name: str) -> bool:
-    """Whether ``run_dir/name`` exists; below a URL, in a listing made now (another process, a
-    worker or an earlier invocation, may have written it since this one last listed there)."""
-    if storage.is_remote(run_dir):
-        return name in storage.list_names(run_dir)
-    return os.path.exists(os.path.join(run_dir, name))
-
-
 def log_paths(run_dir: str) -> tuple[str, Optional[str]]:
     """(where the run's ``train.log`` is written, the URL it is uploaded to or None): the log
     itself for a local run directory; for a URL, a staged file in ``CCTL_REC_CACHE``."""
@@ -98,8 +91,7 @@ def _upload_log(log_path: str, remote: Optional[str]) -> None:
     try:
         storage.put_file(log_path, remote)
     except Exception as e:  # noqa: BLE001 - the log stays staged in CCTL_REC_CACHE
-        logger.warning("could not upload %s to %s (%s: %s)", log_path, remote, type(e).__name__,
-                       str(e).splitlines()[0] if str(e) else "")
+        logger.warning("could not upload %s to %s (%s: %s)", log_path, remote, type(e).__name__, first_line(e))
 
 
 def _cli() -> list[str]:
@@ -111,7 +103,7 @@ def prepare_data(ds: DataSpec) -> None:
     CLI checks one (scheme, bucket, credentials: one ValueError) before it is looked at."""
     if storage.is_remote(ds.path):
         storage.check_location(ds.path, f"dataset {ds.name}: path", remote_ok=True)
-    if has_file(ds.path, "manifest.json"):
+    if storage.has_name(ds.path, "manifest.json"):
         return
     if not ds.prepare:
         raise FileNotFoundError(f"dataset {ds.name}: {ds.path} has no manifest.json and the experiment gives no "
@@ -184,7 +176,7 @@ def _record_done(out: str, key: str, result: tuple[int, Optional[str], float]) -
     """A run's wall time beside its metrics.json as soon as it finishes (an invocation stopped later
     still leaves the time of every run it finished)."""
     run_dir = join(out, "runs", key)
-    if result[0] == 0 and has_file(run_dir, "metrics.json"):
+    if result[0] == 0 and storage.has_name(run_dir, "metrics.json"):
         _record_wall(run_dir, result[2])
 
 
@@ -193,7 +185,7 @@ def finished(spec: ExperimentSpec, out: str) -> list[dict[str, Any]]:
     records = []
     for run in plan_runs(spec):
         run_dir = run_dir_of(out, run)
-        if has_file(run_dir, "metrics.json"):
+        if storage.has_name(run_dir, "metrics.json"):
             with g_pathmgr.open(join(run_dir, "metrics.json")) as f:
                 m = json.load(f)
             rec = {"dataset": run.dataset.name, "model": run.model.name, "seed": run.seed,
@@ -221,7 +213,7 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
     todo: dict[int, tuple[list[str], str, Optional[str]]] = {}
     for i, run in enumerate(runs):
         run_dir = run_dir_of(out, run)
-        if not has_file(run_dir, "metrics.json"):
+        if not storage.has_name(run_dir, "metrics.json"):
             log_path, remote_log = log_paths(run_dir)
             os.makedirs(os.path.dirname(log_path), exist_ok=True)  # the run dir, or the log's staging dir
             todo[i] = (train_command(run, spec, run_dir, port + i % 50), log_path, remote_log)
@@ -260,7 +252,7 @@ def run_all(spec: ExperimentSpec, out: str, port: int = 29730, jobs: int = 1) ->
         if i in done:
             rc, err, secs = done[i]
             rec["wall_seconds"] = secs
-            if rc != 0 or not has_file(run_dir, "metrics.json"):
+            if rc != 0 or not storage.has_name(run_dir, "metrics.json"):
                 rec.update(status="failed", error=err or "(no metrics.json written)", command=" ".join(todo[i][0]))
                 logger.error("%s failed: %s", run.key, rec["error"])
                 records.append(rec)

@@ -76,15 +76,7 @@ def cache_key(source: dict[str, Any]) -> str:
 
 
 def _complete(path: str) -> bool:
-    if storage.is_remote(path):
-        return SOURCE_JSON in storage.list_names(path)
-    return os.path.isfile(os.path.join(path, SOURCE_JSON))
-
-
-def _names(root: str) -> list[str]:
-    if storage.is_remote(root):
-        return storage.list_names(root)
-    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+    return storage.has_name(path, SOURCE_JSON)
 
 
 def _read_source(path: str) -> dict[str, Any]:
@@ -115,7 +107,7 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _stale(root: str, key: str) -> list[str]:
     """Complete mappings of other keys below ``root``."""
-    return [n for n in _names(root) if n != key and not n.startswith(".") and _complete(join(root, n))]
+    return [n for n in storage.list_names(root) if n != key and not n.startswith(".") and _complete(join(root, n))]
 
 
 @contextlib.contextmanager
@@ -213,7 +205,7 @@ def _map(features: str, data: str, root: str, final: str, source: dict[str, Any]
                 os.rmdir(root)
         raise
     if not remote:  # temp directories of killed attempts on this host
-        for name in _names(root):
+        for name in storage.list_names(root):
             head, _, host = name.partition("@")
             pid = head.rsplit("-", 1)[-1]
             if name.startswith(".tmp-") and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
@@ -232,10 +224,7 @@ def _alive(pid: int) -> bool:
 
 
 def _remove(path: str) -> None:
-    if storage.is_remote(path):
-        storage.remove_tree(path, first=SOURCE_JSON)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    storage.remove_tree(path, first=SOURCE_JSON)
 
 
 def _check_cached(final: str, source: dict[str, Any], key: str) -> None:

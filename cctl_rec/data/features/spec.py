@@ -58,11 +58,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from cctl_rec.config import MAX_WIDTH, check_size, from_dict, load_yaml
+from cctl_rec.schema import ID_FEATURES  # whose tables REN keeps per domain: never in ``share``
 
 KINDS = ("id", "id_list", "dense")
 REQUIRED = ("user_id", "item_id")
-ID_FEATURES = ("user_id", "item_id", "seq")
-"""Features whose tables REN keeps per domain: never in ``share``."""
 PAIRED = ("user_id", "item_id")
 """Features REN pairs across the domains (with ``seq`` / ``other_seq`` over the item space)."""
 RESERVED = ("label", "other_seq", "user_in_other", "item_in_other", "ts", "is_harmful", "user_group")
